@@ -1,0 +1,374 @@
+"""Structured configs: one dataclass schema per config group, registered in Hydra's ConfigStore.
+
+Hydra checks keys and types against these schemas when it composes (a typo or a wrong type fails there); `validate`
+then checks values and cross-field rules at start-up, before any model is loaded, and raises `ConfigError` naming
+the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from stas.errors import UserError
+
+from stas.backbones import CONF_DIR, DTYPES, FAMILIES, Backbone, backbone_from_config
+from stas.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
+from stas.steering import RULES, check_rule
+
+EXPERIMENTS_DIR = CONF_DIR.parent / "experiments"
+BRANCHES = ("cond", "uncond", "both")
+DIMS_MODES = ("auto", "all", "calibrated", "calibrated_weak", "calibrated_non_ma")
+WINDOW_UNITS = ("fraction", "steps")
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that is not allowed; the message names the field, the value and what is allowed."""
+
+
+# ------------------------------------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class PlantConfig:
+    enabled: bool = True
+    channels: List[int] = field(default_factory=lambda: [5, 17, 26])
+    magnitudes: List[float] = field(default_factory=lambda: [60.0, -45.0, 30.0])
+    first_frame: float = 1.0
+    boundary: float = 0.5
+    interior: float = 0.1
+    boundary_width: int = 1
+    boundary_unit: str = "rows"
+    layers: Optional[List[int]] = None
+
+
+@dataclass
+class TinyConfig:
+    seed: int = 0
+    num_layers: int = 2
+    num_heads: int = 2
+    head_dim: int = 16
+    ffn_dim: int = 64
+    text_dim: int = 32
+    vae_base_dim: int = 3
+    plant: PlantConfig = field(default_factory=PlantConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = MISSING
+    hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
+    revision: Optional[str] = None
+    tiny: Optional[TinyConfig] = None
+    num_layers: int = MISSING
+    hidden_dim: int = MISSING
+    height: int = MISSING
+    width: int = MISSING
+    num_frames: int = MISSING
+    steps: int = MISSING
+    guidance_scale: float = MISSING
+    flow_shift: Optional[float] = None
+    use_dynamic_cfg: bool = False
+    fps: int = MISSING
+    negative_prompt: str = ""
+    max_sequence_length: int = 226
+    dtype: str = "bfloat16"
+    vae_dtype: Optional[str] = None
+    device: str = "auto"
+    cpu_offload: str = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+
+
+@dataclass
+class WindowConfig:
+    start: float = 0.0
+    end: float = 0.4
+    unit: str = "fraction"  # fraction of the number of steps, or step indices; the window is [start, end)
+
+
+@dataclass
+class SteerConfig:
+    name: str = "stas"
+    enabled: bool = True
+    rule: str = "max_scaled"
+    alpha: float = 1.0
+    strength: float = 1.0
+    targets: str = "first_frame+boundary"
+    boundary_width: int = 1
+    boundary_unit: str = "rows"
+    dims: Any = "auto"  # auto | all | calibrated | calibrated_weak | calibrated_non_ma | [channel, ...]
+    ratio: float = 10.0
+    max_dims: int = 4
+    calibration: Optional[str] = None  # ma_dims.yaml written by stas.analyze
+    layers: Any = "all"  # all | [index, ...] | "start:end"
+    window: WindowConfig = field(default_factory=WindowConfig)
+    branches: str = "both"
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "demo"  # demo | list | file | vbench
+    prompts: List[str] = field(default_factory=list)
+    path: Optional[str] = None
+    samples_per_prompt: int = 1
+    limit: Optional[int] = None
+    vbench_dimensions: Optional[List[str]] = None
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "stas"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    log_videos: int = 4
+    init_timeout: int = 120
+
+
+@dataclass
+class ShardConfig:
+    index: Optional[int] = None  # default: $SLURM_ARRAY_TASK_ID, else 0
+    count: Optional[int] = None  # default: $SLURM_ARRAY_TASK_COUNT, else 1
+
+
+@dataclass
+class EvalConfig:
+    evaluators: List[str] = field(default_factory=list)
+    device: str = "auto"
+    batch_size: int = 32
+    options: Any = field(default_factory=dict)
+
+
+@dataclass
+class StasConfig:
+    model: ModelConfig = MISSING
+    steer: SteerConfig = MISSING
+    prompts: PromptsConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    experiment: Optional[str] = None
+    name: str = "default"  # experiment name: W&B group, output folder
+    seed: int = 0
+    progress: bool = True
+    analysis: Any = field(default_factory=dict)
+
+
+SCHEMAS = {
+    "model": ModelConfig,
+    "steer": SteerConfig,
+    "prompts": PromptsConfig,
+    "eval": EvalConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass)."""
+    store = ConfigStore.instance()
+    store.store(name="stas_schema", node=StasConfig)
+    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        # Experiments live in experiments/ (one file each, `# @package _global_`); registering them here makes
+        # them the `experiment` group without a second copy under conf/.
+        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def load_group_option(group: str, name: str) -> DictConfig:
+    """One option of a config group, merged onto its schema (used outside Hydra, e.g. by get_backbone)."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+        raise ConfigError(f"{group}={name!r} is not an option; available: {options}")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def _allowed(path: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+
+
+def _at_least(path: str, value, minimum, what: str = "") -> None:
+    if value is None or value < minimum:
+        raise ConfigError(f"{path}={value!r} must be >= {minimum}{what}")
+
+
+def validate_model(model) -> Backbone:
+    _allowed("model.family", model.family, FAMILIES)
+    if model.hub_id is None and model.tiny is None:
+        raise ConfigError(f"model {model.name!r} needs model.hub_id (a real checkpoint) or model.tiny (a tiny twin)")
+    _allowed("model.dtype", model.dtype, DTYPES)
+    if model.vae_dtype is not None:
+        _allowed("model.vae_dtype", model.vae_dtype, DTYPES)
+    _allowed("model.cpu_offload", model.cpu_offload, OFFLOAD_MODES)
+    if not (model.device in ("auto", "cpu") or str(model.device).startswith("cuda")):
+        raise ConfigError(f"model.device={model.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    _at_least("model.steps", model.steps, 1)
+    _at_least("model.guidance_scale", model.guidance_scale, 0)
+    _at_least("model.fps", model.fps, 1)
+    _at_least("model.num_layers", model.num_layers, 1)
+    backbone = backbone_from_config(model)
+    problems = backbone.video_problems(model.height, model.width, model.num_frames)
+    if problems:
+        raise ConfigError("model." + "; model.".join(problems))
+    if model.tiny is not None:
+        tiny = model.tiny
+        if (model.num_layers, model.hidden_dim) != (tiny.num_layers, tiny.num_heads * tiny.head_dim):
+            raise ConfigError(
+                f"model.num_layers={model.num_layers} and model.hidden_dim={model.hidden_dim} must equal "
+                f"model.tiny.num_layers={tiny.num_layers} and num_heads*head_dim={tiny.num_heads * tiny.head_dim}"
+            )
+        plant = tiny.plant
+        if plant.enabled:
+            for channel in plant.channels:
+                if not 0 <= channel < model.hidden_dim:
+                    raise ConfigError(
+                        f"model.tiny.plant.channels contains {channel}; allowed: 0..{model.hidden_dim - 1}"
+                    )
+            if len(plant.channels) != len(plant.magnitudes):
+                raise ConfigError("model.tiny.plant.channels and model.tiny.plant.magnitudes must have equal length")
+    return backbone
+
+
+def steered_layers(layers, num_layers: int) -> list[int]:
+    """The block indices a `steer.layers` value names: 'all', a list of indices, or a 'start:end' range."""
+    if layers == "all" or layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        try:
+            start, end = (int(x) if x else None for x in layers.split(":"))
+        except ValueError:
+            raise ConfigError(f"steer.layers={layers!r} is not allowed; allowed: all, a list of indices, 'start:end'")
+        indices = list(range(num_layers))[slice(start, end)]
+        if not indices:
+            raise ConfigError(f"steer.layers={layers!r} selects no block of {num_layers}")
+        return indices
+    if isinstance(layers, int):
+        layers = [layers]
+    indices = [int(x) for x in layers]
+    for index in indices:
+        if not 0 <= index < num_layers:
+            raise ConfigError(f"steer.layers contains {index}; the model has blocks 0..{num_layers - 1}")
+    return sorted(set(indices))
+
+
+def window_steps(window, num_steps: int) -> range:
+    """The denoising step indices [start, end) of a steering window; fractions are rounded to steps."""
+    _allowed("steer.window.unit", window.unit, WINDOW_UNITS)
+    start, end = window.start, window.end
+    if not start < end:
+        raise ConfigError(f"steer.window start={start!r} must be < end={end!r}")
+    if window.unit == "fraction":
+        if not 0 <= start and end <= 1:
+            raise ConfigError(f"steer.window=[{start}, {end}) must lie within [0, 1] as fractions of the steps")
+        return range(round(start * num_steps), round(end * num_steps))
+    if start != int(start) or end != int(end) or start < 0 or end > num_steps:
+        raise ConfigError(
+            f"steer.window=[{start}, {end}) must be whole step indices within [0, {num_steps}] (model.steps={num_steps})"
+        )
+    return range(int(start), int(end))
+
+
+def validate_steer(steer, model, backbone: Backbone) -> None:
+    if not steer.enabled:
+        return
+    try:
+        check_rule(steer.rule, steer.alpha, steer.strength)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        parse_targets(steer.targets)
+    except LayoutError as err:
+        raise ConfigError(f"steer.targets={steer.targets!r}: {err}") from None
+    _allowed("steer.boundary_unit", steer.boundary_unit, BOUNDARY_UNITS)
+    _allowed("steer.branches", steer.branches, BRANCHES)
+    layout = TokenLayout(*backbone.latent_grid(model.height, model.width, model.num_frames))
+    try:
+        layout.boundary_span(steer.boundary_width, steer.boundary_unit)
+    except LayoutError as err:
+        raise ConfigError(f"steer.boundary_width={steer.boundary_width!r}: {err}") from None
+    steered_layers(steer.layers, model.num_layers)
+    window_steps(steer.window, model.steps)
+    _at_least("steer.ratio", steer.ratio, 0)
+    _at_least("steer.max_dims", steer.max_dims, 1)
+    dims = steer.dims
+    if isinstance(dims, str):
+        _allowed("steer.dims", dims, DIMS_MODES)
+        if dims.startswith("calibrated"):
+            if not steer.calibration:
+                raise ConfigError(
+                    f"steer.dims={dims} needs steer.calibration=<path to ma_dims.yaml> (written by stas.analyze)"
+                )
+            if not Path(steer.calibration).is_file():
+                raise ConfigError(f"steer.calibration={steer.calibration!r}: no such file (run stas.analyze first)")
+    else:
+        channels = list(dims)
+        if not channels or not all(isinstance(c, int) and 0 <= c < model.hidden_dim for c in channels):
+            raise ConfigError(
+                f"steer.dims={channels!r}: a channel list must be non-empty integers in 0..{model.hidden_dim - 1}"
+            )
+
+
+def validate_prompts(prompts) -> None:
+    _allowed("prompts.source", prompts.source, ("demo", "list", "file", "vbench"))
+    if prompts.source == "file" and not prompts.path:
+        raise ConfigError("prompts=file needs prompts.path=<text file, one prompt a line>")
+    _at_least("prompts.samples_per_prompt", prompts.samples_per_prompt, 1)
+    if prompts.limit is not None:
+        _at_least("prompts.limit", prompts.limit, 1)
+
+
+def validate_logger(logger) -> None:
+    _allowed("logger.backend", logger.backend, ("wandb", "none"))
+    _allowed("logger.mode", logger.mode, ("offline", "online", "disabled"))
+
+
+def shard_of(shard) -> tuple[int, int]:
+    """(index, count) of this process's shard; unset fields come from the Slurm array variables."""
+    count = shard.count if shard.count is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    index = shard.index if shard.index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    if count < 1:
+        raise ConfigError(f"shard.count={count!r} must be >= 1")
+    if not 0 <= index < count:
+        raise ConfigError(f"shard.index={index!r} must lie in [0, shard.count={count})")
+    return index, count
+
+
+def _no_unknown_keys(node, schema, path: str) -> None:
+    # Hydra lets `+group.key=value` add keys even to a structured node; a typo must not pass silently.
+    known = {f.name for f in fields(schema)}
+    for key in node.keys():
+        if key not in known:
+            raise ConfigError(f"{path}.{key} is not a field of {path}; fields: {', '.join(sorted(known))}")
+        value = OmegaConf.get_type(node, key)
+        if is_dataclass(value) and isinstance(node[key], DictConfig):
+            _no_unknown_keys(node[key], value, f"{path}.{key}")
+
+
+def validate(cfg) -> Backbone:
+    """Check every value of a composed config; returns the model's backbone."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...)")
+    for group, schema in SCHEMAS.items():
+        _no_unknown_keys(cfg[group], schema, group)
+    backbone = validate_model(cfg.model)
+    validate_steer(cfg.steer, cfg.model, backbone)
+    validate_prompts(cfg.prompts)
+    validate_logger(cfg.logger)
+    shard_of(cfg.shard)
+    return backbone

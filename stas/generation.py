@@ -1,0 +1,147 @@
+"""Video generation with CFG (and STAS when configured) into a run directory, resumable and shardable."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from stas.backbones import Backbone, load_pipeline
+from stas.config import ConfigError, shard_of
+from stas.hooks import StasSteerer
+from stas.layout import TokenLayout
+from stas.massive import load_calibration
+from stas.prompts import Item, load_prompts, make_items, shard_items
+from stas.rundir import GENERATION_FILE, SHARDS_DIR, JsonlRecords, atomic_write_json
+from stas.video import to_uint8, write_mp4
+
+VIDEOS_DIR = "videos"
+PARTIAL_DIR = ".partial"
+
+
+def generation_file(run_dir: Path, index: int, count: int) -> Path:
+    """Where a shard records its videos; an unsharded run writes generation.jsonl directly."""
+    if count == 1:
+        return run_dir / GENERATION_FILE
+    return run_dir / SHARDS_DIR / f"generation-{index:03d}-of-{count:03d}.jsonl"
+
+
+def run_items(cfg) -> list[Item]:
+    return make_items(load_prompts(cfg.prompts), cfg.prompts.samples_per_prompt, cfg.seed)
+
+
+def make_steerer(cfg, backbone: Backbone) -> StasSteerer | None:
+    if not cfg.steer.enabled:
+        return None
+    calibration = None
+    if isinstance(cfg.steer.dims, str) and cfg.steer.dims.startswith("calibrated"):
+        try:
+            calibration = load_calibration(cfg.steer.calibration, cfg.steer.dims, cfg.model.name)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"steer.calibration={cfg.steer.calibration!r}: {err}") from None
+    return StasSteerer(backbone, cfg.steer, calibration)
+
+
+def pipeline_kwargs(model_cfg, backbone: Backbone) -> dict:
+    """The sampling arguments of every pipeline call of a run (prompt and generator come per video)."""
+    kwargs = dict(
+        negative_prompt=model_cfg.negative_prompt,
+        height=model_cfg.height,
+        width=model_cfg.width,
+        num_frames=model_cfg.num_frames,
+        num_inference_steps=model_cfg.steps,
+        guidance_scale=model_cfg.guidance_scale,
+        max_sequence_length=model_cfg.max_sequence_length,
+        output_type="np",
+    )
+    if backbone.family == "cogvideox":
+        kwargs["use_dynamic_cfg"] = model_cfg.use_dynamic_cfg
+    return kwargs
+
+
+def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout):
+    """One video's frames, (T, H, W, 3) uint8; the CPU generator makes it reproducible on any device."""
+    if steerer is not None:
+        steerer.begin(layout, kwargs["num_inference_steps"], do_cfg=kwargs["guidance_scale"] > 1.0)
+    generator = torch.Generator(device="cpu").manual_seed(item.seed)
+    with torch.inference_mode():
+        frames = pipe(prompt=item.prompt, generator=generator, **kwargs).frames[0]
+    return to_uint8(frames)
+
+
+@dataclass
+class GenerationSummary:
+    videos_dir: Path
+    records: Path
+    generated: int
+    skipped: int
+    seconds_per_video: float
+    steering: dict | None
+
+    def __str__(self) -> str:
+        speed = f", {self.seconds_per_video:.2f} s per video" if self.generated else ""
+        return (f"{self.generated} video(s) generated, {self.skipped} already complete{speed}\n"
+                f"  videos:  {self.videos_dir}\n  records: {self.records}")
+
+
+def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummary:
+    """Generate every missing video of this shard into `run_dir`; complete ones are skipped."""
+    index, count = shard_of(cfg.shard)
+    items = shard_items(run_items(cfg), index, count)
+    videos_dir = run_dir / VIDEOS_DIR
+    videos_dir.mkdir(parents=True, exist_ok=True)
+    records = JsonlRecords(generation_file(run_dir, index, count), key=lambda row: row["key"])
+    done = {key for key, row in records.rows.items() if (run_dir / row["path"]).is_file()}
+    todo = [item for item in items if item.key not in done]
+    steering_record = None
+    seconds = []
+    if todo:
+        pipe = load_pipeline(cfg.model, backbone)
+        steerer = make_steerer(cfg, backbone)
+        layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+        kwargs = pipeline_kwargs(cfg.model, backbone)
+        pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
+        with steerer.attach(pipe.transformer) if steerer is not None else nullcontext():
+            for item in tqdm(todo, desc=f"videos (shard {index + 1}/{count})", disable=not cfg.progress):
+                start = time.perf_counter()
+                frames = sample(pipe, item, kwargs, steerer, layout)
+                path = videos_dir / item.filename
+                write_mp4(frames, path, cfg.model.fps, run_dir / PARTIAL_DIR)
+                seconds.append(time.perf_counter() - start)
+                row = video_row(cfg, item, path.relative_to(run_dir), frames, seconds[-1])
+                if steerer is not None:
+                    row["steering"] = steering_record = steerer.record()
+                records.append(row)
+                logger.log({"video/seconds": seconds[-1], "video/prompt_index": item.prompt_index})
+                logger.log_video(path, caption=f"{item.prompt} (seed {item.seed})", fps=cfg.model.fps)
+    order = {item.key: n for n, item in enumerate(items)}
+    records.compact(order=lambda row: order.get(row["key"], len(order)))
+    logger.log_table("generation", list(records.rows.values()))
+    if steering_record is not None:
+        atomic_write_json(run_dir / "steering.json", steering_record)
+    return GenerationSummary(videos_dir, records.path, len(todo), len(items) - len(todo),
+                             sum(seconds) / len(seconds) if seconds else 0.0, steering_record)
+
+
+def video_row(cfg, item: Item, path: Path, frames, seconds: float) -> dict:
+    return {
+        "key": item.key,
+        "prompt": item.prompt,
+        "prompt_index": item.prompt_index,
+        "index": item.index,
+        "seed": item.seed,
+        "path": str(path),
+        "backbone": cfg.model.name,
+        "steer": cfg.steer.name if cfg.steer.enabled else "none",
+        "num_frames": int(frames.shape[0]),
+        "height": int(frames.shape[1]),
+        "width": int(frames.shape[2]),
+        "steps": cfg.model.steps,
+        "guidance_scale": cfg.model.guidance_scale,
+        "seconds": round(seconds, 4),
+    }
+

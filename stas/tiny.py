@@ -1,0 +1,179 @@
+"""Tiny twins: random-init models built offline from the same diffusers classes as the real backbones.
+
+They run the exact code path of the real models (pipeline, transformer, VAE, scheduler, T5 text encoder) at toy
+sizes, on CPU, in seconds. Random weights have no massive activations, so the twins carry *planted* ones: forward
+hooks registered at build time add `magnitude x profile(token)` to a few channels of chosen blocks, where the
+profile follows the latent chunking (largest on first-frame tokens, smaller on boundary tokens, small on interior
+tokens). Analysis, calibration and steering all have something real to find; the planted channels, magnitudes and
+profile are in the model config (`model.tiny.plant`).
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from stas.backbones import Backbone
+from stas.layout import TokenLayout
+
+# A character-level tokenizer: every prompt maps to its own token sequence, with nothing to download.
+_VOCAB_CHARS = string.ascii_lowercase + string.digits + string.punctuation + " "
+_SPECIAL = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+
+
+def build_tokenizer(max_length: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(_SPECIAL)
+    for char in _VOCAB_CHARS:
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.decoder = decoders.BPEDecoder()
+    tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def build_text_encoder(tiny, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=tiny.text_dim,
+        d_kv=8,
+        d_ff=2 * tiny.text_dim,
+        num_layers=1,
+        num_heads=tiny.text_dim // 8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    # eval(): a freshly built model is in training mode and T5's dropout would make outputs random.
+    return T5EncoderModel(config).eval()
+
+
+def build_tiny_pipeline(model_cfg, backbone: Backbone):
+    """A seeded random-init pipeline of the backbone's family, with planted massive activations."""
+    import diffusers
+
+    tiny = model_cfg.tiny
+    torch.manual_seed(tiny.seed)
+    tokenizer = build_tokenizer(model_cfg.max_sequence_length)
+    text_encoder = build_text_encoder(tiny, len(tokenizer))
+    if backbone.family in ("wan21", "wan22"):
+        vae, transformer, scheduler = _wan_components(diffusers, tiny, backbone, model_cfg)
+        pipe = diffusers.WanPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler,
+            expand_timesteps=backbone.expand_timesteps,
+        )
+    else:
+        vae, transformer, scheduler = _cogvideox_components(diffusers, tiny, model_cfg)
+        pipe = diffusers.CogVideoXPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+        )
+    if tiny.plant.enabled:
+        plant_massive_activations(transformer, backbone, tiny.plant)
+    return pipe
+
+
+def _wan_components(diffusers, tiny, backbone, model_cfg):
+    if backbone.family == "wan22":
+        # The Wan2.2 residual VAE: 48 latent channels, 2x2 pixel patchify before the 8x convolutional stack.
+        vae = diffusers.AutoencoderKLWan(
+            base_dim=tiny.vae_base_dim, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+            latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True],
+        )
+        latent_channels = 48
+    else:
+        vae = diffusers.AutoencoderKLWan(
+            base_dim=tiny.vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )
+        latent_channels = 16
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=backbone.patch, num_attention_heads=tiny.num_heads, attention_head_dim=tiny.head_dim,
+        in_channels=latent_channels, out_channels=latent_channels, text_dim=tiny.text_dim, freq_dim=32,
+        ffn_dim=tiny.ffn_dim, num_layers=tiny.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+    scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=model_cfg.flow_shift or 3.0
+    )
+    return vae, transformer, scheduler
+
+
+def _cogvideox_components(diffusers, tiny, model_cfg):
+    vae = diffusers.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(tiny.vae_base_dim,) * 4, latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    transformer = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=tiny.num_heads, attention_head_dim=tiny.head_dim, in_channels=4, out_channels=4,
+        time_embed_dim=8, text_embed_dim=tiny.text_dim, num_layers=tiny.num_layers,
+        sample_height=model_cfg.height // 8, sample_width=model_cfg.width // 8, sample_frames=model_cfg.num_frames,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=model_cfg.max_sequence_length,
+        use_rotary_positional_embeddings=True,
+    )
+    return vae, transformer, diffusers.CogVideoXDDIMScheduler()
+
+
+# --------------------------------------------------------------------------------------------- planted activations
+
+
+def planted_profile(layout: TokenLayout, plant) -> torch.Tensor:
+    """Per-token scale of the planted activations: first frame > boundary > interior."""
+    profile = torch.full((layout.num_tokens,), float(plant.interior))
+    profile[layout.mask("boundary", plant.boundary_width, plant.boundary_unit)] = float(plant.boundary)
+    profile[layout.mask("first_frame")] = float(plant.first_frame)
+    return profile
+
+
+class MassiveActivationPlanter:
+    """Adds planted massive activations to chosen blocks of a tiny transformer (see the module docstring)."""
+
+    def __init__(self, backbone: Backbone, plant):
+        self.backbone = backbone
+        self.plant = plant
+        self.channels = torch.tensor(list(plant.channels), dtype=torch.long)
+        self.magnitudes = torch.tensor(list(plant.magnitudes), dtype=torch.float32)
+        self.layout: TokenLayout | None = None
+        self._bias_cache: dict = {}
+
+    def read_grid(self, transformer, args, kwargs):
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        frames, height, width = latents.shape[-3:]
+        pt, ph, pw = self.backbone.patch
+        self.layout = TokenLayout(frames // pt, height // ph, width // pw)
+
+    def add(self, block, args, output):
+        hidden = self.backbone.video_tokens(output)
+        key = (self.layout, hidden.device, hidden.dtype)
+        if key not in self._bias_cache:
+            profile = planted_profile(self.layout, self.plant)
+            self._bias_cache[key] = (
+                (profile[:, None] * self.magnitudes[None, :]).to(hidden.device, hidden.dtype),
+                self.channels.to(hidden.device),
+            )
+        bias, channels = self._bias_cache[key]
+        hidden.index_add_(-1, channels, bias.expand(hidden.shape[0], -1, -1))
+        return output
+
+
+def plant_massive_activations(transformer, backbone: Backbone, plant) -> MassiveActivationPlanter:
+    if len(plant.channels) != len(plant.magnitudes):
+        raise ValueError(
+            f"model.tiny.plant.channels ({len(plant.channels)}) and magnitudes ({len(plant.magnitudes)}) must pair up"
+        )
+    planter = MassiveActivationPlanter(backbone, plant)
+    transformer.register_forward_pre_hook(planter.read_grid, with_kwargs=True)
+    blocks = backbone.blocks(transformer)
+    layers = range(len(blocks)) if plant.layers is None else plant.layers
+    for index in layers:
+        blocks[index].register_forward_hook(planter.add)
+    return planter
