@@ -30,6 +30,7 @@ class Family:
     cfg_layout: str  # "two_pass": cond call then uncond call per step; "batched": one call on [uncond, cond]
     block_returns_tuple: bool  # CogVideoX blocks return (video tokens, text tokens); Wan blocks return the video tokens
     text_tokens: str  # how text enters the blocks; steering and capture only ever see the video tokens
+    latents_frame_axis: int  # Wan latents are (B, C, F, H, W), CogVideoX latents (B, F, C, H, W)
     expand_timesteps: bool = False  # Wan2.2-TI2V: a timestep per token
 
 
@@ -43,6 +44,7 @@ FAMILIES = {
         cfg_layout="two_pass",
         block_returns_tuple=False,
         text_tokens="cross-attention only (encoder_hidden_states), never in the block output",
+        latents_frame_axis=2,
     ),
     "wan22": Family(
         pipeline="WanPipeline",
@@ -53,6 +55,7 @@ FAMILIES = {
         cfg_layout="two_pass",
         block_returns_tuple=False,
         text_tokens="cross-attention only (encoder_hidden_states), never in the block output",
+        latents_frame_axis=2,
         expand_timesteps=True,
     ),
     "cogvideox": Family(
@@ -64,6 +67,7 @@ FAMILIES = {
         cfg_layout="batched",
         block_returns_tuple=True,
         text_tokens="separate stream (encoder_hidden_states), joined with video tokens only inside attention",
+        latents_frame_axis=1,
     ),
 }
 
@@ -105,6 +109,11 @@ class Backbone(Family):
             raise BackboneError("; ".join(problems))
         frames = (num_frames - 1) // self.temporal_compression + 1
         return frames // self.patch[0], height // self.pixels_per_token[0], width // self.pixels_per_token[1]
+
+    def grid_of_latents(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        """(frames, height, width) token grid of the latents a transformer call receives."""
+        frames, (height, width) = latents.shape[self.latents_frame_axis], latents.shape[-2:]
+        return frames // self.patch[0], height // self.patch[1], width // self.patch[2]
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return getattr(transformer, self.blocks_attr)

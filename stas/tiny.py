@@ -147,9 +147,7 @@ class MassiveActivationPlanter:
 
     def read_grid(self, transformer, args, kwargs):
         latents = kwargs.get("hidden_states", args[0] if args else None)
-        frames, height, width = latents.shape[-3:]
-        pt, ph, pw = self.backbone.patch
-        self.layout = TokenLayout(frames // pt, height // ph, width // pw)
+        self.layout = TokenLayout(*self.backbone.grid_of_latents(latents))
 
     def add(self, block, args, output):
         hidden = self.backbone.video_tokens(output)

@@ -1,0 +1,65 @@
+"""Shared fixtures: composing real configs, running the real CLIs, building the real tiny pipelines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# No test may reach a network: W&B offline, the HF hub offline.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+
+
+def compose(overrides=()):
+    """A config composed exactly as the CLIs compose it (same tree, same schemas)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from stas.backbones import CONF_DIR
+    from stas.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def cfg_of():
+    return compose
+
+
+def run_cli(module: str, *args, cwd: Path, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run `python -m <module> args` as a user would; returns the finished process (text output)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines():
+    """Built once per session: {model name: (cfg, backbone, pipe)} for the three tiny families."""
+    from stas.backbones import load_pipeline
+    from stas.config import validate
+
+    built = {}
+    for name in ("tiny_wan21", "tiny_wan22", "tiny_cogvideox"):
+        cfg = compose([f"model={name}", "logger=none"])
+        backbone = validate(cfg)
+        pipe = load_pipeline(cfg.model, backbone)
+        pipe.set_progress_bar_config(disable=True)
+        built[name] = (cfg, backbone, pipe)
+    return built

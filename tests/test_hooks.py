@@ -1,0 +1,152 @@
+"""STAS hooks on the real tiny pipelines of all three families."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from stas.generation import make_steerer, pipeline_kwargs, sample
+from stas.hooks import LayerSteering, StasSteerer
+from stas.layout import TokenLayout
+from stas.massive import massive_channel_mask
+from stas.prompts import Item
+from stas.steering import RULES, apply_rule
+
+from conftest import compose
+
+FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]
+ITEM = Item(0, "a red fox runs through fresh snow", 0, 7)
+STEPS = 4
+
+
+def steer_cfg(name, *overrides):
+    return compose([f"model={name}", "logger=none", f"model.steps={STEPS}", *overrides])
+
+
+def run(pipelines, name, steerer):
+    cfg, backbone, pipe = pipelines[name]
+    kwargs = dict(pipeline_kwargs(cfg.model, backbone), num_inference_steps=STEPS)
+    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    if steerer is None:
+        return sample(pipe, ITEM, kwargs, None, layout)
+    with steerer.attach(pipe.transformer):
+        return sample(pipe, ITEM, kwargs, steerer, layout)
+
+
+def steerer_for(pipelines, name, *overrides):
+    cfg = steer_cfg(name, *overrides)
+    return make_steerer(cfg, pipelines[name][1])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_empty_window_equals_vanilla_and_steering_changes_the_video(tiny_pipelines, name):
+    vanilla = run(tiny_pipelines, name, None)
+    # [0, 0.05) of 4 steps rounds to no step at all
+    empty = run(tiny_pipelines, name, steerer_for(tiny_pipelines, name, "steer.window.end=0.05"))
+    assert np.array_equal(empty, vanilla)
+    steered = run(tiny_pipelines, name, steerer_for(tiny_pipelines, name))
+    assert steered.shape == vanilla.shape
+    assert np.abs(steered.astype(int) - vanilla.astype(int)).max() > 0
+    # detached: the pipeline is vanilla again, bit for bit
+    assert np.array_equal(run(tiny_pipelines, name, None), vanilla)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("branches", ["cond", "uncond", "both"])
+def test_hook_fires_exactly_on_configured_steps_layers_branches(tiny_pipelines, name, branches):
+    steerer = steerer_for(tiny_pipelines, name, "steer.window.unit=steps", "steer.window.start=1",
+                          "steer.window.end=3", "steer.layers=[1]", f"steer.branches={branches}")
+    run(tiny_pipelines, name, steerer)
+    batched = tiny_pipelines[name][1].cfg_layout == "batched"
+    if branches == "both":
+        names = ["cond+uncond"] if batched else ["cond", "uncond"]
+    else:
+        names = [branches]
+    assert steerer.calls == Counter({(1, step, b): 1 for step in (1, 2) for b in names})
+    record = steerer.record()
+    assert record["layers"] == [1] and record["steps"] == [1, 2]
+
+
+@pytest.mark.parametrize("branch", ["cond", "uncond"])
+def test_batched_cfg_steers_only_the_configured_half(tiny_pipelines, branch):
+    cfg, backbone, pipe = tiny_pipelines["tiny_cogvideox"]
+    outputs = {}
+
+    def spy(block, args, output):  # registered after the steering hook, so it sees the steered output
+        if len(outputs) == 0:
+            outputs["first"] = output[0].clone()
+
+    handle = backbone.blocks(pipe.transformer)[0].register_forward_hook(spy)
+    try:
+        run(tiny_pipelines, "tiny_cogvideox", None)
+        vanilla = outputs.pop("first")
+        steerer = steerer_for(tiny_pipelines, "tiny_cogvideox", "steer.layers=[0]", f"steer.branches={branch}")
+        handle.remove()
+        with steerer.attach(pipe.transformer):
+            handle = backbone.blocks(pipe.transformer)[0].register_forward_hook(spy)
+            layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+            kwargs = dict(pipeline_kwargs(cfg.model, backbone), num_inference_steps=STEPS)
+            sample(pipe, ITEM, kwargs, steerer, layout)
+    finally:
+        handle.remove()
+    steered = outputs["first"]
+    uncond, cond = slice(0, 1), slice(1, 2)  # the pipeline batches [uncond, cond]
+    kept, changed = (uncond, cond) if branch == "cond" else (cond, uncond)
+    assert torch.equal(steered[kept], vanilla[kept])
+    assert not torch.equal(steered[changed], vanilla[changed])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("rule", RULES)
+def test_in_place_hook_equals_apply_rule(tiny_pipelines, name, rule):
+    """The fast in-place hook computes what the reference function `apply_rule` computes."""
+    cfg, backbone, pipe = tiny_pipelines[name]
+    before, after = [], []
+    block = backbone.blocks(pipe.transformer)[1]
+    h1 = block.register_forward_hook(lambda m, a, o: before.append(backbone.video_tokens(o).clone()))
+    steerer = steerer_for(tiny_pipelines, name, "steer.layers=[1]", f"steer.rule={rule}", "steer.alpha=1.5",
+                          "steer.strength=0.75", "steer.window.end=0.25")
+    try:
+        with steerer.attach(pipe.transformer):
+            h2 = block.register_forward_hook(lambda m, a, o: after.append(backbone.video_tokens(o).clone()))
+            layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+            kwargs = dict(pipeline_kwargs(cfg.model, backbone), num_inference_steps=STEPS)
+            sample(pipe, ITEM, kwargs, steerer, layout)
+    finally:
+        h1.remove()
+        h2.remove()
+    token_mask = layout.mask(cfg.steer.targets, cfg.steer.boundary_width, cfg.steer.boundary_unit)
+    hidden = before[0]  # step 0, first call: the cond pass (two-pass) or the whole [uncond, cond] batch
+    channels = massive_channel_mask(hidden, cfg.steer.ratio, cfg.steer.max_dims)
+    assert channels.sum() == 3  # the three planted channels
+    expected = apply_rule(hidden, token_mask, channels, rule=rule, alpha=1.5, strength=0.75)
+    torch.testing.assert_close(after[0], expected, rtol=1e-6, atol=1e-5)
+    assert not torch.equal(after[0], hidden)
+    # later steps are outside the window: untouched
+    assert torch.equal(after[-1], before[-1])
+
+
+@pytest.mark.parametrize("dims", ["auto", "list", "all"])
+def test_steering_hook_never_synchronises(tiny_pipelines, dims):
+    """Run the hook on meta tensors: any host read of a value (.item(), bool(), .tolist()) would raise."""
+    cfg, backbone, _ = tiny_pipelines["tiny_wan21"]
+    override = {"auto": "steer.dims=auto", "list": "steer.dims=[5,17]", "all": "steer.dims=all"}[dims]
+    steerer = StasSteerer(backbone, steer_cfg("tiny_wan21", override).steer)
+    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    steerer.begin(layout, num_steps=STEPS, do_cfg=True)
+    steerer.tracker.on_transformer_call(None, (), {})
+    hook = LayerSteering(steerer, 0, steerer.channels[0].to("meta") if steerer.channels[0] is not None else None)
+    hidden = torch.empty(1, layout.num_tokens, backbone.hidden_dim, device="meta")
+    assert hook(None, (), hidden) is None
+    assert steerer.calls[(0, 0, "cond")] == 1
+
+
+def test_no_cfg_means_every_call_is_cond(tiny_pipelines):
+    steerer = steerer_for(tiny_pipelines, "tiny_wan21", "steer.branches=uncond", "model.guidance_scale=1.0")
+    cfg, backbone, pipe = tiny_pipelines["tiny_wan21"]
+    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    kwargs = dict(pipeline_kwargs(cfg.model, backbone), num_inference_steps=STEPS, guidance_scale=1.0)
+    with steerer.attach(pipe.transformer):
+        sample(pipe, ITEM, kwargs, steerer, layout)
+    assert steerer.calls == Counter()  # no uncond branch exists without CFG
