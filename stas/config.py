@@ -273,7 +273,7 @@ def window_steps(window, num_steps: int) -> range:
     if not start < end:
         raise ConfigError(f"steer.window start={start!r} must be < end={end!r}")
     if window.unit == "fraction":
-        if not 0 <= start and end <= 1:
+        if not (0 <= start and end <= 1):
             raise ConfigError(f"steer.window=[{start}, {end}) must lie within [0, 1] as fractions of the steps")
         return range(round(start * num_steps), round(end * num_steps))
     if start != int(start) or end != int(end) or start < 0 or end > num_steps:
