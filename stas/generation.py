@@ -16,7 +16,7 @@ from stas.hooks import StasSteerer
 from stas.layout import TokenLayout
 from stas.massive import load_calibration
 from stas.prompts import Item, load_prompts, make_items, shard_items
-from stas.rundir import GENERATION_FILE, SHARDS_DIR, JsonlRecords, atomic_write_json
+from stas.rundir import JsonlRecords, atomic_write_json, read_jsonl, record_files, shard_file
 from stas.video import to_uint8, write_mp4
 
 VIDEOS_DIR = "videos"
@@ -25,9 +25,17 @@ PARTIAL_DIR = ".partial"
 
 def generation_file(run_dir: Path, index: int, count: int) -> Path:
     """Where a shard records its videos; an unsharded run writes generation.jsonl directly."""
-    if count == 1:
-        return run_dir / GENERATION_FILE
-    return run_dir / SHARDS_DIR / f"generation-{index:03d}-of-{count:03d}.jsonl"
+    return shard_file(run_dir, "generation", index, count)
+
+
+def generation_rows(run_dir: Path) -> dict[str, dict]:
+    """Every recorded video of a run directory whose file exists, from generation.jsonl and all shard files."""
+    rows = {}
+    for path in record_files(run_dir, "generation"):
+        for row in read_jsonl(path):
+            if (run_dir / row["path"]).is_file():
+                rows[row["key"]] = row
+    return rows
 
 
 def run_items(cfg) -> list[Item]:
@@ -95,7 +103,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
     videos_dir = run_dir / VIDEOS_DIR
     videos_dir.mkdir(parents=True, exist_ok=True)
     records = JsonlRecords(generation_file(run_dir, index, count), key=lambda row: row["key"])
-    done = {key for key, row in records.rows.items() if (run_dir / row["path"]).is_file()}
+    done = set(generation_rows(run_dir))  # any shard layout of an earlier run counts
     todo = [item for item in items if item.key not in done]
     steering_record = None
     seconds = []

@@ -32,6 +32,9 @@ class Item:
     def filename(self) -> str:
         return f"{safe_stem(self.prompt)}-{self.index}.mp4"
 
+    def manifest_row(self) -> dict:
+        return {"key": self.key, "prompt": self.prompt, "index": self.index, "seed": self.seed, "file": self.filename}
+
 
 def safe_stem(prompt: str) -> str:
     """The prompt itself when it is a valid file name (VBench's standard mode needs exact names), else a cleaned,

@@ -19,9 +19,9 @@ from stas.tracking import RunLogger
 
 def run(cfg, run_dir: Path) -> None:
     backbone = validate(cfg)
-    run_items(cfg)  # reads the prompts now, so a missing or empty prompt file fails before anything is written
+    items = run_items(cfg)  # reads the prompts now: a missing or empty prompt file fails before anything is written
     check_writable(run_dir)
-    claim_run_dir(run_dir, cfg)
+    claim_run_dir(run_dir, cfg, [item.manifest_row() for item in items])
     with RunLogger(cfg, run_dir, job_type="generate") as logger:
         summary = generate(cfg, run_dir, backbone, logger)
         logger.summary({"videos": summary.generated + summary.skipped,

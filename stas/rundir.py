@@ -16,12 +16,13 @@ import yaml
 from omegaconf import OmegaConf
 
 from stas.config import ConfigError
+from stas.errors import UserError
 
 IDENTITY_FILE = "run_identity.yaml"
+MANIFEST_FILE = "items.jsonl"
 # Keys that change where or how fast a run goes, not what it produces.
 NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "experiment", "name",
                 "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing")
-GENERATION_FILE = "generation.jsonl"
 SHARDS_DIR = "shards"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -45,6 +46,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def check_writable(run_dir: Path) -> None:
@@ -89,7 +94,21 @@ class JsonlRecords:
         rows = list(self.rows.values())
         if order is not None:
             rows.sort(key=order)
-        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(self.path, rows)
+
+
+def shard_file(run_dir: Path, stage: str, index: int, count: int) -> Path:
+    """`<stage>.jsonl` for an unsharded run, `shards/<stage>-III-of-KKK.jsonl` for shard III of KKK."""
+    if count == 1:
+        return Path(run_dir) / f"{stage}.jsonl"
+    return Path(run_dir) / SHARDS_DIR / f"{stage}-{index:03d}-of-{count:03d}.jsonl"
+
+
+def record_files(run_dir: Path, stage: str) -> list[Path]:
+    """The merged record file of a stage (if any) followed by its shard files."""
+    run_dir = Path(run_dir)
+    merged = run_dir / f"{stage}.jsonl"
+    return ([merged] if merged.exists() else []) + sorted((run_dir / SHARDS_DIR).glob(f"{stage}-*-of-*.jsonl"))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -133,12 +152,20 @@ def describe_differences(a: dict, b: dict, keys: Iterable[str], names=("existing
     return "; ".join(f"{k}: {names[0]}={fa.get(k, '<absent>')!r}, {names[1]}={fb.get(k, '<absent>')!r}" for k in keys)
 
 
-def claim_run_dir(run_dir: Path, cfg) -> None:
-    """Record the run's identity, or check that an earlier run into the same directory had the same one."""
+def load_identity(run_dir: Path) -> dict:
+    path = Path(run_dir) / IDENTITY_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a stas run directory (no {IDENTITY_FILE}; stas.run writes it)")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def claim_run_dir(run_dir: Path, cfg, manifest: list[dict]) -> None:
+    """Record the run's identity and item manifest, or check that an earlier run into the same directory had the
+    same ones (same config, same prompts): outputs of different experiments never mix."""
     path = run_dir / IDENTITY_FILE
     mine = identity(cfg)
     if path.exists():
-        theirs = yaml.safe_load(path.read_text(encoding="utf-8"))
+        theirs = load_identity(run_dir)
         keys = differing_keys(theirs, mine)
         if keys:
             raise ConfigError(
@@ -146,5 +173,10 @@ def claim_run_dir(run_dir: Path, cfg) -> None:
                 + describe_differences(theirs, mine, keys)
                 + ". Use a new hydra.run.dir, or the same overrides as before."
             )
-        return
-    atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False, allow_unicode=True))
+        if (run_dir / MANIFEST_FILE).exists() and read_jsonl(run_dir / MANIFEST_FILE) != manifest:
+            raise ConfigError(f"{run_dir} was started with other prompts (its {MANIFEST_FILE} differs): "
+                              "did the prompt file change? Use a new hydra.run.dir.")
+    else:
+        atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False, allow_unicode=True))
+    if not (run_dir / MANIFEST_FILE).exists():
+        atomic_write_jsonl(run_dir / MANIFEST_FILE, manifest)

@@ -8,7 +8,7 @@ import pytest
 
 from stas.backbones import BackboneError, backbone_from_config, load_pipeline
 from stas.config import ConfigError
-from stas.generation import generate
+from stas.generation import generate, run_items
 from stas.rundir import claim_run_dir
 from stas.run import run
 from stas.tracking import RunLogger
@@ -48,7 +48,7 @@ def gen(run_dir, *overrides, prompts=None):
         cfg.prompts.source, cfg.prompts.prompts = "list", prompts
     backbone = backbone_from_config(cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    claim_run_dir(run_dir, cfg)
+    claim_run_dir(run_dir, cfg, [item.manifest_row() for item in run_items(cfg)])
     with RunLogger(cfg, run_dir, "generate") as logger:
         return generate(cfg, run_dir, backbone, logger)
 
