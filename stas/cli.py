@@ -16,6 +16,10 @@ from stas.backbones import CONF_DIR
 from stas.config import register_configs
 from stas.errors import UserError
 
+# Registered on import too: a submitit job process unpickles the task function (importing this module) and then
+# resolves the sweep's subdir, which uses the path_safe resolver.
+register_configs()
+
 
 def fail(tool: str, message: str, code: int = 2):
     print(f"{tool}: error: {message}", file=sys.stderr)
@@ -58,8 +62,4 @@ def hydra_entry(tool: str, task: Callable) -> Callable[[], None]:
 
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task_function)
 
-    def entry() -> None:
-        register_configs()
-        main()
-
-    return entry
+    return main

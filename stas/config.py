@@ -173,8 +173,15 @@ SCHEMAS = {
 }
 
 
+def path_safe(text: str) -> str:
+    """A sweep's override_dirname as one directory name: a group override such as steer/window=late has a '/'."""
+    return str(text).replace("/", ".")
+
+
 def register_configs() -> None:
     """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass)."""
+    if not OmegaConf.has_resolver("path_safe"):
+        OmegaConf.register_new_resolver("path_safe", path_safe)
     store = ConfigStore.instance()
     store.store(name="stas_schema", node=StasConfig)
     for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
@@ -361,7 +368,7 @@ def _no_unknown_keys(node, schema, path: str) -> None:
 
 def validate(cfg) -> Backbone:
     """Check every value of a composed config; returns the model's backbone."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(k for k in OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, list(StasConfig.__dataclass_fields__))))
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...)")
     for group, schema in SCHEMAS.items():
