@@ -96,8 +96,6 @@ def merge(target: Path, sources: list[Path] = ()) -> MergeReport:
 
 def merge_metrics(target: Path, sources: list[Path]) -> list[dict]:
     """Union of the metric rows of all directories (one per video, evaluator and metric), with the aggregate."""
-    from stas.evaluation import aggregate_metrics
-
     merged: dict = {}
     for run_dir in [target, *sources]:
         for path in record_files(run_dir, "metrics"):
@@ -105,6 +103,8 @@ def merge_metrics(target: Path, sources: list[Path]) -> list[dict]:
                 merged.setdefault(metric_key(row), row)
     rows = sorted(merged.values(), key=metric_key)
     if rows:
+        from stas.evaluation import aggregate_metrics
+
         atomic_write_jsonl(target / "metrics.jsonl", rows)
         atomic_write_json(target / "metrics.json", aggregate_metrics(rows))
     return rows

@@ -79,7 +79,8 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], object]:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     base = compose_with_hydra(fixed)
     sweeps = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}
-    params = OmegaConf.to_container(base.hydra.sweeper.params or {}, resolve=False)
+    params = base.hydra.sweeper.params
+    params = OmegaConf.to_container(params, resolve=False) if params else {}
     for key, value in params.items():
         if key not in sweeps:
             sweeps[key] = _parse([f"{key}={value}"])[0]

@@ -12,27 +12,40 @@ class RunLogger:
     """One W&B run per job; `finish()` always runs (use it as a context manager) so multirun jobs never merge."""
 
     def __init__(self, cfg, run_dir: Path, job_type: str):
+        """A run's logger: group = the experiment name, tags = model and steering preset, the resolved config."""
+        group = cfg.logger.group or cfg.name
+        self._start(cfg.logger, run_dir, job_type, group, OmegaConf.to_container(cfg, resolve=True),
+                    [cfg.model.name, cfg.steer.name])
+
+    @classmethod
+    def for_directory(cls, logger_cfg, directory: Path, job_type: str, group: str, config: dict) -> "RunLogger":
+        """A logger for a stage that spans runs (e.g. aggregating a sweep into tables)."""
+        logger = cls.__new__(cls)
+        logger._start(logger_cfg, directory, job_type, group, config, [])
+        return logger
+
+    def _start(self, logger_cfg, directory: Path, job_type: str, group: str, config: dict, tags: list[str]):
         self.run = None
         self.videos_logged = 0
-        self.max_videos = cfg.logger.log_videos
-        if cfg.logger.backend == "none":
+        self.max_videos = logger_cfg.log_videos
+        if logger_cfg.backend == "none":
             return
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        Path(directory).mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
-        group = cfg.logger.group or cfg.name
         self.run = wandb.init(
-            project=cfg.logger.project,
-            entity=cfg.logger.entity,
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
             group=group,
             job_type=job_type,
-            tags=list(cfg.logger.tags) + [cfg.model.name, cfg.steer.name],
-            name=f"{group}/{job_type}/{Path(run_dir).name}",
-            config=OmegaConf.to_container(cfg, resolve=True),
-            dir=str(run_dir),
-            mode=cfg.logger.mode,
-            settings=wandb.Settings(init_timeout=cfg.logger.init_timeout),
+            tags=list(logger_cfg.tags) + tags,
+            name=f"{group}/{job_type}/{Path(directory).name}",
+            config=config,
+            dir=str(directory),
+            mode=logger_cfg.mode,
+            settings=wandb.Settings(init_timeout=logger_cfg.init_timeout),
         )
 
     def __enter__(self):

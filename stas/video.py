@@ -46,3 +46,27 @@ def read_mp4(path: Path) -> np.ndarray:
     if not frames:
         raise ValueError(f"cannot decode {path}: no frames")
     return np.stack(frames)
+
+
+def side_by_side(clips: list[np.ndarray], labels: list[str], gap: int = 4, bar: int = 18) -> np.ndarray:
+    """Clips (T, H, W, 3) uint8 next to each other, each under a label bar; as long as the shortest clip.
+
+    Clips of different sizes are placed top-aligned on a black canvas, so nothing is resampled.
+    """
+    from PIL import Image, ImageDraw
+
+    frames = min(len(clip) for clip in clips)
+    height = max(clip.shape[1] for clip in clips) + bar
+    width = sum(clip.shape[2] for clip in clips) + gap * (len(clips) - 1)
+    width += width % 2  # H.264 with yuv420p needs even sizes
+    height += height % 2
+    canvas = np.zeros((frames, height, width, 3), dtype=np.uint8)
+    header = Image.new("RGB", (width, bar))
+    draw = ImageDraw.Draw(header)
+    x = 0
+    for clip, label in zip(clips, labels):
+        canvas[:, bar : bar + clip.shape[1], x : x + clip.shape[2]] = clip[:frames]
+        draw.text((x + 3, 3), label, fill=(255, 255, 255))
+        x += clip.shape[2] + gap
+    canvas[:, :bar] = np.asarray(header)
+    return canvas

@@ -1,0 +1,96 @@
+"""Slurm submission with a fake `sbatch` on PATH, and the submitit local launcher for real."""
+
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import REPO, run_cli
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# Records its arguments; answers like `sbatch --parsable` with a new job id.
+n=$(( $(wc -l < "$SBATCH_LOG" 2>/dev/null || echo 0) + 1 ))
+printf '%s\\n' "$*" >> "$SBATCH_LOG"
+echo "$((1000 + n))"
+"""
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    log = tmp_path / "sbatch.log"
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_LOG": str(log)}, log
+
+
+def test_submit_chains_generate_evaluate_merge_and_tables(fake_sbatch, tmp_path):
+    env, log = fake_sbatch
+    sweep = tmp_path / "sweep"
+    result = run_cli("stas.slurm", "--shards", 3, "experiment=tiny_paper_main", "hydra.launcher.partition=gpu",
+                     "hydra.launcher.account=lab", "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=90",
+                     "+hydra.launcher.setup=[module load cuda]", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 6 * 3 + 1
+    for cell in range(6):
+        gen, ev, mg = calls[3 * cell: 3 * cell + 3]
+        ids = [str(1001 + 3 * cell + k) for k in range(3)]
+        assert gen[-2].endswith("slurm/generate.sbatch") and "--array=0-2%2" in gen
+        assert ev[-2].endswith("slurm/evaluate.sbatch") and f"--dependency=afterok:{ids[0]}" in ev
+        assert mg[-2].endswith("slurm/merge.sbatch") and f"--dependency=afterok:{ids[1]}" in mg
+        for call in (gen, ev, mg):
+            assert "--partition=gpu" in call and "--account=lab" in call and "--time=90" in call
+        assert "--gpus-per-node=1" in gen and "--gpus-per-node=1" not in mg  # merging needs no GPU
+        run_dir = gen[-1]
+        assert run_dir == ev[-1] == mg[-1] and run_dir.startswith(str(sweep))
+        overrides = (tmp_path / run_dir / "slurm" / "overrides.txt").read_text().split()
+        assert "experiment=tiny_paper_main" in overrides and not any(o.startswith("hydra") for o in overrides)
+        assert "module load cuda" in (tmp_path / run_dir / "slurm" / "setup.sh").read_text()
+    tables = calls[-1]
+    merges = ":".join(str(1003 + 3 * cell) for cell in range(6))
+    assert tables[-2].endswith("slurm/tables.sbatch") and f"--dependency=afterok:{merges}" in tables
+    dirs = sorted(os.path.basename(c[-1]) for c in calls[:-1:3])
+    assert dirs == sorted(f"model={m},steer={s}" for m in ("tiny_wan21", "tiny_cogvideox", "tiny_wan22")
+                          for s in ("none", "stas_paper"))
+    assert json.loads((sweep / "slurm_submission.json").read_text())["jobs"]["tables"] == "1019"
+
+
+def test_dry_run_prints_and_submits_nothing(fake_sbatch, tmp_path):
+    env, log = fake_sbatch
+    result = run_cli("stas.slurm", "--dry-run", "--shards", 2, "experiment=tiny_ablation_alpha",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "3 run(s) x 2 shard(s): 10 sbatch submissions (dry run" in result.stdout
+    assert result.stdout.count("sbatch --parsable") == 10
+    assert "steer.alpha=0.5" in result.stdout
+    assert not log.exists() and not (tmp_path / "sweep").exists()
+
+
+def test_bad_submissions_are_clear(fake_sbatch, tmp_path):
+    env, _ = fake_sbatch
+    for args, message in [(["--shards", 0, "model=tiny_wan21"], "--shards=0 must be >= 1"),
+                          (["shard.index=1"], "shards are set by --shards"),
+                          (["model=nope"], "Could not find 'model/nope'"),
+                          (["steer.alpha=-1"], "steer.alpha=-1.0 must be > 0")]:
+        result = run_cli("stas.slurm", "--dry-run", *args, cwd=tmp_path, env=env)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sbatch_scripts_are_valid_bash():
+    for script in sorted((REPO / "slurm").glob("*.sbatch")) + [REPO / "slurm" / "submit.sh"]:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_submitit_local_launcher_runs_a_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("stas.run", "-m", "hydra/launcher=local", "steer=none,stas", "prompts.prompts=[a cat]",
+                     "model.steps=2", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for subdir in ("0", "1"):
+        rows = (sweep / subdir / "generation.jsonl").read_text().splitlines()
+        assert len(rows) == 1 and (sweep / subdir / json.loads(rows[0])["path"]).is_file()
+    assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
