@@ -43,8 +43,10 @@ class OutputDirCheck(Callback):
             fail("stas", f"{key}={directory!r}: the output directory cannot be created: {err.strerror or err}")
 
 
-def hydra_entry(tool: str, task: Callable) -> Callable[[], None]:
+def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Callable[[], None]:
     """A console entry point running `task(cfg, run_dir)` under Hydra with the stas config tree.
+
+    `config_name` is the primary config in conf/ (config.yaml; analyze.yaml for stas.analyze).
 
     A UserError becomes one line on stderr and exit code 2 (in a multirun too: a sweep with a bad value stops
     at the first job that has it, before that job writes anything).
@@ -60,6 +62,6 @@ def hydra_entry(tool: str, task: Callable) -> Callable[[], None]:
             job = f" (job {HydraConfig.get().job.num})" if HydraConfig.get().mode == RunMode.MULTIRUN else ""
             fail(tool + job, str(err))
 
-    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task_function)
+    main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task_function)
 
     return main
