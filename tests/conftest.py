@@ -19,8 +19,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
 
-def compose(overrides=()):
-    """A config composed exactly as the CLIs compose it (same tree, same schemas)."""
+def compose(overrides=(), config_name="config"):
+    """A config composed exactly as the CLIs compose it (same tree, same schemas); config_name="analyze" is
+    stas.analyze's primary config."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -29,7 +30,7 @@ def compose(overrides=()):
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 @pytest.fixture
