@@ -124,11 +124,8 @@ class MACapture:
 
     @contextmanager
     def attach(self, transformer):
-        self.hooks.attach(transformer, {layer: LayerCapture(self, layer) for layer in self.selection.layers})
-        try:
+        with self.hooks.attached(transformer, {layer: LayerCapture(self, layer) for layer in self.selection.layers}):
             yield self
-        finally:
-            self.hooks.remove()
 
     def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
         self.tracker.begin(layout, num_steps, do_cfg)
@@ -137,11 +134,7 @@ class MACapture:
         self.buffers = None  # allocated by the first hook call, on the device the blocks run on
 
     def buffers_for(self, hidden: torch.Tensor) -> dict:
-        if hidden.shape[1] != self.layout.num_tokens:
-            raise RuntimeError(
-                f"block output has {hidden.shape[1]} video tokens but the layout {self.layout} has "
-                f"{self.layout.num_tokens}: begin() was given another video size than the pipeline call"
-            )
+        self.tracker.check_tokens(hidden.shape[1])
         if self.buffers is None:
             self.buffers = self._allocate(hidden.device)
         return self.buffers
