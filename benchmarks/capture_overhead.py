@@ -3,8 +3,10 @@
 A random-init WanTransformer3DModel (default: 8 blocks, dim 512, 4 latent frames of 32 x 32 tokens = 4096 tokens)
 runs `--steps` calls per sample, vanilla and with the capture hooks on every block (every step captured, per-token
 magnitudes kept for the middle block at two steps, as stas.analyze does by default), interleaved in one process.
-Reports the median seconds per sample of each, their ratio (target <= 1.05), the capture buffers' bytes against
-the documented bound (stas.capture.capture_bytes), and on CUDA the extra peak memory of a captured sample.
+Reports the median wall seconds per sample of each and their ratio (target <= 1.05), the same in process CPU
+seconds (steadier on a shared machine), the reductions alone timed on a tensor of a block output's size, the capture
+buffers' bytes against the documented bound (stas.capture.capture_bytes), and on CUDA the extra peak memory of a
+captured sample.
 
     python benchmarks/capture_overhead.py            # the measured configuration (minutes on 2 CPU cores)
     python benchmarks/capture_overhead.py --quick    # a smaller one, under a minute on 2 CPU cores
@@ -22,11 +24,11 @@ import time
 import torch
 
 from stas.backbones import get_backbone
-from stas.capture import MACapture, capture_bytes
+from stas.capture import MACapture, capture_bytes, reduce_hidden
 from stas.config import AnalysisSelection
 from stas.layout import TokenLayout
 
-QUICK = dict(blocks=4, dim=256, frames=2, height=16, width=16, steps=2, reps=5)
+QUICK = dict(blocks=4, dim=256, frames=2, height=16, width=16, steps=2, reps=9)
 
 
 def build_transformer(blocks: int, dim: int, device, dtype):
@@ -47,11 +49,11 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def sample(transformer, inputs: dict, steps: int, capture: MACapture | None, layout: TokenLayout) -> float:
-    """Seconds for `steps` transformer calls (and, with a capture, its begin and one readback)."""
+def sample(transformer, inputs: dict, steps: int, capture: MACapture | None, layout: TokenLayout):
+    """(wall, process CPU) seconds for `steps` transformer calls (with a capture: its begin and one readback)."""
     device = inputs["hidden_states"].device
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if capture is not None:
         capture.begin(layout, steps, do_cfg=False)
     with torch.inference_mode():
@@ -60,7 +62,24 @@ def sample(transformer, inputs: dict, steps: int, capture: MACapture | None, lay
     if capture is not None:
         capture.read()  # the readback is part of the cost (it also synchronises)
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def reductions_alone(capture: MACapture, layout: TokenLayout, dim: int, calls: int, device, dtype) -> float:
+    """Median seconds of `calls` reductions of one block output (what the hooks add per sample), timed apart."""
+    hidden = torch.randn(1, layout.num_tokens, dim, device=device, dtype=dtype)
+    masks = torch.stack([layout.mask(region, 1, "rows") for region in ("first_frame", "boundary", "interior")])
+    masks = masks.float().to(device)
+    sizes = masks.sum(dim=1)
+    times = []
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            reduce_hidden(hidden, masks, sizes, capture.ratio, capture.max_dims)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv=None) -> float:
@@ -102,17 +121,27 @@ def main(argv=None) -> float:
     with capture.attach(transformer):
         sample(transformer, inputs, args.steps, capture, layout)
     times = {"vanilla": [], "capture": []}
+    cpu_times = {"vanilla": [], "capture": []}
     for rep in range(args.reps):
         order = ("vanilla", "capture") if rep % 2 == 0 else ("capture", "vanilla")
         for name in order:
             if name == "vanilla":
-                times[name].append(sample(transformer, inputs, args.steps, None, layout))
+                wall, cpu = sample(transformer, inputs, args.steps, None, layout)
             else:
                 with capture.attach(transformer):
-                    times[name].append(sample(transformer, inputs, args.steps, capture, layout))
+                    wall, cpu = sample(transformer, inputs, args.steps, capture, layout)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, values in times.items():
-        print(f"{name}: median {medians[name]:.4f} s per sample; raw " + " ".join(f"{v:.4f}" for v in values))
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_times.items()}
+    for name in times:
+        print(f"{name}: median {medians[name]:.4f} s wall, {cpu_medians[name]:.4f} s CPU per sample; raw wall "
+              + " ".join(f"{v:.4f}" for v in times[name]) + "; raw CPU " + " ".join(f"{v:.4f}" for v in cpu_times[name]))
+    print(f"cpu_overhead_ratio={cpu_medians['capture'] / cpu_medians['vanilla']:.4f} "
+          f"min_overhead_ratio={min(times['capture']) / min(times['vanilla']):.4f} (fastest runs: least disturbed)")
+    alone = reductions_alone(capture, layout, args.dim, args.blocks * args.steps, device, dtype)
+    print(f"reductions alone: {alone:.4f} s per sample ({args.blocks * args.steps} block outputs), "
+          f"{alone / medians['vanilla']:.2%} of the vanilla median")
 
     bound = capture.bound_bytes()
     print(f"capture buffers: {capture.buffer_bytes()} bytes (documented bound {bound} bytes; "
