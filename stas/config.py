@@ -201,10 +201,16 @@ def path_safe(text: str) -> str:
     return str(text).replace("/", ".")
 
 
+def repo_path(relative: str) -> str:
+    """`${repo:experiments/x.yaml}`: a file shipped with stas, wherever the command runs from."""
+    return str(CONF_DIR.parent / relative)
+
+
 def register_configs() -> None:
     """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass)."""
-    if not OmegaConf.has_resolver("path_safe"):
-        OmegaConf.register_new_resolver("path_safe", path_safe)
+    for name, resolver in (("path_safe", path_safe), ("repo", repo_path)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()
     store.store(name="stas_schema", node=StasConfig)
     for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
