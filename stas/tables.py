@@ -219,8 +219,8 @@ def missing_work(run: Run) -> list[str]:
     if not_generated:
         problems.append(f"{run.path}: {len(not_generated)} of {len(manifest)} videos not generated "
                         f"(first: {not_generated[0]['prompt']!r} sample {not_generated[0]['index']})")
-    scored = {row["video"] for row in run.metrics}
-    unscored = [row for row in generated.values() if row["path"] not in scored]
+    scored = {row["video"] for row in run.metrics}  # metric rows name a video by its file name
+    unscored = [row for row in generated.values() if Path(row["path"]).name not in scored]
     if unscored:
         problems.append(f"{run.path}: {len(unscored)} of {len(generated)} videos have no metrics "
                         f"(run: python -m stas.evaluate {run.path})")
