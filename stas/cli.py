@@ -10,10 +10,10 @@ import hydra
 from hydra.experimental.callback import Callback
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from stas.backbones import CONF_DIR
-from stas.config import register_configs
+from stas.config import ConfigError, register_configs
 from stas.errors import UserError
 
 # Registered on import too: a submitit job process unpickles the task function (importing this module) and then
@@ -41,6 +41,20 @@ class OutputDirCheck(Callback):
             Path(directory).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             fail("stas", f"{key}={directory!r}: the output directory cannot be created: {err.strerror or err}")
+
+
+def compose_config(overrides=()) -> DictConfig:
+    """The config the CLIs would compose from these overrides, outside a Hydra app; bad overrides are ConfigErrors."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
 
 
 def hydra_entry(tool: str, task: Callable) -> Callable[[], None]:

@@ -1,0 +1,244 @@
+"""Scoring a run directory: every video of this shard by every configured evaluator, cached per video.
+
+Evaluators: `pixel`, `dino`, `clip` (frame features in this process: VBench's consistency formula and the
+chunk-aware similarities) and `vbench` (the real VBench, one process per dimension). A video already scored by an
+evaluator is skipped, so re-running is cheap and idempotent; videos that failed (error rows) are tried again.
+An evaluator that cannot run here (weights or packages missing) is skipped with the reason, the others proceed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from stas.backbones import backbone_from_config, resolve_device
+from stas.config import shard_of
+from stas.errors import UserError
+from stas.evaluation.features import WeightsMissing, make_features
+from stas.evaluation.records import (AGGREGATE_FILE, Video, aggregate_metrics, error_row, metric_row, metrics_file,
+                                     row_key, summary_values)
+from stas.evaluation.similarity import similarity_metrics
+from stas.evaluation.vbench import VBenchError, VBenchRunner
+from stas.generation import VIDEOS_DIR, run_items
+from stas.prompts import shard_items
+from stas.rundir import JsonlRecords, atomic_write_json
+from stas.video import read_mp4
+
+VBENCH_LOGS = "vbench"
+SENTINEL_METRIC = "consistency"  # every successful frame-feature evaluation writes it
+FEATURE_ERROR = "error"  # the metric of a frame-feature evaluator's error row
+
+
+def read_video(path: Path) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames; ValueError when the file cannot be decoded or has fewer than 2 frames."""
+    frames = read_mp4(path)
+    if frames.shape[0] < 2:
+        raise ValueError(f"{path.name} has {frames.shape[0]} frame; frame similarity needs at least 2")
+    return frames
+
+
+def run_videos(cfg, run_dir: Path, index: int, count: int) -> tuple[list[Video], int]:
+    """This shard's videos (every count-th item of the run, as generation shards them) that exist, and how many of
+    its videos are not generated yet."""
+    items = shard_items(run_items(cfg), index, count)
+    videos = [Video(item.filename, run_dir / VIDEOS_DIR / item.filename, item.prompt, item.seed) for item in items]
+    present = [video for video in videos if video.path.is_file()]
+    return present, len(videos) - len(present)
+
+
+@dataclass
+class EvaluationSummary:
+    run_dir: Path
+    shard: tuple[int, int]
+    videos: int
+    not_generated: int
+    rows_path: Path
+    aggregate_path: Path | None
+    scored: dict[str, int] = field(default_factory=dict)  # scorer (pixel, dino, clip, vbench/<dim>): videos scored now
+    cached: dict[str, int] = field(default_factory=dict)  # scorer: videos scored by an earlier run
+    errors: dict[str, int] = field(default_factory=dict)  # scorer: videos that failed now
+    skipped: dict[str, str] = field(default_factory=dict)  # scorer: why it could not run
+    notes: list[str] = field(default_factory=list)
+    seconds_per_video: dict[str, float] = field(default_factory=dict)
+    aggregate: dict = field(default_factory=dict)
+
+    @property
+    def ran_anything(self) -> bool:
+        return bool(self.scored or self.cached or self.errors)
+
+    def __str__(self) -> str:
+        index, count = self.shard
+        shard = f" (shard {index + 1}/{count})" if count > 1 else ""
+        lines = [f"evaluation of {self.videos} video(s) in {self.run_dir}{shard}"]
+        if self.not_generated:
+            lines.append(f"  {self.not_generated} video(s) of this run are not generated yet")
+
+        def counts(table):
+            return ", ".join(f"{name} {n}" for name, n in table.items())
+
+        if self.scored:
+            speed = ", ".join(f"{name} {s:.2f}" for name, s in self.seconds_per_video.items())
+            lines.append(f"  scored now: {counts(self.scored)} (seconds per video: {speed})")
+        if self.cached:
+            lines.append(f"  already scored (cached): {counts(self.cached)}")
+        if self.errors:
+            lines.append(f"  errors (rows with value null and an error): {counts(self.errors)}")
+        for name, reason in self.skipped.items():
+            # With a metrics.json the console gets the first line, the file the whole story.
+            shown = reason.splitlines()[0] if self.aggregate_path is not None else reason.replace("\n", "\n    ")
+            lines.append(f"  SKIPPED {name}: {shown}")
+        if self.skipped and self.aggregate_path is not None:
+            lines.append(f"  (what each skipped evaluator lacks, where it comes from and how to place it: "
+                         f"\"skipped\" in {self.aggregate_path})")
+        lines += [f"  note: {note}" for note in self.notes]
+        for name, entry in self.aggregate.get("metrics", {}).items():
+            lines.append(f"  {name:<40} {entry.get('pooled', entry['mean']):.4f}  (n={entry['count']})")
+        vbench = self.aggregate.get("vbench", {})
+        for score in ("quality_score", "semantic_score", "total_score"):
+            if score in vbench:
+                lines.append(f"  vbench {score:<33} {vbench[score]:.2f} %")
+            elif score in vbench.get("missing", {}):
+                lines.append(f"  vbench {score}: not computed, needs {len(vbench['missing'][score])} more dimension(s)")
+        lines.append(f"  rows:      {self.rows_path}")
+        if self.aggregate_path is not None:
+            lines.append(f"  aggregate: {self.aggregate_path}")
+        return "\n".join(lines)
+
+
+def _is_scored(records: JsonlRecords, video: Video, evaluator: str, metric: str) -> bool:
+    row = records.rows.get(row_key({"video": video.name, "evaluator": evaluator, "metric": metric}))
+    return row is not None and row.get("value") is not None
+
+
+def evaluate_run(cfg, run_dir: Path, logger=None) -> EvaluationSummary:
+    """Score this shard's videos of `run_dir` with `cfg.eval` and write rows (and, unsharded, metrics.json)."""
+    eval_cfg = cfg.eval
+    index, count = shard_of(cfg.shard)
+    videos, not_generated = run_videos(cfg, run_dir, index, count)
+    if not videos:
+        raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run"
+                        f"{f' (shard {index + 1}/{count})' if count > 1 else ''}: generate them first (python -m stas.run)")
+    records = JsonlRecords(metrics_file(run_dir, index, count), key=row_key)
+    summary = EvaluationSummary(run_dir, (index, count), len(videos), not_generated, records.path,
+                                run_dir / AGGREGATE_FILE if count == 1 else None)
+    compression = eval_cfg.temporal_compression or backbone_from_config(cfg.model).temporal_compression
+    device = resolve_device(eval_cfg.device, "eval.device")
+
+    # What each scorer still has to do: frame-feature evaluators by name, VBench dimensions as vbench/<dimension>.
+    todo: dict[str, list[Video]] = {}
+    for name in (e for e in eval_cfg.evaluators if e != "vbench"):
+        todo[name] = [v for v in videos if not _is_scored(records, v, name, SENTINEL_METRIC)]
+        summary.cached[name] = len(videos) - len(todo[name])
+    vbench = None
+    if "vbench" in eval_cfg.evaluators:
+        vbench = VBenchRunner(eval_cfg.vbench, eval_cfg.device, run_dir / VBENCH_LOGS)
+        todo.update(_vbench_todo(vbench, list(eval_cfg.vbench.dimensions), videos, records, summary))
+    summary.cached = {name: n for name, n in summary.cached.items() if n}
+
+    extractors = {}
+    for name in [n for n, pending in todo.items() if pending and not n.startswith("vbench/")]:
+        try:
+            extractors[name] = make_features(name, eval_cfg, device)
+        except WeightsMissing as err:
+            summary.skipped[name] = str(err)
+            del todo[name]
+        else:
+            if extractors[name].note:
+                summary.notes.append(f"{name}: {extractors[name].note}")
+
+    pending = {name: {v.name for v in vs} for name, vs in todo.items()}
+    readable: dict[str, list[Video]] = defaultdict(list)  # vbench scorer: videos that decode
+    seconds: dict[str, float] = defaultdict(float)
+    for video in tqdm([v for v in videos if any(v.name in names for names in pending.values())],
+                      desc="evaluating videos", disable=not cfg.progress):
+        wanted = [name for name, names in pending.items() if video.name in names]
+        try:
+            frames = read_video(video.path)
+        except ValueError as err:
+            for name in wanted:
+                evaluator, metric = name.split("/") if name.startswith("vbench/") else (name, FEATURE_ERROR)
+                records.append(error_row(video, evaluator, metric, str(err)))
+                summary.errors[name] = summary.errors.get(name, 0) + 1
+            continue
+        for name in wanted:
+            if name not in extractors:
+                readable[name].append(video)
+                continue
+            start = time.perf_counter()
+            features = extractors[name](frames)
+            for metric, (value, pairs) in similarity_metrics(features, compression).items():
+                records.append(metric_row(video, name, metric, value, pairs))
+            records.rows.pop(row_key({"video": video.name, "evaluator": name, "metric": FEATURE_ERROR}), None)
+            seconds[name] += time.perf_counter() - start
+            summary.scored[name] = summary.scored.get(name, 0) + 1
+
+    for name, batch in readable.items():
+        dimension = name.split("/", 1)[1]
+        log_name = dimension if count == 1 else f"{dimension}-{index:03d}-of-{count:03d}"
+        start = time.perf_counter()
+        try:
+            results = {r["video"]: r for r in vbench.evaluate(dimension, batch, log_name)}
+        except VBenchError as err:
+            summary.skipped[name] = f"VBench failed: {err}"
+            continue
+        seconds[name] = time.perf_counter() - start
+        for video in batch:
+            result = results.get(video.name)
+            if result is None:
+                records.append(error_row(video, "vbench", dimension, "VBench returned no result for this video"))
+                summary.errors[name] = summary.errors.get(name, 0) + 1
+            else:
+                records.append(metric_row(video, "vbench", dimension, result["value"], result["weight"]))
+                summary.scored[name] = summary.scored.get(name, 0) + 1
+    summary.seconds_per_video = {name: seconds[name] / summary.scored[name] for name in summary.scored}
+
+    order = {video.name: n for n, video in enumerate(videos)}
+    records.compact(order=lambda row: (order.get(row["video"], len(order)), row["evaluator"], row["metric"]))
+    rows = list(records.rows.values())
+    summary.aggregate = aggregate_metrics(rows)
+    if summary.aggregate_path is not None:
+        atomic_write_json(summary.aggregate_path, {
+            **summary.aggregate,
+            "skipped": {name: reason.splitlines() for name, reason in summary.skipped.items()},
+            "temporal_compression": compression,
+            "eval": OmegaConf.to_container(eval_cfg, resolve=True),
+        })
+    else:
+        summary.notes.append("sharded run: metrics.json is written when the shards' rows are merged "
+                             "(stas.evaluation.aggregate_metrics on their union)")
+    if logger is not None:
+        logger.log_table("metrics", rows)
+        logger.summary(summary_values(summary.aggregate))
+    return summary
+
+
+def _vbench_todo(vbench: VBenchRunner, dimensions: list[str], videos: list[Video], records: JsonlRecords,
+                 summary: EvaluationSummary) -> dict[str, list[Video]]:
+    """For each runnable VBench dimension, the videos it still has to score; the others go to summary.skipped."""
+    try:
+        problems = vbench.probe(dimensions)
+    except VBenchError as err:
+        problems = {dimension: str(err) for dimension in dimensions}
+    todo = {}
+    for dimension in dimensions:
+        name = f"vbench/{dimension}"
+        if problems[dimension]:
+            summary.skipped[name] = problems[dimension]
+            continue
+        members = videos
+        if vbench.options.mode == "vbench_standard":
+            suite = vbench.standard_videos(dimension)
+            members = [video for video in videos if video.name in suite]
+            if not members:
+                summary.notes.append(f"{name}: none of this run's videos is in VBench's standard suite for this "
+                                     f"dimension (it scores {{prompt}}-{{index}}.mp4 of its own prompts: prompts=vbench)")
+                continue
+        todo[name] = [video for video in members if not _is_scored(records, video, "vbench", dimension)]
+        summary.cached[name] = len(members) - len(todo[name])
+    return todo
