@@ -1,11 +1,9 @@
 """Evaluation math: VBench's aggregate scores, chunk pairs, consistency and chunk-aware similarity, aggregation."""
 
-import importlib.util
 import math
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,8 @@ import torch.nn.functional as F
 
 from stas.evaluation import aggregate_metrics, chunk_pairs, consistency_score, similarity_metrics, vbench_scores
 from stas.evaluation.scores import DIMENSIONS, QUALITY_DIMENSIONS, SEMANTIC_DIMENSIONS
+
+from evaluation_helpers import import_from
 
 VBENCH_MIRROR = Path("/work/.mirror/Vchitect+VBench/repo")
 
@@ -50,13 +50,7 @@ def test_vbench_scores_equal_vbench_cal_final_score(tmp_path):
         text = subprocess.run(["git", "-C", str(VBENCH_MIRROR), "show", f"HEAD:scripts/{name}"],
                               capture_output=True, text=True, check=True).stdout
         (tmp_path / name).write_text(text)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        spec = importlib.util.spec_from_file_location("cal_final_score", tmp_path / "cal_final_score.py")
-        theirs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(theirs)
-    finally:
-        sys.path.remove(str(tmp_path))
+    theirs = import_from(tmp_path, "cal_final_score")
     for seed in range(5):
         raw = full_raw(seed)
         normalized = theirs.get_nomalized_score({k.replace("_", " "): v for k, v in raw.items()})

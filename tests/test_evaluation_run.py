@@ -21,7 +21,7 @@ from stas.rundir import read_jsonl
 from stas.video import read_mp4, write_mp4
 
 from conftest import compose, run_cli
-from evaluation_runs import chunky_frames, make_run
+from evaluation_helpers import chunky_frames, make_run
 
 FLICKERING = ["eval.evaluators=[pixel,vbench]", "eval.vbench.dimensions=[temporal_flickering]"]
 

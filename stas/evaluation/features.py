@@ -15,9 +15,12 @@ missing, where it looked and how to get it. `random_weights` builds the real arc
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -136,6 +139,16 @@ def resolve_weights(model: FeatureModel, checkpoint: str | None) -> Path | None:
     return None
 
 
+@contextmanager
+def quiet_logging():
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def seeded_random_init(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """The real architecture with random weights, the same ones every time, without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -172,8 +185,10 @@ class DinoEncoder(torch.nn.Module):
         import timm
 
         def build(pretrained: bool, **overlay):
+            # weight_init="skip": no random init of weights that are loaded right after
             return timm.create_model("vit_base_patch16_224.dino", pretrained=pretrained, dynamic_img_size=True,
-                                     pretrained_cfg_overlay=overlay or None)
+                                     pretrained_cfg_overlay=overlay or None,
+                                     weight_init="skip" if pretrained else "")
 
         if random_weights:
             self.vit = seeded_random_init(lambda: build(False))
@@ -214,13 +229,13 @@ class ClipEncoder(torch.nn.Module):
         super().__init__()
         import open_clip
 
-        if random_weights:
-            model = seeded_random_init(lambda: open_clip.create_model("ViT-B-32-quickgelu", pretrained=None))
-        elif weights is None:
+        if weights is None and not random_weights:
             model = open_clip.create_model("ViT-B-32-quickgelu", pretrained="openai")
         else:
-            model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-            load_clip_weights(model, weights)
+            with quiet_logging():  # open_clip warns "initialized randomly" before we load the weights
+                model = seeded_random_init(lambda: open_clip.create_model("ViT-B-32-quickgelu", pretrained=None))
+            if weights is not None:
+                load_clip_weights(model, weights)
         self.visual = model.visual.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -287,6 +302,13 @@ def pixel_features(size: int) -> Callable:
     return encode
 
 
+@functools.lru_cache(maxsize=4)
+def load_encoder(name: str, weights: Path | None, random_weights: bool, device: str) -> torch.nn.Module:
+    """A DINO or CLIP encoder on `device`; kept for the process, so evaluating several runs loads it once."""
+    encoder_class = {"dino": DinoEncoder, "clip": ClipEncoder}[name]
+    return encoder_class(weights, random_weights=random_weights).to(device)
+
+
 def make_features(name: str, eval_cfg, device: torch.device) -> FrameFeatures:
     """The feature extractor an evaluator name stands for; raises WeightsMissing when its weights are not here."""
     if name == "pixel":
@@ -294,8 +316,13 @@ def make_features(name: str, eval_cfg, device: torch.device) -> FrameFeatures:
     options = eval_cfg[name]
     model = FEATURE_MODELS[name]
     weights = None if options.random_weights else resolve_weights(model, options.checkpoint)
-    encoder_class, preprocess = {"dino": (DinoEncoder, dino_preprocess), "clip": (ClipEncoder, clip_preprocess)}[name]
-    encoder = encoder_class(weights, random_weights=options.random_weights).to(device)
+    try:
+        encoder = load_encoder(name, weights, options.random_weights, str(device))
+    except Exception as err:  # a download from the hub that failed: the library's own error types vary
+        if weights is not None or options.random_weights:
+            raise
+        raise WeightsMissing(missing_message(model, f"the download failed ({type(err).__name__}: {err})")) from None
+    preprocess = {"dino": dino_preprocess, "clip": clip_preprocess}[name]
     note = (f"RANDOM weights (eval.{name}.random_weights=true): for tests only, the values mean nothing"
             if options.random_weights else f"weights: {weights or model.hf_repo}")
     return FrameFeatures(name, encoder, preprocess, device, eval_cfg.batch_size, note)

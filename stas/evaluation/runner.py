@@ -116,129 +116,157 @@ def _is_scored(records: JsonlRecords, video: Video, evaluator: str, metric: str)
     return row is not None and row.get("value") is not None
 
 
+def _bump(table: dict[str, int], name: str) -> None:
+    table[name] = table.get(name, 0) + 1
+
+
 def evaluate_run(cfg, run_dir: Path, logger=None) -> EvaluationSummary:
     """Score this shard's videos of `run_dir` with `cfg.eval` and write rows (and, unsharded, metrics.json)."""
-    eval_cfg = cfg.eval
     index, count = shard_of(cfg.shard)
     videos, not_generated = run_videos(cfg, run_dir, index, count)
     if not videos:
         raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run"
                         f"{f' (shard {index + 1}/{count})' if count > 1 else ''}: generate them first (python -m stas.run)")
-    records = JsonlRecords(metrics_file(run_dir, index, count), key=row_key)
-    summary = EvaluationSummary(run_dir, (index, count), len(videos), not_generated, records.path,
-                                run_dir / AGGREGATE_FILE if count == 1 else None)
-    compression = eval_cfg.temporal_compression or backbone_from_config(cfg.model).temporal_compression
-    device = resolve_device(eval_cfg.device, "eval.device")
+    evaluation = RunEvaluation(cfg, run_dir, videos, (index, count), not_generated)
+    evaluation.plan()
+    evaluation.score_frames()
+    evaluation.score_vbench()
+    return evaluation.finish(logger)
 
-    # What each scorer still has to do: frame-feature evaluators by name, VBench dimensions as vbench/<dimension>.
-    todo: dict[str, list[Video]] = {}
-    for name in (e for e in eval_cfg.evaluators if e != "vbench"):
-        todo[name] = [v for v in videos if not _is_scored(records, v, name, SENTINEL_METRIC)]
-        summary.cached[name] = len(videos) - len(todo[name])
-    vbench = None
-    if "vbench" in eval_cfg.evaluators:
-        vbench = VBenchRunner(eval_cfg.vbench, eval_cfg.device, run_dir / VBENCH_LOGS)
-        todo.update(_vbench_todo(vbench, list(eval_cfg.vbench.dimensions), videos, records, summary))
-    summary.cached = {name: n for name, n in summary.cached.items() if n}
 
-    extractors = {}
-    for name in [n for n, pending in todo.items() if pending and not n.startswith("vbench/")]:
-        try:
-            extractors[name] = make_features(name, eval_cfg, device)
-        except WeightsMissing as err:
-            summary.skipped[name] = str(err)
-            del todo[name]
-        else:
-            if extractors[name].note:
-                summary.notes.append(f"{name}: {extractors[name].note}")
+class RunEvaluation:
+    """The state of one evaluate_run: the rows file, what each scorer still has to do, the summary.
 
-    pending = {name: {v.name for v in vs} for name, vs in todo.items()}
-    readable: dict[str, list[Video]] = defaultdict(list)  # vbench scorer: videos that decode
-    seconds: dict[str, float] = defaultdict(float)
-    for video in tqdm([v for v in videos if any(v.name in names for names in pending.values())],
-                      desc="evaluating videos", disable=not cfg.progress):
-        wanted = [name for name, names in pending.items() if video.name in names]
-        try:
-            frames = read_video(video.path)
-        except ValueError as err:
-            for name in wanted:
-                evaluator, metric = name.split("/") if name.startswith("vbench/") else (name, FEATURE_ERROR)
-                records.append(error_row(video, evaluator, metric, str(err)))
-                summary.errors[name] = summary.errors.get(name, 0) + 1
-            continue
-        for name in wanted:
-            if name not in extractors:
-                readable[name].append(video)
-                continue
-            start = time.perf_counter()
-            features = extractors[name](frames)
-            for metric, (value, pairs) in similarity_metrics(features, compression).items():
-                records.append(metric_row(video, name, metric, value, pairs))
-            records.rows.pop(row_key({"video": video.name, "evaluator": name, "metric": FEATURE_ERROR}), None)
-            seconds[name] += time.perf_counter() - start
-            summary.scored[name] = summary.scored.get(name, 0) + 1
+    Scorers are the frame-feature evaluators by name (pixel, dino, clip) and VBench's dimensions as vbench/<dimension>.
+    """
 
-    for name, batch in readable.items():
-        dimension = name.split("/", 1)[1]
-        log_name = dimension if count == 1 else f"{dimension}-{index:03d}-of-{count:03d}"
-        start = time.perf_counter()
-        try:
-            results = {r["video"]: r for r in vbench.evaluate(dimension, batch, log_name)}
-        except VBenchError as err:
-            summary.skipped[name] = f"VBench failed: {err}"
-            continue
-        seconds[name] = time.perf_counter() - start
-        for video in batch:
-            result = results.get(video.name)
-            if result is None:
-                records.append(error_row(video, "vbench", dimension, "VBench returned no result for this video"))
-                summary.errors[name] = summary.errors.get(name, 0) + 1
+    def __init__(self, cfg, run_dir: Path, videos: list[Video], shard: tuple[int, int], not_generated: int):
+        self.cfg = cfg
+        self.options = cfg.eval
+        self.videos = videos
+        self.shard = shard
+        self.records = JsonlRecords(metrics_file(run_dir, *shard), key=row_key)
+        self.summary = EvaluationSummary(run_dir, shard, len(videos), not_generated, self.records.path,
+                                         run_dir / AGGREGATE_FILE if shard[1] == 1 else None)
+        self.compression = self.options.temporal_compression or backbone_from_config(cfg.model).temporal_compression
+        self.device = resolve_device(self.options.device, "eval.device")
+        self.vbench = (VBenchRunner(self.options.vbench, self.options.device, run_dir / VBENCH_LOGS)
+                       if "vbench" in self.options.evaluators else None)
+        self.todo: dict[str, list[Video]] = {}  # scorer: the videos it still has to score
+        self.extractors = {}
+        self.readable: dict[str, list[Video]] = defaultdict(list)  # VBench scorer: its videos that decode
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def plan(self) -> None:
+        summary = self.summary
+        for name in (e for e in self.options.evaluators if e != "vbench"):
+            self.todo[name] = [v for v in self.videos if not _is_scored(self.records, v, name, SENTINEL_METRIC)]
+            summary.cached[name] = len(self.videos) - len(self.todo[name])
+        if self.vbench is not None:
+            self._plan_vbench(list(self.options.vbench.dimensions))
+        summary.cached = {name: n for name, n in summary.cached.items() if n}
+        for name in [n for n, videos in self.todo.items() if videos and not n.startswith("vbench/")]:
+            try:
+                self.extractors[name] = make_features(name, self.options, self.device)
+            except WeightsMissing as err:
+                summary.skipped[name] = str(err)
+                del self.todo[name]
             else:
-                records.append(metric_row(video, "vbench", dimension, result["value"], result["weight"]))
-                summary.scored[name] = summary.scored.get(name, 0) + 1
-    summary.seconds_per_video = {name: seconds[name] / summary.scored[name] for name in summary.scored}
+                if self.extractors[name].note:
+                    summary.notes.append(f"{name}: {self.extractors[name].note}")
 
-    order = {video.name: n for n, video in enumerate(videos)}
-    records.compact(order=lambda row: (order.get(row["video"], len(order)), row["evaluator"], row["metric"]))
-    rows = list(records.rows.values())
-    summary.aggregate = aggregate_metrics(rows)
-    if summary.aggregate_path is not None:
-        atomic_write_json(summary.aggregate_path, {
-            **summary.aggregate,
-            "skipped": {name: reason.splitlines() for name, reason in summary.skipped.items()},
-            "temporal_compression": compression,
-            "eval": OmegaConf.to_container(eval_cfg, resolve=True),
-        })
-    else:
-        summary.notes.append("sharded run: metrics.json is written when the shards' rows are merged "
-                             "(stas.evaluation.aggregate_metrics on their union)")
-    if logger is not None:
-        logger.log_table("metrics", rows)
-        logger.summary(summary_values(summary.aggregate))
-    return summary
-
-
-def _vbench_todo(vbench: VBenchRunner, dimensions: list[str], videos: list[Video], records: JsonlRecords,
-                 summary: EvaluationSummary) -> dict[str, list[Video]]:
-    """For each runnable VBench dimension, the videos it still has to score; the others go to summary.skipped."""
-    try:
-        problems = vbench.probe(dimensions)
-    except VBenchError as err:
-        problems = {dimension: str(err) for dimension in dimensions}
-    todo = {}
-    for dimension in dimensions:
-        name = f"vbench/{dimension}"
-        if problems[dimension]:
-            summary.skipped[name] = problems[dimension]
-            continue
-        members = videos
-        if vbench.options.mode == "vbench_standard":
-            suite = vbench.standard_videos(dimension)
-            members = [video for video in videos if video.name in suite]
-            if not members:
-                summary.notes.append(f"{name}: none of this run's videos is in VBench's standard suite for this "
-                                     f"dimension (it scores {{prompt}}-{{index}}.mp4 of its own prompts: prompts=vbench)")
+    def _plan_vbench(self, dimensions: list[str]) -> None:
+        try:
+            problems = self.vbench.probe(dimensions)
+        except VBenchError as err:
+            problems = {dimension: str(err) for dimension in dimensions}
+        for dimension in dimensions:
+            name = f"vbench/{dimension}"
+            if problems[dimension]:
+                self.summary.skipped[name] = problems[dimension]
                 continue
-        todo[name] = [video for video in members if not _is_scored(records, video, "vbench", dimension)]
-        summary.cached[name] = len(members) - len(todo[name])
-    return todo
+            members = self.videos
+            if self.options.vbench.mode == "vbench_standard":
+                suite = self.vbench.standard_videos(dimension)
+                members = [video for video in self.videos if video.name in suite]
+                if not members:
+                    self.summary.notes.append(
+                        f"{name}: none of this run's videos is in VBench's standard suite for this dimension "
+                        "(it scores {prompt}-{index}.mp4 of its own prompts: prompts=vbench)")
+                    continue
+            self.todo[name] = [v for v in members if not _is_scored(self.records, v, "vbench", dimension)]
+            self.summary.cached[name] = len(members) - len(self.todo[name])
+
+    def score_frames(self) -> None:
+        """Decode each video once: frame-feature scorers score it here, VBench scorers get it only if it decodes."""
+        pending = {name: {v.name for v in videos} for name, videos in self.todo.items()}
+        to_read = [v for v in self.videos if any(v.name in names for names in pending.values())]
+        for video in tqdm(to_read, desc="evaluating videos", disable=not self.cfg.progress or not to_read):
+            wanted = [name for name, names in pending.items() if video.name in names]
+            try:
+                frames = read_video(video.path)
+            except ValueError as err:
+                for name in wanted:
+                    evaluator, metric = name.split("/") if name.startswith("vbench/") else (name, FEATURE_ERROR)
+                    self.records.append(error_row(video, evaluator, metric, str(err)))
+                    _bump(self.summary.errors, name)
+                continue
+            for name in wanted:
+                if name in self.extractors:
+                    self._score_features(name, video, frames)
+                else:
+                    self.readable[name].append(video)
+
+    def _score_features(self, name: str, video: Video, frames: np.ndarray) -> None:
+        start = time.perf_counter()
+        features = self.extractors[name](frames)
+        for metric, (value, pairs) in similarity_metrics(features, self.compression).items():
+            self.records.append(metric_row(video, name, metric, value, pairs))
+        self.records.rows.pop(row_key({"video": video.name, "evaluator": name, "metric": FEATURE_ERROR}), None)
+        self.seconds[name] += time.perf_counter() - start
+        _bump(self.summary.scored, name)
+
+    def score_vbench(self) -> None:
+        index, count = self.shard
+        for name, videos in self.readable.items():
+            dimension = name.split("/", 1)[1]
+            start = time.perf_counter()
+            try:
+                results = self.vbench.evaluate(dimension, videos, dimension if count == 1
+                                               else f"{dimension}-{index:03d}-of-{count:03d}")
+            except VBenchError as err:
+                self.summary.skipped[name] = f"VBench failed: {err}"
+                continue
+            self.seconds[name] = time.perf_counter() - start
+            by_video = {result["video"]: result for result in results}
+            for video in videos:
+                result = by_video.get(video.name)
+                if result is None:
+                    self.records.append(error_row(video, "vbench", dimension, "VBench returned no result for this video"))
+                    _bump(self.summary.errors, name)
+                else:
+                    self.records.append(metric_row(video, "vbench", dimension, result["value"], result["weight"]))
+                    _bump(self.summary.scored, name)
+
+    def finish(self, logger) -> EvaluationSummary:
+        """Compact the rows in video order, aggregate them, write metrics.json (unsharded), log to W&B."""
+        summary = self.summary
+        summary.seconds_per_video = {name: self.seconds[name] / n for name, n in summary.scored.items()}
+        order = {video.name: n for n, video in enumerate(self.videos)}
+        self.records.compact(order=lambda row: (order.get(row["video"], len(order)), row["evaluator"], row["metric"]))
+        rows = list(self.records.rows.values())
+        summary.aggregate = aggregate_metrics(rows)
+        if summary.aggregate_path is not None:
+            atomic_write_json(summary.aggregate_path, {
+                **summary.aggregate,
+                "skipped": {name: reason.splitlines() for name, reason in summary.skipped.items()},
+                "temporal_compression": self.compression,
+                "eval": OmegaConf.to_container(self.options, resolve=True),
+            })
+        else:
+            summary.notes.append("sharded run: metrics.json is written when the shards' rows are merged "
+                                 "(stas.evaluation.aggregate_metrics on their union)")
+        if logger is not None:
+            logger.log_table("metrics", rows)
+            logger.summary(summary_values(summary.aggregate))
+        return summary

@@ -1,6 +1,10 @@
-"""Run directories for the evaluation tests: a composed config saved as stas.run saves it, and real mp4s."""
+"""Helpers of the evaluation tests: run directories (a composed config saved as stas.run saves it, real mp4s) and
+loading reference code (VBench's scripts, DINO's model) from a folder."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -34,3 +38,15 @@ def make_run(tmp_path, overrides=(), frames=chunky_frames, name="run"):
         write_mp4(frames(item.prompt_index * 100 + item.index), run_dir / VIDEOS_DIR / item.filename,
                   cfg.model.fps, run_dir / PARTIAL_DIR)
     return cfg, run_dir
+
+
+def import_from(folder, name: str):
+    """Module `name` from a folder of scripts that import each other by plain name."""
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
