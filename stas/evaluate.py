@@ -47,7 +47,8 @@ def evaluation_config(run_dir: Path, overrides: list[str]):
     try:
         return OmegaConf.merge(composed, {key: saved[key] for key in saved if key not in OVERRIDABLE})
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{saved_path} does not fit this version's config schema: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{saved_path} does not fit this version's config schema: "
+                          f"{str(err).splitlines()[0]}") from None
 
 
 def evaluate(run_dir: Path, overrides: list[str]):

@@ -2,7 +2,7 @@
 
 Examples:
     python -m stas.run                                     # tiny Wan twin, STAS, demo prompts, CPU, offline,
-                                                           # then eval=default (what runs offline; the rest says why not)
+                                                           # then eval=default (what runs offline; says what not)
     python -m stas.run model=cogvideox5b steer.targets=boundary
     python -m stas.run -m steer=none,stas model=tiny_wan21,tiny_cogvideox
 """

@@ -32,8 +32,9 @@ def test_vbench_scores_by_hand():
                ((raw["motion_smoothness"] - 0.706) / (0.9975 - 0.706)),
                raw["aesthetic_quality"], raw["imaging_quality"], 0.5 * raw["dynamic_degree"]]
     semantic = [raw["object_class"], raw["multiple_objects"], raw["human_action"], raw["color"],
-                raw["spatial_relationship"], raw["scene"] / 0.8222, (raw["appearance_style"] - 0.0009) / (0.2855 - 0.0009),
-                raw["temporal_style"] / 0.364, raw["overall_consistency"] / 0.364]
+                raw["spatial_relationship"], raw["scene"] / 0.8222,
+                (raw["appearance_style"] - 0.0009) / (0.2855 - 0.0009), raw["temporal_style"] / 0.364,
+                raw["overall_consistency"] / 0.364]
     q, s = sum(quality) / 6.5, sum(semantic) / 9
     scores = vbench_scores(raw)
     assert scores["quality_score"] == pytest.approx(100 * q, abs=1e-9)

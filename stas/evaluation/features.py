@@ -115,7 +115,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def missing_message(model: FeatureModel, why: str) -> str:
     from huggingface_hub import constants
 
-    places = [f"the Hugging Face cache {constants.HF_HUB_CACHE} ({model.hf_repo})"] + [str(p) for p in model.other_files()]
+    places = [f"the Hugging Face cache {constants.HF_HUB_CACHE} ({model.hf_repo})"]
+    places += [str(path) for path in model.other_files()]
     return (
         f"the weights of {model.description} are not available: {why}\n"
         f"  looked in: eval.{model.evaluator}.checkpoint (unset); " + "; ".join(places) + "\n"
@@ -135,7 +136,8 @@ def resolve_weights(model: FeatureModel, checkpoint: str | None) -> Path | None:
     if cached is not None:
         return cached
     if not hub_reachable():
-        raise WeightsMissing(missing_message(model, "nothing cached, and the hub is offline (HF_HUB_OFFLINE) or unreachable"))
+        raise WeightsMissing(missing_message(model, "nothing cached, and the hub is offline (HF_HUB_OFFLINE) or "
+                                                    "unreachable"))
     return None
 
 
@@ -272,9 +274,7 @@ def clip_preprocess(frames: torch.Tensor) -> torch.Tensor:
 class FrameFeatures:
     """frames (T, H, W, 3) uint8 -> features (T, C) on the CPU, computed in batches of frames on `device`."""
 
-    def __init__(self, name: str, encoder: Callable, preprocess: Callable, device: torch.device, batch_size: int,
-                 note: str = ""):
-        self.name = name
+    def __init__(self, encoder: Callable, preprocess: Callable, device: torch.device, batch_size: int, note: str = ""):
         self.encoder = encoder
         self.preprocess = preprocess
         self.device = device
@@ -312,7 +312,7 @@ def load_encoder(name: str, weights: Path | None, random_weights: bool, device: 
 def make_features(name: str, eval_cfg, device: torch.device) -> FrameFeatures:
     """The feature extractor an evaluator name stands for; raises WeightsMissing when its weights are not here."""
     if name == "pixel":
-        return FrameFeatures("pixel", pixel_features(eval_cfg.pixel.size), lambda x: x, device, eval_cfg.batch_size)
+        return FrameFeatures(pixel_features(eval_cfg.pixel.size), lambda x: x, device, eval_cfg.batch_size)
     options = eval_cfg[name]
     model = FEATURE_MODELS[name]
     weights = None if options.random_weights else resolve_weights(model, options.checkpoint)
@@ -325,4 +325,4 @@ def make_features(name: str, eval_cfg, device: torch.device) -> FrameFeatures:
     preprocess = {"dino": dino_preprocess, "clip": clip_preprocess}[name]
     note = (f"RANDOM weights (eval.{name}.random_weights=true): for tests only, the values mean nothing"
             if options.random_weights else f"weights: {weights or model.hf_repo}")
-    return FrameFeatures(name, encoder, preprocess, device, eval_cfg.batch_size, note)
+    return FrameFeatures(encoder, preprocess, device, eval_cfg.batch_size, note)

@@ -90,6 +90,7 @@ def summary_values(aggregate: dict) -> dict:
     flat = {f"eval/{name}": entry["mean"] for name, entry in aggregate["metrics"].items()}
     vbench = aggregate.get("vbench", {})
     flat.update({f"eval/vbench/{d}": value for d, value in vbench.get("dimensions", {}).items()})
-    flat.update({f"eval/vbench/{s}": vbench[s] for s in ("quality_score", "semantic_score", "total_score") if s in vbench})
+    flat.update({f"eval/vbench/{score}": vbench[score]
+                 for score in ("quality_score", "semantic_score", "total_score") if score in vbench})
     flat["eval/errors"] = len(aggregate["errors"])
     return flat

@@ -125,8 +125,9 @@ def evaluate_run(cfg, run_dir: Path, logger=None) -> EvaluationSummary:
     index, count = shard_of(cfg.shard)
     videos, not_generated = run_videos(cfg, run_dir, index, count)
     if not videos:
-        raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run"
-                        f"{f' (shard {index + 1}/{count})' if count > 1 else ''}: generate them first (python -m stas.run)")
+        shard = f" (shard {index + 1}/{count})" if count > 1 else ""
+        raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run{shard}: "
+                        "generate them first (python -m stas.run)")
     evaluation = RunEvaluation(cfg, run_dir, videos, (index, count), not_generated)
     evaluation.plan()
     evaluation.score_frames()
@@ -242,7 +243,8 @@ class RunEvaluation:
             for video in videos:
                 result = by_video.get(video.name)
                 if result is None:
-                    self.records.append(error_row(video, "vbench", dimension, "VBench returned no result for this video"))
+                    self.records.append(error_row(video, "vbench", dimension,
+                                                  "VBench returned no result for this video"))
                     _bump(self.summary.errors, name)
                 else:
                     self.records.append(metric_row(video, "vbench", dimension, result["value"], result["weight"]))

@@ -55,7 +55,8 @@ class VBenchRunner:
                 except subprocess.TimeoutExpired:
                     raise VBenchError(f"timed out after {timeout} s (eval.vbench.timeout); log: {log_path}") from None
                 except OSError as err:
-                    raise VBenchError(f"eval.vbench.python={self.python!r} cannot be run: {err.strerror or err}") from None
+                    raise VBenchError(f"eval.vbench.python={self.python!r} cannot be run: "
+                                      f"{err.strerror or err}") from None
             answer_path = Path(request["output"])
             if not answer_path.is_file():
                 raise VBenchError(f"the VBench worker ({self.python}) exited with code {process.returncode} "

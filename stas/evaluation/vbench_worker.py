@@ -127,7 +127,8 @@ def probe(request: dict) -> dict:
     spec = importlib.util.find_spec("vbench")
     if spec is None:
         answer["error"] = (f"vbench is not installed in {sys.executable}: pip install --no-deps vbench==0.1.5 "
-                           "decord opencv-python-headless easydict (or point eval.vbench.python at a Python that has it)")
+                           "decord opencv-python-headless easydict (or point eval.vbench.python at a Python that "
+                           "has it)")
         return answer
     package_dir = Path(spec.submodule_search_locations[0])
     answer["full_info"] = str(package_dir / "VBench_full_info.json")
