@@ -43,8 +43,9 @@ class OutputDirCheck(Callback):
             fail("stas", f"{key}={directory!r}: the output directory cannot be created: {err.strerror or err}")
 
 
-def compose_config(overrides=()) -> DictConfig:
-    """The config the CLIs would compose from these overrides, outside a Hydra app; bad overrides are ConfigErrors."""
+def compose_config(overrides=(), with_hydra: bool = False) -> DictConfig:
+    """The config the CLIs compose from these overrides, outside a Hydra app (with the `hydra` node if asked);
+    bad overrides are ConfigErrors."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -52,9 +53,23 @@ def compose_config(overrides=()) -> DictConfig:
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=list(overrides))
+            return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(_one_line(str(err))) from None
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line message as one line, without its config search path:
+    "Could not find 'eval/x'. Available options in 'eval': default, none"."""
+    lines = [line.strip() for line in message.split("Config search path")[0].splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].endswith(":"):
+        return f"{lines[0]}. {lines[1]} {', '.join(lines[2:])}"
+    return " ".join(lines)
+
+
+def override_key(override: str) -> str:
+    """The config key a command-line override sets ('model' for model=x, 'steer.alpha' for +steer.alpha=2)."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def hydra_entry(tool: str, task: Callable) -> Callable[[], None]:
