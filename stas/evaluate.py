@@ -1,7 +1,8 @@
 """`python -m stas.evaluate RUN_DIR [overrides]`: score the videos of a run directory written by stas.run.
 
-The model, steering and prompts come from the run directory (.hydra/config.yaml); the evaluation settings from the
-command line, as overrides of the eval, logger and shard groups (default: eval=default). Re-running skips videos
+The config is the run's own (its Hydra overrides, .hydra/overrides.yaml) with the evaluation settings of this
+command line: overrides of eval, logger, shard and progress (default: eval=default). Other overrides must agree
+with the run (so the run's full override list, as the Slurm scripts pass it, is fine). Re-running skips videos
 already scored. Examples:
     python -m stas.evaluate runs/default/2026-01-01_12-00-00
     python -m stas.evaluate RUN_DIR eval.evaluators=[vbench] eval.vbench.dimensions=[temporal_flickering]
@@ -15,40 +16,37 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from stas.cli import compose_config, fail
+from stas.cli import compose_config, fail, override_key
 from stas.config import ConfigError, validate
 from stas.errors import UserError
 from stas.evaluation import evaluate_run
+from stas.rundir import describe_differences, differing_keys, identity, load_identity
 from stas.tracking import RunLogger
 
 TOOL = "stas.evaluate"
-RUN_CONFIG = Path(".hydra") / "config.yaml"
-# What an evaluation may change; everything else is the run's.
-OVERRIDABLE = ("eval", "logger", "shard", "progress")
+RUN_OVERRIDES = Path(".hydra") / "overrides.yaml"
+# What an evaluation sets itself; the run's own values of these are not carried over.
+EVALUATION_KEYS = ("eval", "logger", "shard", "progress")
 
 
 def evaluation_config(run_dir: Path, overrides: list[str]):
-    """The run's saved config with this evaluation's eval, logger, shard and progress settings."""
-    for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0].split(".", 1)[0]
-        if key not in OVERRIDABLE:
-            raise ConfigError(f"override {override!r}: stas.evaluate takes the model, steering and prompts from the "
-                              f"run directory; it accepts overrides of {', '.join(OVERRIDABLE)} only")
+    """The run's config (its own overrides, checked against its identity) with this evaluation's settings."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such directory (give the run directory written by stas.run)")
-    saved_path = run_dir / RUN_CONFIG
-    if not saved_path.is_file():
-        raise UserError(f"{run_dir} is not a run directory of stas.run: it has no {RUN_CONFIG} "
-                        "(a run directory holds .hydra/config.yaml, run_identity.yaml and videos/)")
-    composed = compose_config(overrides)
-    saved = OmegaConf.load(saved_path)
-    try:
-        return OmegaConf.merge(composed, {key: saved[key] for key in saved if key not in OVERRIDABLE})
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{saved_path} does not fit this version's config schema: "
-                          f"{str(err).splitlines()[0]}") from None
+    recorded = load_identity(run_dir)
+    saved = run_dir / RUN_OVERRIDES
+    run_overrides = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+    given = {override_key(o) for o in overrides}
+    kept = [o for o in run_overrides
+            if override_key(o) not in given and override_key(o).split(".")[0] not in EVALUATION_KEYS]
+    cfg = compose_config(kept + overrides)
+    keys = differing_keys(recorded, identity(cfg))
+    if keys:
+        raise ConfigError(f"{run_dir} holds a run of another config than these overrides give; differing keys: "
+                          f"{describe_differences(recorded, identity(cfg), keys, names=('run', 'here'))}. "
+                          f"Give overrides of {', '.join(EVALUATION_KEYS)} only (the rest comes from the run).")
+    return cfg
 
 
 def evaluate(run_dir: Path, overrides: list[str]):

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from stas.evaluation.similarity import chunk_of
 from stas.generation import PARTIAL_DIR, VIDEOS_DIR, run_items
+from stas.rundir import claim_run_dir
 from stas.video import write_mp4
 
 from conftest import compose
@@ -28,13 +29,18 @@ def chunky_frames(seed: int, frames: int = 17, height: int = 64, width: int = 96
 
 
 def make_run(tmp_path, overrides=(), frames=chunky_frames, name="run"):
-    """A run directory as stas.run leaves it (.hydra/config.yaml, videos/), with `frames(seed)` as each video."""
-    cfg = compose(["logger=none", "progress=false", "prompts.limit=2", *overrides])
+    """A run directory as stas.run leaves it (.hydra config and overrides, identity, item manifest, videos/), with
+    `frames(seed)` as each video instead of a generated one."""
+    overrides = ["logger=none", "progress=false", "prompts.limit=2", *overrides]
+    cfg = compose(overrides)
     run_dir = tmp_path / name
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / VIDEOS_DIR).mkdir()
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
-    for item in run_items(cfg):
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    items = run_items(cfg)
+    claim_run_dir(run_dir, cfg, [item.manifest_row() for item in items])
+    for item in items:
         write_mp4(frames(item.prompt_index * 100 + item.index), run_dir / VIDEOS_DIR / item.filename,
                   cfg.model.fps, run_dir / PARTIAL_DIR)
     return cfg, run_dir

@@ -13,7 +13,7 @@ import pytest
 from stas.config import ConfigError, validate
 from stas.evaluate import main as evaluate_main
 from stas.evaluation import aggregate_metrics, evaluate_run
-from stas.evaluation.records import AGGREGATE_FILE, METRICS_FILE, metrics_file
+from stas.evaluation.records import AGGREGATE_FILE, METRICS_FILE
 from stas.evaluation.scores import DIMENSIONS
 from stas.evaluation.vbench import VBenchRunner
 from stas.evaluation.vbench_worker import CACHE_FILES
@@ -99,7 +99,9 @@ def test_evaluate_cli_is_idempotent_and_caches_per_video(default_run, tmp_path):
     rows = read_jsonl(run_dir / METRICS_FILE)
     dropped = rows[0]["video"]
     (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows if r["video"] != dropped))
-    third = run_cli("stas.evaluate", run_dir, *FLICKERING, "logger=none", "progress=false", cwd=tmp_path)
+    # With the run's own overrides too, as the Slurm evaluate stage passes them
+    third = run_cli("stas.evaluate", run_dir, "prompts.limit=2", "model.steps=2", *FLICKERING, "logger=none",
+                    "progress=false", cwd=tmp_path)
     assert third.returncode == 0, third.stderr
     assert "scored now: pixel 1, vbench/temporal_flickering 1" in third.stdout
     assert "already scored (cached): pixel 1, vbench/temporal_flickering 1" in third.stdout
@@ -169,27 +171,41 @@ def test_chunk_metrics_follow_the_models_temporal_compression(tmp_path):
     assert aggregate["pixel/intra_chunk_similarity"]["mean"] > 0.95
     assert aggregate["pixel/cross_chunk_similarity"]["mean"] < 0.3
     assert aggregate["pixel/chunk_gap"]["mean"] > 0.6
-    (run_dir / METRICS_FILE).unlink()
-    cfg.eval.temporal_compression = 8  # now half the jumps fall inside a chunk
-    aggregate = evaluate_run(cfg, run_dir).aggregate["metrics"]
+    cfg.eval.temporal_compression = 8  # now half the jumps fall inside a chunk; rows of other settings are redone
+    summary = evaluate_run(cfg, run_dir)
+    assert summary.scored == {"pixel": 2} and not summary.cached
+    aggregate = summary.aggregate["metrics"]
     assert aggregate["pixel/intra_chunk_similarity"]["mean"] < 0.9
     assert aggregate["pixel/intra_chunk_similarity"]["count"] == 2
+    assert {row["settings"] for row in read_jsonl(run_dir / METRICS_FILE)} == {
+        "pixel size 32; temporal_compression 8"}
+    assert evaluate_run(cfg, run_dir).cached == {"pixel": 2}
 
 
 def test_sharded_rows_merge_into_the_unsharded_aggregate(tmp_path):
-    cfg, run_dir = make_run(tmp_path, ["prompts.limit=3", "eval.evaluators=[pixel]"])
+    cfg, run_dir = make_run(tmp_path, ["prompts.limit=3", "eval.evaluators=[pixel]"], name="whole")
     whole = evaluate_run(cfg, run_dir).aggregate
+    cfg, run_dir = make_run(tmp_path, ["prompts.limit=3", "eval.evaluators=[pixel]"], name="sharded")
     union = []
     for index in range(2):
         cfg.shard.index, cfg.shard.count = index, 2
         summary = evaluate_run(cfg, run_dir)
         assert summary.videos == (2 if index == 0 else 1) and summary.aggregate_path is None
+        assert summary.scored == {"pixel": summary.videos}
         union += read_jsonl(run_dir / "shards" / f"metrics-{index:03d}-of-002.jsonl")
-    assert metrics_file(run_dir, 1, 2) == run_dir / "shards" / "metrics-001-of-002.jsonl"
+    assert not (run_dir / AGGREGATE_FILE).exists()
     merged = aggregate_metrics(union)
     assert merged["videos"] == whole["videos"] == 3
     for name, entry in whole["metrics"].items():
         assert merged["metrics"][name] == pytest.approx(entry)
+    # Unsharded now: the shards' rows count as done, and metrics.json aggregates them all
+    cfg.shard.index, cfg.shard.count = None, 1
+    summary = evaluate_run(cfg, run_dir)
+    assert summary.scored == {} and summary.cached == {"pixel": 3}
+    written = json.loads((run_dir / AGGREGATE_FILE).read_text())["metrics"]
+    assert written.keys() == whole["metrics"].keys()
+    for name, entry in whole["metrics"].items():
+        assert written[name] == pytest.approx(entry)
 
 
 def test_vbench_worker_in_another_interpreter_and_its_catalogue(tmp_path):
@@ -242,12 +258,14 @@ def test_evaluate_cli_errors_are_one_clear_line(tmp_path, capsys):
         return err
 
     assert "no such directory" in fails(tmp_path / "missing")
-    assert "is not a run directory of stas.run: it has no .hydra/config.yaml" in fails(tmp_path)
+    assert "is not a stas run directory (no run_identity.yaml" in fails(tmp_path)
     cfg, run_dir = make_run(tmp_path)
     shutil.rmtree(run_dir / "videos")
     assert "holds none of the 2 video(s) of this run" in fails(run_dir, "logger=none")
     assert "which is not a VBench dimension" in fails(run_dir, "eval.vbench.dimensions=[motion]")
-    assert "accepts overrides of eval, logger, shard, progress only" in fails(run_dir, "model=tiny_cogvideox")
-    assert "eval=nonsense" in fails(run_dir, "eval=nonsense")
+    assert re.search(r"holds a run of another config than these overrides give; differing keys: .*model\.name: "
+                     r"run='tiny_wan21', here='tiny_cogvideox'", fails(run_dir, "model=tiny_cogvideox"))
+    assert ("Could not find 'eval/nonsense'. Available options in 'eval': default, none, vbench_standard\n"
+            in fails(run_dir, "eval=nonsense"))
     assert "give exactly one run directory" in fails()
     assert "eval.evaluators is empty" in fails(run_dir, "eval=none")

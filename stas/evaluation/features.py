@@ -302,6 +302,16 @@ def pixel_features(size: int) -> Callable:
     return encode
 
 
+def feature_settings(name: str, eval_cfg) -> str:
+    """What an evaluator's values depend on besides the video; rows of other settings are scored again."""
+    if name == "pixel":
+        return f"pixel size {eval_cfg.pixel.size}"
+    options = eval_cfg[name]
+    if options.random_weights:
+        return "random weights"
+    return f"weights {options.checkpoint}" if options.checkpoint else "pretrained weights"
+
+
 @functools.lru_cache(maxsize=4)
 def load_encoder(name: str, weights: Path | None, random_weights: bool, device: str) -> torch.nn.Module:
     """A DINO or CLIP encoder on `device`; kept for the process, so evaluating several runs loads it once."""

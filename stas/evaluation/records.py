@@ -2,7 +2,9 @@
 
 A row is one number about one video: {video, prompt, seed, evaluator, metric, value}, plus `weight` where the value
 averages over frame pairs or frames that a pooled aggregate should count (VBench pools its consistency dimensions
-over frame pairs, not videos), and `error` (with value null) when the video could not be scored.
+over frame pairs, not videos), `settings` for the frame-feature evaluators (what the value depends on besides the
+video: pixel size or weights, temporal compression), and `error` (with value null) when the video could not be
+scored.
 `aggregate_metrics` is pure, so the merge of sharded runs can call it on the union of the shards' rows.
 """
 
@@ -14,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stas.evaluation.scores import DIMENSIONS, vbench_scores
-from stas.rundir import SHARDS_DIR
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_STAGE = "metrics"  # rows in metrics.jsonl, or shards/metrics-III-of-KKK.jsonl (stas.rundir.shard_file)
+METRICS_FILE = f"{METRICS_STAGE}.jsonl"
 AGGREGATE_FILE = "metrics.json"
 
 
@@ -28,13 +30,6 @@ class Video:
     path: Path
     prompt: str
     seed: int | None
-
-
-def metrics_file(run_dir: Path, index: int, count: int) -> Path:
-    """Where a shard writes its rows; an unsharded run writes metrics.jsonl directly."""
-    if count == 1:
-        return run_dir / METRICS_FILE
-    return run_dir / SHARDS_DIR / f"metrics-{index:03d}-of-{count:03d}.jsonl"
 
 
 def row_key(row: dict) -> str:

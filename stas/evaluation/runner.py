@@ -20,14 +20,14 @@ from tqdm.auto import tqdm
 from stas.backbones import backbone_from_config, resolve_device
 from stas.config import shard_of
 from stas.errors import UserError
-from stas.evaluation.features import WeightsMissing, make_features
-from stas.evaluation.records import (AGGREGATE_FILE, Video, aggregate_metrics, error_row, metric_row, metrics_file,
+from stas.evaluation.features import WeightsMissing, feature_settings, make_features
+from stas.evaluation.records import (AGGREGATE_FILE, METRICS_STAGE, Video, aggregate_metrics, error_row, metric_row,
                                      row_key, summary_values)
 from stas.evaluation.similarity import similarity_metrics
 from stas.evaluation.vbench import VBenchError, VBenchRunner
-from stas.generation import VIDEOS_DIR, run_items
+from stas.generation import VIDEOS_DIR
 from stas.prompts import shard_items
-from stas.rundir import JsonlRecords, atomic_write_json
+from stas.rundir import MANIFEST_FILE, JsonlRecords, atomic_write_json, read_jsonl, record_files, shard_file
 from stas.video import read_mp4
 
 VBENCH_LOGS = "vbench"
@@ -43,11 +43,15 @@ def read_video(path: Path) -> np.ndarray:
     return frames
 
 
-def run_videos(cfg, run_dir: Path, index: int, count: int) -> tuple[list[Video], int]:
-    """This shard's videos (every count-th item of the run, as generation shards them) that exist, and how many of
-    its videos are not generated yet."""
-    items = shard_items(run_items(cfg), index, count)
-    videos = [Video(item.filename, run_dir / VIDEOS_DIR / item.filename, item.prompt, item.seed) for item in items]
+def run_videos(run_dir: Path, index: int, count: int) -> tuple[list[Video], int]:
+    """This shard's videos (every count-th item of the run's manifest, as generation shards them) that exist, and
+    how many of its videos are not generated yet."""
+    manifest = run_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        raise UserError(f"{run_dir} has no {MANIFEST_FILE} (the list of the run's videos that stas.run writes): "
+                        "is it a run directory of stas.run?")
+    items = shard_items(read_jsonl(manifest), index, count)
+    videos = [Video(row["file"], run_dir / VIDEOS_DIR / row["file"], row["prompt"], row["seed"]) for row in items]
     present = [video for video in videos if video.path.is_file()]
     return present, len(videos) - len(present)
 
@@ -111,11 +115,6 @@ class EvaluationSummary:
         return "\n".join(lines)
 
 
-def _is_scored(records: JsonlRecords, video: Video, evaluator: str, metric: str) -> bool:
-    row = records.rows.get(row_key({"video": video.name, "evaluator": evaluator, "metric": metric}))
-    return row is not None and row.get("value") is not None
-
-
 def _bump(table: dict[str, int], name: str) -> None:
     table[name] = table.get(name, 0) + 1
 
@@ -123,7 +122,7 @@ def _bump(table: dict[str, int], name: str) -> None:
 def evaluate_run(cfg, run_dir: Path, logger=None) -> EvaluationSummary:
     """Score this shard's videos of `run_dir` with `cfg.eval` and write rows (and, unsharded, metrics.json)."""
     index, count = shard_of(cfg.shard)
-    videos, not_generated = run_videos(cfg, run_dir, index, count)
+    videos, not_generated = run_videos(run_dir, index, count)
     if not videos:
         shard = f" (shard {index + 1}/{count})" if count > 1 else ""
         raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run{shard}: "
@@ -146,7 +145,10 @@ class RunEvaluation:
         self.options = cfg.eval
         self.videos = videos
         self.shard = shard
-        self.records = JsonlRecords(metrics_file(run_dir, *shard), key=row_key)
+        self.records = JsonlRecords(shard_file(run_dir, METRICS_STAGE, *shard), key=row_key)
+        # Rows of every layout (unsharded, any shard count) count as done, as generation counts videos.
+        self.known = {row_key(row): row for path in record_files(run_dir, METRICS_STAGE) for row in read_jsonl(path)}
+        self.known.update(self.records.rows)
         self.summary = EvaluationSummary(run_dir, shard, len(videos), not_generated, self.records.path,
                                          run_dir / AGGREGATE_FILE if shard[1] == 1 else None)
         self.compression = self.options.temporal_compression or backbone_from_config(cfg.model).temporal_compression
@@ -154,14 +156,32 @@ class RunEvaluation:
         self.vbench = (VBenchRunner(self.options.vbench, self.options.device, run_dir / VBENCH_LOGS)
                        if "vbench" in self.options.evaluators else None)
         self.todo: dict[str, list[Video]] = {}  # scorer: the videos it still has to score
+        self.settings: dict[str, str] = {}  # frame-feature evaluator: what its values depend on, kept in its rows
         self.extractors = {}
         self.readable: dict[str, list[Video]] = defaultdict(list)  # VBench scorer: its videos that decode
         self.seconds: dict[str, float] = defaultdict(float)
 
+    def _is_scored(self, video: Video, evaluator: str, metric: str, settings: str | None = None) -> bool:
+        row = self.known.get(row_key({"video": video.name, "evaluator": evaluator, "metric": metric}))
+        return row is not None and row.get("value") is not None and row.get("settings") == settings
+
+    def _forget(self, video: Video, evaluator: str) -> None:
+        """Drop a video's rows of an evaluator before it is scored again (other settings, or an error before)."""
+        prefix = row_key({"video": video.name, "evaluator": evaluator, "metric": ""})
+        for rows in (self.records.rows, self.known):
+            for key in [key for key in rows if key.startswith(prefix)]:
+                del rows[key]
+
+    def _append(self, row: dict) -> None:
+        self.records.append(row)
+        self.known[row_key(row)] = row
+
     def plan(self) -> None:
         summary = self.summary
         for name in (e for e in self.options.evaluators if e != "vbench"):
-            self.todo[name] = [v for v in self.videos if not _is_scored(self.records, v, name, SENTINEL_METRIC)]
+            self.settings[name] = f"{feature_settings(name, self.options)}; temporal_compression {self.compression}"
+            self.todo[name] = [v for v in self.videos
+                               if not self._is_scored(v, name, SENTINEL_METRIC, self.settings[name])]
             summary.cached[name] = len(self.videos) - len(self.todo[name])
         if self.vbench is not None:
             self._plan_vbench(list(self.options.vbench.dimensions))
@@ -195,7 +215,7 @@ class RunEvaluation:
                         f"{name}: none of this run's videos is in VBench's standard suite for this dimension "
                         "(it scores {prompt}-{index}.mp4 of its own prompts: prompts=vbench)")
                     continue
-            self.todo[name] = [v for v in members if not _is_scored(self.records, v, "vbench", dimension)]
+            self.todo[name] = [v for v in members if not self._is_scored(v, "vbench", dimension)]
             self.summary.cached[name] = len(members) - len(self.todo[name])
 
     def score_frames(self) -> None:
@@ -209,7 +229,7 @@ class RunEvaluation:
             except ValueError as err:
                 for name in wanted:
                     evaluator, metric = name.split("/") if name.startswith("vbench/") else (name, FEATURE_ERROR)
-                    self.records.append(error_row(video, evaluator, metric, str(err)))
+                    self._append(error_row(video, evaluator, metric, str(err)))
                     _bump(self.summary.errors, name)
                 continue
             for name in wanted:
@@ -221,9 +241,9 @@ class RunEvaluation:
     def _score_features(self, name: str, video: Video, frames: np.ndarray) -> None:
         start = time.perf_counter()
         features = self.extractors[name](frames)
+        self._forget(video, name)
         for metric, (value, pairs) in similarity_metrics(features, self.compression).items():
-            self.records.append(metric_row(video, name, metric, value, pairs))
-        self.records.rows.pop(row_key({"video": video.name, "evaluator": name, "metric": FEATURE_ERROR}), None)
+            self._append({**metric_row(video, name, metric, value, pairs), "settings": self.settings[name]})
         self.seconds[name] += time.perf_counter() - start
         _bump(self.summary.scored, name)
 
@@ -243,11 +263,10 @@ class RunEvaluation:
             for video in videos:
                 result = by_video.get(video.name)
                 if result is None:
-                    self.records.append(error_row(video, "vbench", dimension,
-                                                  "VBench returned no result for this video"))
+                    self._append(error_row(video, "vbench", dimension, "VBench returned no result for this video"))
                     _bump(self.summary.errors, name)
                 else:
-                    self.records.append(metric_row(video, "vbench", dimension, result["value"], result["weight"]))
+                    self._append(metric_row(video, "vbench", dimension, result["value"], result["weight"]))
                     _bump(self.summary.scored, name)
 
     def finish(self, logger) -> EvaluationSummary:
@@ -256,7 +275,7 @@ class RunEvaluation:
         summary.seconds_per_video = {name: self.seconds[name] / n for name, n in summary.scored.items()}
         order = {video.name: n for n, video in enumerate(self.videos)}
         self.records.compact(order=lambda row: (order.get(row["video"], len(order)), row["evaluator"], row["metric"]))
-        rows = list(self.records.rows.values())
+        rows = list(self.known.values())  # this file's and every other layout's rows
         summary.aggregate = aggregate_metrics(rows)
         if summary.aggregate_path is not None:
             atomic_write_json(summary.aggregate_path, {
