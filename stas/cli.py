@@ -43,9 +43,9 @@ class OutputDirCheck(Callback):
             fail("stas", f"{key}={directory!r}: the output directory cannot be created: {err.strerror or err}")
 
 
-def compose_config(overrides=(), with_hydra: bool = False) -> DictConfig:
-    """The config the CLIs compose from these overrides, outside a Hydra app (with the `hydra` node if asked);
-    bad overrides are ConfigErrors."""
+def compose_config(overrides=(), with_hydra: bool = False, config_name: str = "config") -> DictConfig:
+    """The config the CLIs compose from these overrides, outside a Hydra app (with the `hydra` node if asked;
+    config_name="analyze" is stas.analyze's primary config); bad overrides are ConfigErrors."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -53,7 +53,7 @@ def compose_config(overrides=(), with_hydra: bool = False) -> DictConfig:
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+            return compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(str(err))) from None
 
@@ -72,8 +72,10 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def hydra_entry(tool: str, task: Callable) -> Callable[[], None]:
+def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Callable[[], None]:
     """A console entry point running `task(cfg, run_dir)` under Hydra with the stas config tree.
+
+    `config_name` is the primary config in conf/ (config.yaml; analyze.yaml for stas.analyze).
 
     A UserError becomes one line on stderr and exit code 2 (in a multirun too: a sweep with a bad value stops
     at the first job that has it, before that job writes anything).
@@ -89,6 +91,6 @@ def hydra_entry(tool: str, task: Callable) -> Callable[[], None]:
             job = f" (job {HydraConfig.get().job.num})" if HydraConfig.get().mode == RunMode.MULTIRUN else ""
             fail(tool + job, str(err))
 
-    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task_function)
+    main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task_function)
 
     return main

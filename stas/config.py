@@ -177,6 +177,28 @@ class EvalConfig:
     vbench: VBenchEvalConfig = field(default_factory=VBenchEvalConfig)
 
 
+ANALYSIS_PLOTS = ("tokens", "ratios", "channels", "profile")
+
+
+@dataclass
+class AnalysisConfig:
+    """What stas.analyze captures, detects, calibrates and plots (see docs/analysis.md)."""
+
+    layers: Any = "all"  # blocks captured: all | [index, ...] | "start:end"
+    steps: Any = "all"  # denoising steps captured: all | [index, ...] | "start:end"
+    # (block, step) pairs whose per-token MA magnitude is kept (S floats each): the sequence plot, within-frame
+    # profile and period. None: the middle captured block; the first captured step and the one nearest 10% of steps.
+    profile_layers: Any = None
+    profile_steps: Any = None
+    ratio: float = 10.0  # a channel is massive when its peak |value| exceeds ratio x the median channel peak
+    max_dims: int = 8  # channels ranked per hidden state (the massive ones among them are kept)
+    min_frequency: float = 0.5  # calibration: massive in at least this fraction of a block's observations
+    weak: int = 4  # calibration: the next-ranked channels that do not qualify, per block
+    non_ma: int = 4  # calibration: ordinary channels nearest the median peak, per block
+    plots: List[str] = field(default_factory=lambda: list(ANALYSIS_PLOTS))
+    compare: List[str] = field(default_factory=list)  # analysis run directories to put side by side (no sampling)
+
+
 @dataclass
 class StasConfig:
     model: ModelConfig = MISSING
@@ -189,7 +211,7 @@ class StasConfig:
     name: str = "default"  # experiment name: W&B group, output folder
     seed: int = 0
     progress: bool = True
-    analysis: Any = field(default_factory=dict)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 SCHEMAS = {
@@ -198,6 +220,7 @@ SCHEMAS = {
     "prompts": PromptsConfig,
     "eval": EvalConfig,
     "logger": LoggerConfig,
+    "analysis": AnalysisConfig,
 }
 
 
@@ -206,10 +229,16 @@ def path_safe(text: str) -> str:
     return str(text).replace("/", ".")
 
 
+def repo_path(relative: str) -> str:
+    """`${repo:experiments/x.yaml}`: a file shipped with stas, wherever the command runs from."""
+    return str(CONF_DIR.parent / relative)
+
+
 def register_configs() -> None:
     """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass)."""
-    if not OmegaConf.has_resolver("path_safe"):
-        OmegaConf.register_new_resolver("path_safe", path_safe)
+    for name, resolver in (("path_safe", path_safe), ("repo", repo_path)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()
     store.store(name="stas_schema", node=StasConfig)
     for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
@@ -278,26 +307,33 @@ def validate_model(model) -> Backbone:
     return backbone
 
 
+def select_indices(value, count: int, path: str, what: str = "block") -> list[int]:
+    """The indices 0..count-1 that a selection names: 'all', a list of indices, or a 'start:end' range."""
+    if value == "all" or value is None:
+        return list(range(count))
+    if isinstance(value, str):
+        try:
+            start, end = (int(x) if x else None for x in value.split(":"))
+        except ValueError:
+            raise ConfigError(f"{path}={value!r} is not allowed; allowed: all, a list of indices, 'start:end'")
+        indices = list(range(count))[slice(start, end)]
+        if not indices:
+            raise ConfigError(f"{path}={value!r} selects no {what} of {count}")
+        return indices
+    if isinstance(value, int):
+        value = [value]
+    indices = [int(x) for x in value]
+    if not indices:
+        raise ConfigError(f"{path}=[] selects nothing; give at least one {what} index (0..{count - 1}) or 'all'")
+    for index in indices:
+        if not 0 <= index < count:
+            raise ConfigError(f"{path} contains {index}; the model has {what}s 0..{count - 1}")
+    return sorted(set(indices))
+
+
 def steered_layers(layers, num_layers: int) -> list[int]:
     """The block indices a `steer.layers` value names: 'all', a list of indices, or a 'start:end' range."""
-    if layers == "all" or layers is None:
-        return list(range(num_layers))
-    if isinstance(layers, str):
-        try:
-            start, end = (int(x) if x else None for x in layers.split(":"))
-        except ValueError:
-            raise ConfigError(f"steer.layers={layers!r} is not allowed; allowed: all, a list of indices, 'start:end'")
-        indices = list(range(num_layers))[slice(start, end)]
-        if not indices:
-            raise ConfigError(f"steer.layers={layers!r} selects no block of {num_layers}")
-        return indices
-    if isinstance(layers, int):
-        layers = [layers]
-    indices = [int(x) for x in layers]
-    for index in indices:
-        if not 0 <= index < num_layers:
-            raise ConfigError(f"steer.layers contains {index}; the model has blocks 0..{num_layers - 1}")
-    return sorted(set(indices))
+    return select_indices(layers, num_layers, "steer.layers")
 
 
 def window_steps(window, num_steps: int) -> range:
@@ -355,6 +391,53 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
             raise ConfigError(
                 f"steer.dims={channels!r}: a channel list must be non-empty integers in 0..{model.hidden_dim - 1}"
             )
+
+
+@dataclass(frozen=True)
+class AnalysisSelection:
+    """The blocks and steps stas.analyze captures, and the (block, step) pairs whose per-token magnitudes it keeps."""
+
+    layers: tuple[int, ...]
+    steps: tuple[int, ...]
+    profile: tuple[tuple[int, int], ...]
+
+
+def analysis_selection(analysis, num_layers: int, num_steps: int) -> AnalysisSelection:
+    """Resolve and check the `analysis` selections against a model of `num_layers` blocks and `num_steps` steps."""
+    layers = select_indices(analysis.layers, num_layers, "analysis.layers")
+    steps = select_indices(analysis.steps, num_steps, "analysis.steps", what="step")
+    if analysis.profile_layers is None:
+        profile_layers = [layers[len(layers) // 2]]
+    else:
+        profile_layers = select_indices(analysis.profile_layers, num_layers, "analysis.profile_layers")
+    if analysis.profile_steps is None:
+        early = min(steps, key=lambda step: abs(step - round(0.1 * num_steps)))
+        profile_steps = sorted({steps[0], early})
+    else:
+        profile_steps = select_indices(analysis.profile_steps, num_steps, "analysis.profile_steps", what="step")
+    for path, chosen, captured in (("analysis.profile_layers", profile_layers, layers),
+                                   ("analysis.profile_steps", profile_steps, steps)):
+        outside = sorted(set(chosen) - set(captured))
+        if outside:
+            kind = path.split("_")[1]
+            raise ConfigError(f"{path} contains {outside}, which analysis.{kind} does not capture "
+                              f"(captured: {captured}); capture them or choose among them")
+    return AnalysisSelection(tuple(layers), tuple(steps),
+                             tuple((layer, step) for layer in profile_layers for step in profile_steps))
+
+
+def validate_analysis(analysis, model) -> AnalysisSelection:
+    selection = analysis_selection(analysis, model.num_layers, model.steps)
+    if not analysis.ratio > 0:
+        raise ConfigError(f"analysis.ratio={analysis.ratio!r} must be > 0")
+    _at_least("analysis.max_dims", analysis.max_dims, 1)
+    if not 0 < analysis.min_frequency <= 1:
+        raise ConfigError(f"analysis.min_frequency={analysis.min_frequency!r} must lie in (0, 1]")
+    _at_least("analysis.weak", analysis.weak, 0)
+    _at_least("analysis.non_ma", analysis.non_ma, 0)
+    for plot in analysis.plots:
+        _allowed("analysis.plots entry", plot, ANALYSIS_PLOTS)
+    return selection
 
 
 def validate_prompts(prompts) -> None:
@@ -448,5 +531,6 @@ def validate(cfg) -> Backbone:
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)
     validate_eval(cfg.eval)
+    validate_analysis(cfg.analysis, cfg.model)
     shard_of(cfg.shard)
     return backbone

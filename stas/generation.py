@@ -73,12 +73,21 @@ def pipeline_kwargs(model_cfg, backbone: Backbone) -> dict:
 
 def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout):
     """One video's frames, (T, H, W, 3) uint8; the CPU generator makes it reproducible on any device."""
+    return to_uint8(run_pipeline(pipe, item, kwargs, steerer, layout).frames[0])
+
+
+def run_pipeline(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout):
+    """The pipeline's output for one item (stas.analyze asks for output_type='latent' and reads its hooks)."""
     if steerer is not None:
-        steerer.begin(layout, kwargs["num_inference_steps"], do_cfg=kwargs["guidance_scale"] > 1.0)
+        steerer.begin(layout, kwargs["num_inference_steps"], do_cfg=uses_cfg(kwargs))
     generator = torch.Generator(device="cpu").manual_seed(item.seed)
     with torch.inference_mode():
-        frames = pipe(prompt=item.prompt, generator=generator, **kwargs).frames[0]
-    return to_uint8(frames)
+        return pipe(prompt=item.prompt, generator=generator, **kwargs)
+
+
+def uses_cfg(kwargs: dict) -> bool:
+    """Whether the pipelines run classifier-free guidance (both do when guidance_scale > 1)."""
+    return kwargs["guidance_scale"] > 1.0
 
 
 @dataclass

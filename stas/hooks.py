@@ -58,6 +58,14 @@ class DenoisingTracker:
             return None
         return slice(min(s.start for s in spans), max(s.stop for s in spans))
 
+    def check_tokens(self, num_tokens: int) -> None:
+        """Fail when a block output's video tokens do not match the layout given to begin()."""
+        if num_tokens != self.layout.num_tokens:
+            raise RuntimeError(
+                f"block output has {num_tokens} video tokens but the layout {self.layout} has "
+                f"{self.layout.num_tokens}: begin() was given another video size than the pipeline call"
+            )
+
     def branches_of_call(self, batch: int) -> list[tuple[str, slice]]:
         """Every CFG branch present in the current call, with its rows."""
         found = [(b, self.backbone.branch_rows(b, self.call_in_step, batch, self.do_cfg)) for b in CFG_BRANCHES]
@@ -83,6 +91,15 @@ class BlockHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    @contextmanager
+    def attached(self, transformer: torch.nn.Module, block_hooks: dict[int, Callable]):
+        """attach() for the duration of a `with` block."""
+        self.attach(transformer, block_hooks)
+        try:
+            yield self
+        finally:
+            self.remove()
 
 
 class LayerSteering:
@@ -167,11 +184,8 @@ class StasSteerer:
             for layer, channels in self.channels.items()
             if channels is None or len(channels)
         }
-        self.hooks.attach(transformer, hooks)
-        try:
+        with self.hooks.attached(transformer, hooks):
             yield self
-        finally:
-            self.hooks.remove()
 
     def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
         from stas.config import window_steps
@@ -187,11 +201,7 @@ class StasSteerer:
 
     def token_index(self, hidden: torch.Tensor) -> torch.Tensor:
         layout = self.tracker.layout
-        if hidden.shape[1] != layout.num_tokens:
-            raise RuntimeError(
-                f"block output has {hidden.shape[1]} video tokens but the layout {layout} has {layout.num_tokens}: "
-                "begin() was given another video size than the pipeline call"
-            )
+        self.tracker.check_tokens(hidden.shape[1])
         key = (layout, hidden.device)
         if key not in self._token_index:
             self._token_index[key] = layout.indices(

@@ -24,12 +24,13 @@ def channel_peaks(hidden: torch.Tensor, dim=1) -> torch.Tensor:
 def top_massive_channels(peaks: torch.Tensor, ratio: float, max_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `max_dims` channels with the largest peaks, and which of them are massive.
 
-    `peaks` is (D,). Returns (indices[k], is_massive[k]) with k = min(max_dims, D): fixed shapes, so callers can
-    gather and scatter without knowing on the host how many channels qualified.
+    `peaks` is (D,), or (..., D) for many hidden states at once (each row against its own median). Returns
+    (indices[..., k], is_massive[..., k]) with k = min(max_dims, D): fixed shapes, so callers can gather and scatter
+    without knowing on the host how many channels qualified.
     """
     k = min(int(max_dims), peaks.shape[-1])
     values, indices = torch.topk(peaks, k)
-    threshold = ratio * peaks.median()
+    threshold = ratio * peaks.median(dim=-1, keepdim=True).values
     return indices, values > threshold
 
 

@@ -19,11 +19,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
 
-def compose(overrides=()):
-    """A config composed exactly as the CLIs compose it (same tree, same schemas)."""
+def compose(overrides=(), config_name="config"):
+    """A config composed exactly as the CLIs compose it (same tree, same schemas); config_name="analyze" is
+    stas.analyze's primary config."""
     from stas.cli import compose_config
 
-    return compose_config(overrides)
+    return compose_config(overrides, config_name=config_name)
 
 
 @pytest.fixture

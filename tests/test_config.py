@@ -25,6 +25,11 @@ def test_every_experiment_composes_and_validates(experiment):
     validate(compose([f"experiment={experiment}"]))
 
 
+def test_ablation_dims_cells_ask_for_the_calibration():
+    with pytest.raises(ConfigError, match="steer.dims=calibrated needs steer.calibration"):
+        validate(compose(["experiment=ablation_dims", "steer.dims=calibrated"]))
+
+
 def test_launchers_compose():
     for path in sorted((CONF_DIR / "hydra" / "launcher").glob("*.yaml")):
         compose([f"hydra/launcher={path.stem}"])

@@ -1,0 +1,125 @@
+"""A massive-activation analysis run: sample every prompt with capture hooks, then write stats, summary,
+calibration and plots into the run directory (and log them). The CLI is stas.analyze; see docs/analysis.md.
+
+With steering enabled (steer=stas, ...) every prompt is sampled twice with the same seed, vanilla and steered,
+and every output holds both variants.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from stas.backbones import Backbone, load_pipeline
+from stas.capture import REGION_NAMES, STATS, MACapture
+from stas.config import analysis_selection
+from stas.generation import make_steerer, pipeline_kwargs, run_items, run_pipeline, uses_cfg
+from stas.layout import TokenLayout
+from stas.ma_plots import write_plots
+from stas.ma_stats import MAStats, calibration, summarise
+from stas.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+STATS_FILE = "ma_stats.pt"
+SUMMARY_FILE = "ma_summary.json"  # written last: its presence marks a complete analysis run
+DIMS_FILE = "ma_dims.yaml"
+
+
+@dataclass
+class AnalysisResult:
+    run_dir: Path
+    summary: dict
+    plots: list[Path]
+    capture_bytes: int
+
+    def __str__(self) -> str:
+        lines = []
+        for name, result in self.summary["results"].items():
+            hierarchy = result["hierarchy"]
+            periods = ", ".join(f"block {p['layer']} step {p['step']}: {p['period']}" for p in result["profiles"])
+            channels = result["stability"]["channels_in_every_layer"]
+            lines.append(f"  {name}: MA channels in every block {channels}; first > boundary > interior at "
+                         f"{hierarchy['holds']:.0%} of (block, step); period {periods} "
+                         f"(tokens per frame {self.summary['layout']['tokens_per_frame']})")
+        return "\n".join([*lines, f"  outputs: {self.run_dir} ({SUMMARY_FILE}, {DIMS_FILE}, {STATS_FILE}, "
+                                  f"{len(self.plots)} plot(s)); capture buffers {self.capture_bytes} bytes"])
+
+
+def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> AnalysisResult:
+    """Capture, reduce and report every prompt of `cfg` (vanilla, and steered when cfg.steer is enabled)."""
+    run_dir = Path(run_dir)
+    selection = analysis_selection(cfg.analysis, backbone.num_layers, cfg.model.steps)
+    items = run_items(cfg)
+    steerer = make_steerer(cfg, backbone)
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, backbone)
+        pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
+    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    kwargs = {**pipeline_kwargs(cfg.model, backbone), "output_type": "latent"}  # activations only: skip the VAE
+    capture = MACapture(backbone, selection, cfg.analysis.ratio, cfg.analysis.max_dims,
+                        cfg.steer.boundary_width, cfg.steer.boundary_unit)
+    variants = {"vanilla": None} if steerer is None else {"vanilla": None, "steered": steerer}
+    accumulated = {}
+    for name, variant_steerer in variants.items():
+        accumulated[name] = MAStats(cfg.analysis.ratio, cfg.analysis.max_dims)
+        with ExitStack() as stack:
+            if variant_steerer is not None:
+                stack.enter_context(variant_steerer.attach(pipe.transformer))
+            stack.enter_context(capture.attach(pipe.transformer))  # after steering: it sees the steered outputs
+            for item in tqdm(items, desc=f"prompts ({name})", disable=not cfg.progress):
+                capture.begin(layout, cfg.model.steps, uses_cfg(kwargs))
+                run_pipeline(pipe, item, kwargs, variant_steerer, layout)
+                accumulated[name].add(capture.read())
+    stats = {
+        "meta": {
+            "model": cfg.model.name, "family": backbone.family,
+            "steer": cfg.steer.name if cfg.steer.enabled else "none",
+            "prompts": [item.prompt for item in items], "seeds": [item.seed for item in items],
+            "layers": list(selection.layers), "steps": list(selection.steps), "num_steps": cfg.model.steps,
+            "profile": [list(pair) for pair in selection.profile], "branches": list(capture.branches),
+            "layout": {"frames": layout.frames, "height": layout.height, "width": layout.width},
+            "boundary_width": cfg.steer.boundary_width, "boundary_unit": cfg.steer.boundary_unit,
+            "ratio": cfg.analysis.ratio, "max_dims": cfg.analysis.max_dims,
+            "regions": list(REGION_NAMES), "region_stats": list(STATS),
+        },
+        "variants": {name: acc.tensors() for name, acc in accumulated.items()},
+    }
+    summary = summarise(stats, cfg.analysis.min_frequency, cfg.analysis.weak, cfg.analysis.non_ma)
+    plots = write_outputs(run_dir, stats, summary, list(cfg.analysis.plots))
+    log_analysis(logger, summary, plots)
+    return AnalysisResult(run_dir, summary, plots, capture.buffer_bytes())
+
+
+def write_outputs(run_dir: Path, stats: dict, summary: dict, plots: list[str]) -> list[Path]:
+    """ma_stats.pt, ma_dims.yaml, the plots, then ma_summary.json; every file is replaced atomically."""
+    buffer = io.BytesIO()
+    torch.save(stats, buffer)
+    atomic_write_bytes(run_dir / STATS_FILE, buffer.getvalue())
+    atomic_write_text(run_dir / DIMS_FILE, yaml.safe_dump(calibration(summary), sort_keys=False))
+    written = write_plots(stats, summary, run_dir, plots)
+    atomic_write_json(run_dir / SUMMARY_FILE, summary)
+    return written
+
+
+def log_analysis(logger, summary: dict, plots: list[Path]) -> None:
+    for path in plots:
+        logger.log_image(f"analysis/{path.stem}", path)
+    rows, totals = [], {}
+    for name, result in summary["results"].items():
+        for layer, entry in result["layers"].items():
+            for channel in entry["channels"]:
+                kind = "massive" if channel["channel"] in entry["massive"] else "weak"
+                rows.append({"variant": name, "layer": int(layer), "kind": kind, **channel})
+        totals[f"{name}/hierarchy_holds"] = result["hierarchy"]["holds"]
+        totals[f"{name}/first_over_interior"] = result["hierarchy"]["first_over_interior"]
+        totals[f"{name}/boundary_over_interior"] = result["hierarchy"]["boundary_over_interior"]
+        totals[f"{name}/channels_in_every_layer"] = result["stability"]["channels_in_every_layer"]
+        for profile in result["profiles"]:
+            totals[f"{name}/period_L{profile['layer']}_s{profile['step']}"] = profile["period"]
+    logger.log_table("ma_channels", rows)
+    logger.summary(totals)

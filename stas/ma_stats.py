@@ -1,0 +1,286 @@
+"""Host-side statistics of captured massive activations: accumulation over prompts, summary, period, calibration.
+
+Everything here works on the CPU tensors of `ma_stats.pt` (the dict `stats_file` builds), so a summary or a
+calibration can be recomputed from a saved run without sampling again. Vocabulary:
+  observation  one (prompt, step, CFG branch) hidden state of a block
+  massive      detected massive (peak > ratio x median channel peak) in an observation, among the top max_dims
+  frequency    fraction of a block's observations in which a channel is massive
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from stas.capture import REGION_NAMES, CaptureReadout
+from stas.layout import TokenLayout
+from stas.massive import top_massive_channels
+
+MEAN, MAX = 0, 1  # the two region statistics
+
+
+class MAStats:
+    """One variant's (vanilla or steered) capture readouts, accumulated over prompts.
+
+    Kept per prompt: the ranked channels and medians of every observation and the region statistics (small).
+    Kept as running aggregates: channel peaks (max and mean over prompts) and per-token magnitudes (mean).
+    """
+
+    def __init__(self, ratio: float, max_dims: int):
+        self.ratio, self.max_dims = ratio, max_dims
+        self.count = 0
+        self.peaks_max = self.peaks_sum = self.tokens_sum = None
+        self.top_channels, self.top_massive, self.medians, self.regions = [], [], [], []
+
+    def add(self, readout: CaptureReadout) -> None:
+        peaks = readout.peaks
+        channels, is_massive = top_massive_channels(peaks, self.ratio, self.max_dims)
+        self.top_channels.append(channels.to(torch.int32))
+        self.top_massive.append(is_massive)
+        self.medians.append(peaks.median(dim=-1).values)
+        self.regions.append(readout.regions)
+        if self.count == 0:
+            self.peaks_max, self.peaks_sum, self.tokens_sum = peaks.clone(), peaks.clone(), readout.tokens.clone()
+        else:
+            torch.maximum(self.peaks_max, peaks, out=self.peaks_max)
+            self.peaks_sum += peaks
+            self.tokens_sum += readout.tokens
+        self.count += 1
+
+    def tensors(self) -> dict:
+        peaks_mean = self.peaks_sum / self.count
+        return {
+            "peaks_max": self.peaks_max,  # (L, T, B, D) channel peak, max over prompts
+            "peaks_mean": peaks_mean,  # (L, T, B, D) channel peak, mean over prompts
+            "peak_ratio": peaks_mean / peaks_mean.median(dim=-1, keepdim=True).values,  # peak-to-median ratio
+            "medians": torch.stack(self.medians),  # (N, L, T, B) median channel peak per observation
+            "top_channels": torch.stack(self.top_channels),  # (N, L, T, B, max_dims) ranked channels
+            "top_massive": torch.stack(self.top_massive),  # (N, L, T, B, max_dims) which of them are massive
+            "regions": torch.stack(self.regions),  # (N, L, T, B, 3 regions, mean|max) MA magnitude
+            "tokens_mean": self.tokens_sum / self.count,  # (P, B, S) per-token MA magnitude, mean over prompts
+        }
+
+
+# ----------------------------------------------------------------------------------------------------- channels
+
+
+def massive_frequency(top_channels: torch.Tensor, top_massive: torch.Tensor, hidden_dim: int) -> torch.Tensor:
+    """(D,) fraction of the observations (all leading dims) in which each channel is massive."""
+    observations = top_channels[..., 0].numel()
+    counts = torch.bincount(top_channels[top_massive].long(), minlength=hidden_dim)
+    return counts.double() / observations
+
+
+def classify_channels(layer_peaks: torch.Tensor, frequency: torch.Tensor, min_frequency: float,
+                      weak: int, non_ma: int) -> dict[str, list[int]]:
+    """A block's massive, weak and non-MA channels (each list sorted by channel index).
+
+    massive: massive in >= min_frequency of the observations; weak: the next `weak` channels by mean peak that
+    do not qualify; non_ma: the `non_ma` other channels whose mean peak is nearest the median channel peak.
+    """
+    massive = sorted(torch.nonzero(frequency >= min_frequency).flatten().tolist())
+    ranked = torch.argsort(layer_peaks, descending=True, stable=True).tolist()
+    weak_channels = [c for c in ranked if c not in massive][:weak]
+    taken = set(massive) | set(weak_channels)
+    distance = (layer_peaks - layer_peaks.median()).abs()
+    ordinary = [c for c in torch.argsort(distance, stable=True).tolist() if c not in taken][:non_ma]
+    return {"massive": massive, "weak": sorted(weak_channels), "non_ma": sorted(ordinary)}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def mean_pairwise_jaccard(sets: list[set]) -> float | None:
+    pairs = list(itertools.combinations(sets, 2))
+    return sum(jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else None
+
+
+def massive_sets_by(top_channels, top_massive, dim: int, min_frequency: float, hidden_dim: int) -> list[set]:
+    """For each index along `dim`, the channels massive in >= min_frequency of that group's observations."""
+    return [set(torch.nonzero(massive_frequency(c, m, hidden_dim) >= min_frequency).flatten().tolist())
+            for c, m in zip(top_channels.unbind(dim), top_massive.unbind(dim))]
+
+
+# ------------------------------------------------------------------------------------------------------ regions
+
+
+def region_table(regions: torch.Tensor) -> torch.Tensor:
+    """(N, L, T, B, R, 2) -> (L, T, R, 2): means averaged and maxima maximised over prompts and branches."""
+    means = regions[..., MEAN].nanmean(dim=(0, 3))
+    maxes = regions[..., MAX].nan_to_num(nan=-math.inf).amax(dim=(0, 3))
+    return torch.stack([means, maxes], dim=-1)
+
+
+def region_entry(table: torch.Tensor) -> dict:
+    """Summary of one (block, step): region means/maxima, ratios to interior, whether the hierarchy holds."""
+    first, boundary, interior = (float(table[r, MEAN]) for r in range(len(REGION_NAMES)))
+    entry = {name: {"mean": table[r, MEAN].item(), "max": table[r, MAX].item()} for r, name in enumerate(REGION_NAMES)}
+    entry["first_over_interior"] = first / interior if interior > 0 else math.nan
+    entry["boundary_over_interior"] = boundary / interior if interior > 0 else math.nan
+    entry["hierarchy"] = bool(first > boundary > interior)
+    return entry
+
+
+# ------------------------------------------------------------------------------------------- profile and period
+
+
+def within_frame_profile(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(tokens_per_frame,) MA magnitude by position inside a latent frame, averaged over the frames after the
+    first one (the temporal chunks; the first frame alone when there is no other)."""
+    grid = tokens.reshape(layout.frames, layout.tokens_per_frame)
+    return grid[1:].mean(dim=0) if layout.frames > 1 else grid[0]
+
+
+def autocorrelation(x: torch.Tensor) -> torch.Tensor:
+    """Biased autocorrelation of a 1-D signal at lags 0..n-1 (lag 0 = 1), by FFT."""
+    x = x.double() - x.double().mean()
+    n = x.numel()
+    spectrum = torch.fft.rfft(x, 2 * n)
+    acf = torch.fft.irfft(spectrum * spectrum.conj(), 2 * n)[:n]
+    return acf / acf[0] if acf[0] > 0 else torch.zeros(n, dtype=torch.float64)
+
+
+def sequence_period(tokens: torch.Tensor, layout: TokenLayout) -> dict:
+    """The period of the per-token MA magnitude over the temporal chunks (frames after the first).
+
+    period: the lag of the highest local maximum of the autocorrelation (None when there are fewer than two
+    chunks or nothing varies); it equals tokens_per_frame when the spikes follow the latent-frame chunking.
+    """
+    tpf = layout.tokens_per_frame
+    result = {"tokens_per_frame": tpf, "period": None, "period_is_frame": False, "autocorrelation_at_frame": None}
+    if layout.frames < 3:
+        return result
+    acf = autocorrelation(tokens[tpf:])
+    result["autocorrelation_at_frame"] = acf[tpf].item()
+    lags = torch.arange(2, acf.numel() - 1)
+    peaks = lags[(acf[lags] >= acf[lags - 1]) & (acf[lags] > acf[lags + 1]) & (acf[lags] > 0)]
+    if peaks.numel():
+        period = int(peaks[torch.argmax(acf[peaks])])
+        result.update(period=period, period_is_frame=period == tpf)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+
+
+def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int, non_ma: int) -> dict:
+    hidden_dim = tensors["peaks_mean"].shape[-1]
+    layout = TokenLayout(**meta["layout"])
+    layers, steps = meta["layers"], meta["steps"]
+    top, massive = tensors["top_channels"], tensors["top_massive"]
+
+    layer_entries, layer_sets, prompt_stability, step_stability = {}, [], [], []
+    for i, layer in enumerate(layers):
+        frequency = massive_frequency(top[:, i], massive[:, i], hidden_dim)
+        layer_peaks = tensors["peaks_mean"][i].mean(dim=(0, 1))
+        classes = classify_channels(layer_peaks, frequency, min_frequency, weak, non_ma)
+        peak_max = tensors["peaks_max"][i].amax(dim=(0, 1))
+        ratio_max = tensors["peak_ratio"][i].amax(dim=(0, 1))
+        listed = classes["massive"] + [c for c in classes["weak"] if c not in classes["massive"]]
+        layer_entries[str(layer)] = {
+            **classes,
+            "median_peak": layer_peaks.median().item(),
+            "channels": [{"channel": c, "peak": peak_max[c].item(), "mean_peak": layer_peaks[c].item(),
+                          "ratio": ratio_max[c].item(), "frequency": frequency[c].item()}
+                         for c in sorted(listed, key=lambda c: -layer_peaks[c].item())],
+        }
+        layer_sets.append(set(classes["massive"]))
+        if top.shape[0] > 1:
+            prompt_stability.append(mean_pairwise_jaccard(
+                massive_sets_by(top[:, i], massive[:, i], 0, min_frequency, hidden_dim)))
+        if len(steps) > 1:
+            step_stability.append(mean_pairwise_jaccard(
+                massive_sets_by(top[:, i], massive[:, i], 1, min_frequency, hidden_dim)))
+
+    table = region_table(tensors["regions"])  # (L, T, R, 2)
+    regions = {str(layer): {str(step): region_entry(table[i, j]) for j, step in enumerate(steps)}
+               for i, layer in enumerate(layers)}
+    entries = [regions[str(layer)][str(step)] for layer in layers for step in steps]
+    by_step = {}
+    for step in steps:
+        column = [regions[str(layer)][str(step)] for layer in layers]
+        by_step[str(step)] = _hierarchy(column)
+
+    profiles = []
+    for p, (layer, step) in enumerate(meta["profile"]):
+        tokens = tensors["tokens_mean"][p].nanmean(dim=0)  # over branches
+        profiles.append({"layer": layer, "step": step, **sequence_period(tokens, layout),
+                         "profile": within_frame_profile(tokens, layout).tolist()})
+
+    return {
+        "layers": layer_entries,
+        "regions": regions,
+        "hierarchy": {**_hierarchy(entries), "by_step": by_step},
+        "profiles": profiles,
+        "stability": {
+            "prompts": _mean(prompt_stability),
+            "steps": _mean(step_stability),
+            "layers": mean_pairwise_jaccard(layer_sets),
+            "channels_in_every_layer": sorted(set.intersection(*layer_sets)) if layer_sets else [],
+        },
+    }
+
+
+def _hierarchy(entries: list[dict]) -> dict:
+    """Fraction of (block, step) entries where first > boundary > interior, and their mean ratios."""
+    return {
+        "holds": sum(e["hierarchy"] for e in entries) / len(entries),
+        "holds_everywhere": all(e["hierarchy"] for e in entries),
+        "first_over_interior": _mean([e["first_over_interior"] for e in entries]),
+        "boundary_over_interior": _mean([e["boundary_over_interior"] for e in entries]),
+    }
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+SUMMARY_KEYS = ("model", "family", "steer", "variants", "prompts", "layers", "steps", "num_steps", "branches",
+                "layout", "regions", "detection", "results")
+VARIANT_KEYS = ("layers", "regions", "hierarchy", "profiles", "stability")
+
+
+def summarise(stats: dict, min_frequency: float, weak: int, non_ma: int) -> dict:
+    """ma_summary.json from the dict saved in ma_stats.pt (keys: SUMMARY_KEYS; per variant: VARIANT_KEYS)."""
+    meta = stats["meta"]
+    summary = {
+        "model": meta["model"], "family": meta["family"], "steer": meta["steer"],
+        "variants": list(stats["variants"]), "prompts": meta["prompts"], "layers": meta["layers"],
+        "steps": meta["steps"], "num_steps": meta["num_steps"], "branches": meta["branches"],
+        "layout": {**meta["layout"], "tokens_per_frame": TokenLayout(**meta["layout"]).tokens_per_frame},
+        "regions": {"boundary_width": meta["boundary_width"], "boundary_unit": meta["boundary_unit"]},
+        "detection": {"ratio": meta["ratio"], "max_dims": meta["max_dims"], "min_frequency": min_frequency},
+        "results": {name: summarise_variant(tensors, meta, min_frequency, weak, non_ma)
+                    for name, tensors in stats["variants"].items()},
+    }
+    return json_safe(summary)
+
+
+def calibration(summary: dict) -> dict:
+    """ma_dims.yaml (what `steer.dims=calibrated` reads) from the vanilla variant of a summary."""
+    layers = summary["results"]["vanilla"]["layers"]
+    return {
+        "model": summary["model"],
+        "layers": {int(layer): {kind: entry[kind] for kind in ("massive", "weak", "non_ma")}
+                   for layer, entry in layers.items()},
+        "source": "stas.analyze",
+        "ratio": summary["detection"]["ratio"],
+        "min_frequency": summary["detection"]["min_frequency"],
+        "prompts": len(summary["prompts"]),
+        "steps": summary["steps"],
+    }
+
+
+def json_safe(value):
+    """NaN and infinities become None (JSON has no such numbers); floats keep 6 significant digits."""
+    if isinstance(value, dict):
+        return {key: json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    return value
