@@ -167,11 +167,11 @@ def get_backbone(name: str) -> Backbone:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, field: str = "model.device") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackboneError(f"model.device={device!r} but CUDA is not available here; use model.device=cpu or auto")
+        raise BackboneError(f"{field}={device!r} but CUDA is not available here; use {field}=cpu or auto")
     return torch.device(device)
 
 

@@ -10,10 +10,10 @@ import hydra
 from hydra.experimental.callback import Callback
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from stas.backbones import CONF_DIR
-from stas.config import register_configs
+from stas.config import ConfigError, register_configs
 from stas.errors import UserError
 
 # Registered on import too: a submitit job process unpickles the task function (importing this module) and then
@@ -41,6 +41,35 @@ class OutputDirCheck(Callback):
             Path(directory).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             fail("stas", f"{key}={directory!r}: the output directory cannot be created: {err.strerror or err}")
+
+
+def compose_config(overrides=(), with_hydra: bool = False, config_name: str = "config") -> DictConfig:
+    """The config the CLIs compose from these overrides, outside a Hydra app (with the `hydra` node if asked;
+    config_name="analyze" is stas.analyze's primary config); bad overrides are ConfigErrors."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(str(err))) from None
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line message as one line, without its config search path:
+    "Could not find 'eval/x'. Available options in 'eval': default, none"."""
+    lines = [line.strip() for line in message.split("Config search path")[0].splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].endswith(":"):
+        return f"{lines[0]}. {lines[1]} {', '.join(lines[2:])}"
+    return " ".join(lines)
+
+
+def override_key(override: str) -> str:
+    """The config key a command-line override sets ('model' for model=x, 'steer.alpha' for +steer.alpha=2)."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Callable[[], None]:

@@ -8,6 +8,7 @@ the field, the value and what is allowed.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, List, Optional
@@ -26,6 +27,8 @@ BRANCHES = ("cond", "uncond", "both")
 DIMS_MODES = ("auto", "all", "calibrated", "calibrated_weak", "calibrated_non_ma")
 WINDOW_UNITS = ("fraction", "steps")
 OFFLOAD_MODES = ("none", "model", "sequential")
+EVALUATORS = ("pixel", "dino", "clip", "vbench")
+VBENCH_MODES = ("custom_input", "vbench_standard")
 
 
 class ConfigError(UserError, ValueError):
@@ -142,11 +145,36 @@ class ShardConfig:
 
 
 @dataclass
+class FeatureModelConfig:
+    checkpoint: Optional[str] = None  # a local weights file; default: the standard caches (docs/evaluation.md)
+    random_weights: bool = False  # tests only: the real architecture with seeded random weights
+
+
+@dataclass
+class PixelEvalConfig:
+    size: int = 32  # frames average-pooled to size x size before comparing them
+
+
+@dataclass
+class VBenchEvalConfig:
+    mode: str = "custom_input"  # custom_input | vbench_standard
+    dimensions: List[str] = field(default_factory=list)  # VBench dimension names, e.g. [temporal_flickering]
+    python: Optional[str] = None  # the interpreter that has vbench installed; default: this one
+    cache_dir: Optional[str] = None  # VBench's weights cache; default: $VBENCH_CACHE_DIR, else ~/.cache/vbench
+    full_info: Optional[str] = None  # default: the VBench_full_info.json shipped with vbench
+    timeout: Optional[int] = None  # seconds per dimension
+
+
+@dataclass
 class EvalConfig:
-    evaluators: List[str] = field(default_factory=list)
+    evaluators: List[str] = field(default_factory=list)  # pixel | dino | clip | vbench
     device: str = "auto"
-    batch_size: int = 32
-    options: Any = field(default_factory=dict)
+    batch_size: int = 32  # frames per forward pass of dino / clip
+    temporal_compression: Optional[int] = None  # latent chunking of the chunk-aware metrics; default: the model's VAE
+    pixel: PixelEvalConfig = field(default_factory=PixelEvalConfig)
+    dino: FeatureModelConfig = field(default_factory=FeatureModelConfig)
+    clip: FeatureModelConfig = field(default_factory=FeatureModelConfig)
+    vbench: VBenchEvalConfig = field(default_factory=VBenchEvalConfig)
 
 
 ANALYSIS_PLOTS = ("tokens", "ratios", "channels", "profile")
@@ -251,8 +279,7 @@ def validate_model(model) -> Backbone:
     if model.vae_dtype is not None:
         _allowed("model.vae_dtype", model.vae_dtype, DTYPES)
     _allowed("model.cpu_offload", model.cpu_offload, OFFLOAD_MODES)
-    if not (model.device in ("auto", "cpu") or str(model.device).startswith("cuda")):
-        raise ConfigError(f"model.device={model.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    _check_device("model.device", model.device)
     _at_least("model.steps", model.steps, 1)
     _at_least("model.guidance_scale", model.guidance_scale, 0)
     _at_least("model.fps", model.fps, 1)
@@ -427,6 +454,49 @@ def validate_logger(logger) -> None:
     _allowed("logger.mode", logger.mode, ("offline", "online", "disabled"))
 
 
+def _check_device(path: str, device: str) -> None:
+    if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
+        raise ConfigError(f"{path}={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+
+
+def validate_eval(evaluation) -> None:
+    # Imported here: stas.evaluation imports this module.
+    from stas.evaluation.scores import DIMENSIONS, NEED_STANDARD_PROMPTS
+
+    for name in evaluation.evaluators:
+        _allowed("eval.evaluators", name, EVALUATORS)
+    if len(set(evaluation.evaluators)) != len(evaluation.evaluators):
+        raise ConfigError(f"eval.evaluators={list(evaluation.evaluators)} names an evaluator twice")
+    _check_device("eval.device", evaluation.device)
+    _at_least("eval.batch_size", evaluation.batch_size, 1)
+    if evaluation.temporal_compression is not None:
+        _at_least("eval.temporal_compression", evaluation.temporal_compression, 1)
+    _at_least("eval.pixel.size", evaluation.pixel.size, 1)
+    for name in ("dino", "clip"):
+        checkpoint = evaluation[name].checkpoint
+        if name in evaluation.evaluators and checkpoint and not Path(checkpoint).expanduser().is_file():
+            raise ConfigError(f"eval.{name}.checkpoint={checkpoint!r}: no such file")
+    if "vbench" not in evaluation.evaluators:
+        return
+    vbench = evaluation.vbench
+    _allowed("eval.vbench.mode", vbench.mode, VBENCH_MODES)
+    if not vbench.dimensions:
+        raise ConfigError(f"eval.vbench.dimensions is empty; name at least one of: {', '.join(DIMENSIONS)}")
+    for dimension in vbench.dimensions:
+        if dimension not in DIMENSIONS:
+            raise ConfigError(f"eval.vbench.dimensions contains {dimension!r}, which is not a VBench dimension; "
+                              f"allowed: {', '.join(DIMENSIONS)}")
+        if vbench.mode == "custom_input" and dimension in NEED_STANDARD_PROMPTS:
+            raise ConfigError(f"eval.vbench.dimensions contains {dimension!r}, which VBench scores only on its own "
+                              "prompts: use eval.vbench.mode=vbench_standard (with prompts=vbench)")
+    if vbench.python and not shutil.which(vbench.python):
+        raise ConfigError(f"eval.vbench.python={vbench.python!r}: no such executable")
+    if vbench.full_info and not Path(vbench.full_info).is_file():
+        raise ConfigError(f"eval.vbench.full_info={vbench.full_info!r}: no such file")
+    if vbench.timeout is not None:
+        _at_least("eval.vbench.timeout", vbench.timeout, 1)
+
+
 def shard_of(shard) -> tuple[int, int]:
     """(index, count) of this process's shard; unset fields come from the Slurm array variables."""
     count = shard.count if shard.count is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
@@ -460,6 +530,7 @@ def validate(cfg) -> Backbone:
     validate_steer(cfg.steer, cfg.model, backbone)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)
+    validate_eval(cfg.eval)
     validate_analysis(cfg.analysis, cfg.model)
     shard_of(cfg.shard)
     return backbone

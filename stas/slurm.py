@@ -24,7 +24,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stas.backbones import CONF_DIR
-from stas.config import ConfigError, path_safe, register_configs, validate
+from stas.cli import compose_config, override_key
+from stas.config import ConfigError, path_safe, validate
 from stas.errors import UserError
 
 REPO_DIR = CONF_DIR.parent
@@ -53,19 +54,6 @@ def _parse(overrides: list[str]):
         raise UserError(f"cannot parse overrides {overrides}: {err}") from None
 
 
-def compose_with_hydra(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(str(err).strip()) from None
-
-
 def expand_grid(overrides: list[str]) -> tuple[list[list[str]], object]:
     """Every cell's override list, and the config of the first cell (for the sweep dir and cluster settings).
 
@@ -77,7 +65,7 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], object]:
     if shard_keys:
         raise UserError(f"{shard_keys[0]}: shards are set by --shards (one array task per shard)")
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    base = compose_with_hydra(fixed)
+    base = compose_config(fixed, with_hydra=True)
     sweeps = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}
     params = base.hydra.sweeper.params
     params = OmegaConf.to_container(params, resolve=False) if params else {}
@@ -89,19 +77,15 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], object]:
     return [fixed + list(choice) for choice in itertools.product(*axes)], base
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def task_overrides(overrides: list[str]) -> list[str]:
     """The overrides a job itself gets (Hydra's own `hydra...` overrides only shape the submission)."""
-    return [o for o in overrides if not _key(o).startswith("hydra")]
+    return [o for o in overrides if not override_key(o).startswith("hydra")]
 
 
 def run_dir_of(cell_overrides: list[str], cfg) -> Path:
     """The directory Hydra's multirun gives this cell: sweep dir / override_dirname (minus the excluded keys)."""
     exclude = set(cfg.hydra.job.config.override_dirname.exclude_keys)
-    kept = sorted(o for o in task_overrides(cell_overrides) if _key(o) not in exclude)
+    kept = sorted(o for o in task_overrides(cell_overrides) if override_key(o) not in exclude)
     subdir = path_safe(",".join(kept)) or "run"
     return Path(str(cfg.hydra.sweep.dir)) / subdir
 
@@ -110,7 +94,7 @@ def plan(overrides: list[str]) -> tuple[list[Cell], object]:
     cells, base = expand_grid(overrides)
     planned = []
     for cell_overrides in cells:
-        cfg = compose_with_hydra(cell_overrides)
+        cfg = compose_config(cell_overrides, with_hydra=True)
         try:
             validate(cfg)
         except ConfigError as err:

@@ -22,15 +22,9 @@ torch.set_num_threads(2)
 def compose(overrides=(), config_name="config"):
     """A config composed exactly as the CLIs compose it (same tree, same schemas); config_name="analyze" is
     stas.analyze's primary config."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from stas.cli import compose_config
 
-    from stas.backbones import CONF_DIR
-    from stas.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))
+    return compose_config(overrides, config_name=config_name)
 
 
 @pytest.fixture

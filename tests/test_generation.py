@@ -24,7 +24,7 @@ def rows_of(run_dir, name="generation.jsonl"):
 
 
 def test_three_families_generate_through_the_cli_in_one_multirun(cli, tmp_path):
-    result = cli("stas.run", "-m", "model=tiny_wan21,tiny_wan22,tiny_cogvideox", ONE_PROMPT, "logger=none",
+    result = cli("stas.run", "-m", "model=tiny_wan21,tiny_wan22,tiny_cogvideox", ONE_PROMPT, "logger=none", "eval=none",
                  "model.steps=4", "progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for job, name in enumerate(["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]):
@@ -134,12 +134,13 @@ def test_missing_prompt_file_is_refused(tmp_path):
 
 
 def test_wandb_offline_run_directory_is_written(tmp_path):
-    cfg = compose(["logger=wandb", "progress=false", "model.steps=2", ONE_PROMPT, "name=wandb_check"])
+    cfg = compose(["logger=wandb", "progress=false", "model.steps=2", ONE_PROMPT, "name=wandb_check", "eval=none"])
     run(cfg, tmp_path)
     (offline,) = list((tmp_path / "wandb").glob("offline-run-*"))
     assert list(offline.glob("run-*.wandb"))
     # the run is closed (finish() ran): a second run in the same process starts a new offline run
-    run(compose(["logger=wandb", "progress=false", "model.steps=2", ONE_PROMPT, "name=wandb_check", "seed=1"]),
+    run(compose(["logger=wandb", "progress=false", "model.steps=2", ONE_PROMPT, "name=wandb_check", "seed=1",
+                 "eval=none"]),
         tmp_path / "second")
     assert len(list((tmp_path / "second" / "wandb").glob("offline-run-*"))) == 1
 

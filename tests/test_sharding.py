@@ -77,7 +77,7 @@ def test_merging_different_configs_is_refused_naming_the_keys(tmp_path):
 
 def test_kill_and_resume_leaves_no_duplicate_or_corrupt_file(unsharded, tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "stas.run", PROMPTS, "model.steps=2", "logger=none", "progress=false",
+    args = [sys.executable, "-m", "stas.run", PROMPTS, "model.steps=2", "logger=none", "progress=false", "eval=none",
             f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)
@@ -87,7 +87,7 @@ def test_kill_and_resume_leaves_no_duplicate_or_corrupt_file(unsharded, tmp_path
     os.killpg(process.pid, signal.SIGKILL)  # mid-run: between or inside a video's writes
     process.wait()
     assert len(read_jsonl(run_dir / "generation.jsonl")) < 5
-    resumed = run_cli("stas.run", PROMPTS, "model.steps=2", "logger=none", "progress=false",
+    resumed = run_cli("stas.run", PROMPTS, "model.steps=2", "logger=none", "progress=false", "eval=none",
                       f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(run_dir) == comparable(unsharded)

@@ -88,7 +88,8 @@ def test_sbatch_scripts_are_valid_bash():
 def test_submitit_local_launcher_runs_a_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("stas.run", "-m", "hydra/launcher=local", "steer=none,stas", "prompts.prompts=[a cat]",
-                     "model.steps=2", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                     "model.steps=2", "logger=none", "progress=false", "eval=none", f"hydra.sweep.dir={sweep}",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for subdir in ("0", "1"):
         rows = (sweep / subdir / "generation.jsonl").read_text().splitlines()

@@ -1,0 +1,81 @@
+"""`python -m stas.evaluate RUN_DIR [overrides]`: score the videos of a run directory written by stas.run.
+
+The config is the run's own (its Hydra overrides, .hydra/overrides.yaml) with the evaluation settings of this
+command line: overrides of eval, logger, shard and progress (default: eval=default). Other overrides must agree
+with the run (so the run's full override list, as the Slurm scripts pass it, is fine). Re-running skips videos
+already scored. Examples:
+    python -m stas.evaluate runs/default/2026-01-01_12-00-00
+    python -m stas.evaluate RUN_DIR eval.evaluators=[vbench] eval.vbench.dimensions=[temporal_flickering]
+    python -m stas.evaluate RUN_DIR eval=vbench_standard eval.vbench.python=/opt/vbench-env/bin/python
+    python -m stas.evaluate RUN_DIR shard.index=3 shard.count=8     # every 8th video, from the 4th
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from stas.cli import compose_config, fail, override_key
+from stas.config import ConfigError, validate
+from stas.errors import UserError
+from stas.evaluation import evaluate_run
+from stas.rundir import describe_differences, differing_keys, identity, load_identity
+from stas.tracking import RunLogger
+
+TOOL = "stas.evaluate"
+RUN_OVERRIDES = Path(".hydra") / "overrides.yaml"
+# What an evaluation sets itself; the run's own values of these are not carried over.
+EVALUATION_KEYS = ("eval", "logger", "shard", "progress")
+
+
+def evaluation_config(run_dir: Path, overrides: list[str]):
+    """The run's config (its own overrides, checked against its identity) with this evaluation's settings."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such directory (give the run directory written by stas.run)")
+    recorded = load_identity(run_dir)
+    saved = run_dir / RUN_OVERRIDES
+    run_overrides = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+    given = {override_key(o) for o in overrides}
+    kept = [o for o in run_overrides
+            if override_key(o) not in given and override_key(o).split(".")[0] not in EVALUATION_KEYS]
+    cfg = compose_config(kept + overrides)
+    keys = differing_keys(recorded, identity(cfg))
+    if keys:
+        raise ConfigError(f"{run_dir} holds a run of another config than these overrides give; differing keys: "
+                          f"{describe_differences(recorded, identity(cfg), keys, names=('run', 'here'))}. "
+                          f"Give overrides of {', '.join(EVALUATION_KEYS)} only (the rest comes from the run).")
+    return cfg
+
+
+def evaluate(run_dir: Path, overrides: list[str]):
+    cfg = evaluation_config(run_dir, overrides)
+    validate(cfg)
+    if not cfg.eval.evaluators:
+        raise ConfigError("eval.evaluators is empty (eval=none): name at least one of pixel, dino, clip, vbench")
+    with RunLogger(cfg, run_dir, job_type="evaluate") as logger:
+        summary = evaluate_run(cfg, run_dir, logger)
+    if not summary.ran_anything:
+        raise UserError(f"no evaluator could run:\n{summary}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in args):
+        print(__doc__)
+        return
+    positional = [arg for arg in args if "=" not in arg]
+    if len(positional) != 1:
+        fail(TOOL, f"give exactly one run directory (got {positional or 'none'}); usage: python -m {TOOL} RUN_DIR "
+                   "[eval.KEY=VALUE ...]")
+    try:
+        summary = evaluate(Path(positional[0]), [arg for arg in args if "=" in arg])
+    except UserError as err:
+        fail(TOOL, str(err))
+    print(f"{TOOL}: {summary}")
+
+
+if __name__ == "__main__":
+    main()

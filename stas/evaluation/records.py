@@ -1,0 +1,91 @@
+"""The results schema: per-video metric rows (metrics.jsonl) and their per-run aggregate (metrics.json).
+
+A row is one number about one video: {video, prompt, seed, evaluator, metric, value}, plus `weight` where the value
+averages over frame pairs or frames that a pooled aggregate should count (VBench pools its consistency dimensions
+over frame pairs, not videos), `settings` for the frame-feature evaluators (what the value depends on besides the
+video: pixel size or weights, temporal compression), and `error` (with value null) when the video could not be
+scored.
+`aggregate_metrics` is pure, so the merge of sharded runs can call it on the union of the shards' rows.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from stas.evaluation.scores import DIMENSIONS, vbench_scores
+
+METRICS_STAGE = "metrics"  # rows in metrics.jsonl, or shards/metrics-III-of-KKK.jsonl (stas.rundir.shard_file)
+METRICS_FILE = f"{METRICS_STAGE}.jsonl"
+AGGREGATE_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Video:
+    """One video of a run: its file name (the `video` of its rows), where it is, and what made it."""
+
+    name: str
+    path: Path
+    prompt: str
+    seed: int | None
+
+
+def row_key(row: dict) -> str:
+    return f"{row['video']}\t{row['evaluator']}\t{row['metric']}"
+
+
+def metric_row(video: Video, evaluator: str, metric: str, value: float, weight: int | None = None) -> dict:
+    row = {"video": video.name, "prompt": video.prompt, "seed": video.seed, "evaluator": evaluator,
+           "metric": metric, "value": value}
+    if weight is not None:
+        row["weight"] = weight
+    return row
+
+
+def error_row(video: Video, evaluator: str, metric: str, error: str) -> dict:
+    return {**metric_row(video, evaluator, metric, None), "error": error}
+
+
+def aggregate_metrics(rows) -> dict:
+    """The per-run aggregate of metric rows.
+
+    metrics: {"evaluator/metric": {mean, std, count, [pooled]}}: mean and sample std over videos; `pooled` (when
+    every row has a weight) = sum(value * weight) / sum(weight), which is how VBench aggregates.
+    vbench: the dimensions' values as VBench aggregates them, and vbench_scores of those (partial sets say what
+    is missing). errors: the rows of videos that could not be scored.
+    """
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    errors = []
+    for row in rows:
+        if row.get("value") is None:
+            errors.append({key: row.get(key) for key in ("video", "evaluator", "metric", "error")})
+        else:
+            groups[(row["evaluator"], row["metric"])].append(row)
+    metrics = {}
+    for (evaluator, metric), group in sorted(groups.items()):
+        values = [row["value"] for row in group]
+        entry = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                 "count": len(values)}
+        total = sum(row.get("weight", 0) for row in group)
+        if total > 0 and all("weight" in row for row in group):
+            entry["pooled"] = sum(row["value"] * row["weight"] for row in group) / total
+        metrics[f"{evaluator}/{metric}"] = entry
+    result = {"videos": len({row["video"] for row in rows}), "metrics": metrics, "errors": errors}
+    dimensions = {d: metrics[f"vbench/{d}"].get("pooled", metrics[f"vbench/{d}"]["mean"])
+                  for d in DIMENSIONS if f"vbench/{d}" in metrics}
+    if dimensions:
+        result["vbench"] = {"dimensions": dimensions, **vbench_scores(dimensions)}
+    return result
+
+
+def summary_values(aggregate: dict) -> dict:
+    """Flat {name: number} of an aggregate, for a W&B summary: metric means, VBench dimensions and scores."""
+    flat = {f"eval/{name}": entry["mean"] for name, entry in aggregate["metrics"].items()}
+    vbench = aggregate.get("vbench", {})
+    flat.update({f"eval/vbench/{d}": value for d, value in vbench.get("dimensions", {}).items()})
+    flat.update({f"eval/vbench/{score}": vbench[score]
+                 for score in ("quality_score", "semantic_score", "total_score") if score in vbench})
+    flat["eval/errors"] = len(aggregate["errors"])
+    return flat

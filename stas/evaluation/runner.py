@@ -1,0 +1,293 @@
+"""Scoring a run directory: every video of this shard by every configured evaluator, cached per video.
+
+Evaluators: `pixel`, `dino`, `clip` (frame features in this process: VBench's consistency formula and the
+chunk-aware similarities) and `vbench` (the real VBench, one process per dimension). A video already scored by an
+evaluator is skipped, so re-running is cheap and idempotent; videos that failed (error rows) are tried again.
+An evaluator that cannot run here (weights or packages missing) is skipped with the reason, the others proceed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from stas.backbones import backbone_from_config, resolve_device
+from stas.config import shard_of
+from stas.errors import UserError
+from stas.evaluation.features import WeightsMissing, feature_settings, make_features
+from stas.evaluation.records import (AGGREGATE_FILE, METRICS_STAGE, Video, aggregate_metrics, error_row, metric_row,
+                                     row_key, summary_values)
+from stas.evaluation.similarity import similarity_metrics
+from stas.evaluation.vbench import VBenchError, VBenchRunner
+from stas.generation import VIDEOS_DIR
+from stas.prompts import shard_items
+from stas.rundir import MANIFEST_FILE, JsonlRecords, atomic_write_json, read_jsonl, record_files, shard_file
+from stas.video import read_mp4
+
+VBENCH_LOGS = "vbench"
+SENTINEL_METRIC = "consistency"  # every successful frame-feature evaluation writes it
+FEATURE_ERROR = "error"  # the metric of a frame-feature evaluator's error row
+
+
+def read_video(path: Path) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames; ValueError when the file cannot be decoded or has fewer than 2 frames."""
+    frames = read_mp4(path)
+    if frames.shape[0] < 2:
+        raise ValueError(f"{path.name} has {frames.shape[0]} frame; frame similarity needs at least 2")
+    return frames
+
+
+def run_videos(run_dir: Path, index: int, count: int) -> tuple[list[Video], int]:
+    """This shard's videos (every count-th item of the run's manifest, as generation shards them) that exist, and
+    how many of its videos are not generated yet."""
+    manifest = run_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        raise UserError(f"{run_dir} has no {MANIFEST_FILE} (the list of the run's videos that stas.run writes): "
+                        "is it a run directory of stas.run?")
+    items = shard_items(read_jsonl(manifest), index, count)
+    videos = [Video(row["file"], run_dir / VIDEOS_DIR / row["file"], row["prompt"], row["seed"]) for row in items]
+    present = [video for video in videos if video.path.is_file()]
+    return present, len(videos) - len(present)
+
+
+@dataclass
+class EvaluationSummary:
+    run_dir: Path
+    shard: tuple[int, int]
+    videos: int
+    not_generated: int
+    rows_path: Path
+    aggregate_path: Path | None
+    scored: dict[str, int] = field(default_factory=dict)  # scorer (pixel, dino, clip, vbench/<dim>): videos scored now
+    cached: dict[str, int] = field(default_factory=dict)  # scorer: videos scored by an earlier run
+    errors: dict[str, int] = field(default_factory=dict)  # scorer: videos that failed now
+    skipped: dict[str, str] = field(default_factory=dict)  # scorer: why it could not run
+    notes: list[str] = field(default_factory=list)
+    seconds_per_video: dict[str, float] = field(default_factory=dict)
+    aggregate: dict = field(default_factory=dict)
+
+    @property
+    def ran_anything(self) -> bool:
+        return bool(self.scored or self.cached or self.errors)
+
+    def __str__(self) -> str:
+        index, count = self.shard
+        shard = f" (shard {index + 1}/{count})" if count > 1 else ""
+        lines = [f"evaluation of {self.videos} video(s) in {self.run_dir}{shard}"]
+        if self.not_generated:
+            lines.append(f"  {self.not_generated} video(s) of this run are not generated yet")
+
+        def counts(table):
+            return ", ".join(f"{name} {n}" for name, n in table.items())
+
+        if self.scored:
+            speed = ", ".join(f"{name} {s:.2f}" for name, s in self.seconds_per_video.items())
+            lines.append(f"  scored now: {counts(self.scored)} (seconds per video: {speed})")
+        if self.cached:
+            lines.append(f"  already scored (cached): {counts(self.cached)}")
+        if self.errors:
+            lines.append(f"  errors (rows with value null and an error): {counts(self.errors)}")
+        for name, reason in self.skipped.items():
+            # With a metrics.json the console gets the first line, the file the whole story.
+            shown = reason.splitlines()[0] if self.aggregate_path is not None else reason.replace("\n", "\n    ")
+            lines.append(f"  SKIPPED {name}: {shown}")
+        if self.skipped and self.aggregate_path is not None:
+            lines.append(f"  (what each skipped evaluator lacks, where it comes from and how to place it: "
+                         f"\"skipped\" in {self.aggregate_path})")
+        lines += [f"  note: {note}" for note in self.notes]
+        for name, entry in self.aggregate.get("metrics", {}).items():
+            lines.append(f"  {name:<40} {entry.get('pooled', entry['mean']):.4f}  (n={entry['count']})")
+        vbench = self.aggregate.get("vbench", {})
+        for score in ("quality_score", "semantic_score", "total_score"):
+            if score in vbench:
+                lines.append(f"  vbench {score:<33} {vbench[score]:.2f} %")
+            elif score in vbench.get("missing", {}):
+                lines.append(f"  vbench {score}: not computed, needs {len(vbench['missing'][score])} more dimension(s)")
+        lines.append(f"  rows:      {self.rows_path}")
+        if self.aggregate_path is not None:
+            lines.append(f"  aggregate: {self.aggregate_path}")
+        return "\n".join(lines)
+
+
+def _bump(table: dict[str, int], name: str) -> None:
+    table[name] = table.get(name, 0) + 1
+
+
+def evaluate_run(cfg, run_dir: Path, logger=None) -> EvaluationSummary:
+    """Score this shard's videos of `run_dir` with `cfg.eval` and write rows (and, unsharded, metrics.json)."""
+    index, count = shard_of(cfg.shard)
+    videos, not_generated = run_videos(run_dir, index, count)
+    if not videos:
+        shard = f" (shard {index + 1}/{count})" if count > 1 else ""
+        raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run{shard}: "
+                        "generate them first (python -m stas.run)")
+    evaluation = RunEvaluation(cfg, run_dir, videos, (index, count), not_generated)
+    evaluation.plan()
+    evaluation.score_frames()
+    evaluation.score_vbench()
+    return evaluation.finish(logger)
+
+
+class RunEvaluation:
+    """The state of one evaluate_run: the rows file, what each scorer still has to do, the summary.
+
+    Scorers are the frame-feature evaluators by name (pixel, dino, clip) and VBench's dimensions as vbench/<dimension>.
+    """
+
+    def __init__(self, cfg, run_dir: Path, videos: list[Video], shard: tuple[int, int], not_generated: int):
+        self.cfg = cfg
+        self.options = cfg.eval
+        self.videos = videos
+        self.shard = shard
+        self.records = JsonlRecords(shard_file(run_dir, METRICS_STAGE, *shard), key=row_key)
+        # Rows of every layout (unsharded, any shard count) count as done, as generation counts videos.
+        self.known = {row_key(row): row for path in record_files(run_dir, METRICS_STAGE) for row in read_jsonl(path)}
+        self.known.update(self.records.rows)
+        self.summary = EvaluationSummary(run_dir, shard, len(videos), not_generated, self.records.path,
+                                         run_dir / AGGREGATE_FILE if shard[1] == 1 else None)
+        self.compression = self.options.temporal_compression or backbone_from_config(cfg.model).temporal_compression
+        self.device = resolve_device(self.options.device, "eval.device")
+        self.vbench = (VBenchRunner(self.options.vbench, self.options.device, run_dir / VBENCH_LOGS)
+                       if "vbench" in self.options.evaluators else None)
+        self.todo: dict[str, list[Video]] = {}  # scorer: the videos it still has to score
+        self.settings: dict[str, str] = {}  # frame-feature evaluator: what its values depend on, kept in its rows
+        self.extractors = {}
+        self.readable: dict[str, list[Video]] = defaultdict(list)  # VBench scorer: its videos that decode
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def _is_scored(self, video: Video, evaluator: str, metric: str, settings: str | None = None) -> bool:
+        row = self.known.get(row_key({"video": video.name, "evaluator": evaluator, "metric": metric}))
+        return row is not None and row.get("value") is not None and row.get("settings") == settings
+
+    def _forget(self, video: Video, evaluator: str) -> None:
+        """Drop a video's rows of an evaluator before it is scored again (other settings, or an error before)."""
+        prefix = row_key({"video": video.name, "evaluator": evaluator, "metric": ""})
+        for rows in (self.records.rows, self.known):
+            for key in [key for key in rows if key.startswith(prefix)]:
+                del rows[key]
+
+    def _append(self, row: dict) -> None:
+        self.records.append(row)
+        self.known[row_key(row)] = row
+
+    def plan(self) -> None:
+        summary = self.summary
+        for name in (e for e in self.options.evaluators if e != "vbench"):
+            self.settings[name] = f"{feature_settings(name, self.options)}; temporal_compression {self.compression}"
+            self.todo[name] = [v for v in self.videos
+                               if not self._is_scored(v, name, SENTINEL_METRIC, self.settings[name])]
+            summary.cached[name] = len(self.videos) - len(self.todo[name])
+        if self.vbench is not None:
+            self._plan_vbench(list(self.options.vbench.dimensions))
+        summary.cached = {name: n for name, n in summary.cached.items() if n}
+        for name in [n for n, videos in self.todo.items() if videos and not n.startswith("vbench/")]:
+            try:
+                self.extractors[name] = make_features(name, self.options, self.device)
+            except WeightsMissing as err:
+                summary.skipped[name] = str(err)
+                del self.todo[name]
+            else:
+                if self.extractors[name].note:
+                    summary.notes.append(f"{name}: {self.extractors[name].note}")
+
+    def _plan_vbench(self, dimensions: list[str]) -> None:
+        try:
+            problems = self.vbench.probe(dimensions)
+        except VBenchError as err:
+            problems = {dimension: str(err) for dimension in dimensions}
+        for dimension in dimensions:
+            name = f"vbench/{dimension}"
+            if problems[dimension]:
+                self.summary.skipped[name] = problems[dimension]
+                continue
+            members = self.videos
+            if self.options.vbench.mode == "vbench_standard":
+                suite = self.vbench.standard_videos(dimension)
+                members = [video for video in self.videos if video.name in suite]
+                if not members:
+                    self.summary.notes.append(
+                        f"{name}: none of this run's videos is in VBench's standard suite for this dimension "
+                        "(it scores {prompt}-{index}.mp4 of its own prompts: prompts=vbench)")
+                    continue
+            self.todo[name] = [v for v in members if not self._is_scored(v, "vbench", dimension)]
+            self.summary.cached[name] = len(members) - len(self.todo[name])
+
+    def score_frames(self) -> None:
+        """Decode each video once: frame-feature scorers score it here, VBench scorers get it only if it decodes."""
+        pending = {name: {v.name for v in videos} for name, videos in self.todo.items()}
+        to_read = [v for v in self.videos if any(v.name in names for names in pending.values())]
+        for video in tqdm(to_read, desc="evaluating videos", disable=not self.cfg.progress or not to_read):
+            wanted = [name for name, names in pending.items() if video.name in names]
+            try:
+                frames = read_video(video.path)
+            except ValueError as err:
+                for name in wanted:
+                    evaluator, metric = name.split("/") if name.startswith("vbench/") else (name, FEATURE_ERROR)
+                    self._append(error_row(video, evaluator, metric, str(err)))
+                    _bump(self.summary.errors, name)
+                continue
+            for name in wanted:
+                if name in self.extractors:
+                    self._score_features(name, video, frames)
+                else:
+                    self.readable[name].append(video)
+
+    def _score_features(self, name: str, video: Video, frames: np.ndarray) -> None:
+        start = time.perf_counter()
+        features = self.extractors[name](frames)
+        self._forget(video, name)
+        for metric, (value, pairs) in similarity_metrics(features, self.compression).items():
+            self._append({**metric_row(video, name, metric, value, pairs), "settings": self.settings[name]})
+        self.seconds[name] += time.perf_counter() - start
+        _bump(self.summary.scored, name)
+
+    def score_vbench(self) -> None:
+        index, count = self.shard
+        for name, videos in self.readable.items():
+            dimension = name.split("/", 1)[1]
+            start = time.perf_counter()
+            try:
+                results = self.vbench.evaluate(dimension, videos, dimension if count == 1
+                                               else f"{dimension}-{index:03d}-of-{count:03d}")
+            except VBenchError as err:
+                self.summary.skipped[name] = f"VBench failed: {err}"
+                continue
+            self.seconds[name] = time.perf_counter() - start
+            by_video = {result["video"]: result for result in results}
+            for video in videos:
+                result = by_video.get(video.name)
+                if result is None:
+                    self._append(error_row(video, "vbench", dimension, "VBench returned no result for this video"))
+                    _bump(self.summary.errors, name)
+                else:
+                    self._append(metric_row(video, "vbench", dimension, result["value"], result["weight"]))
+                    _bump(self.summary.scored, name)
+
+    def finish(self, logger) -> EvaluationSummary:
+        """Compact the rows in video order, aggregate them, write metrics.json (unsharded), log to W&B."""
+        summary = self.summary
+        summary.seconds_per_video = {name: self.seconds[name] / n for name, n in summary.scored.items()}
+        order = {video.name: n for n, video in enumerate(self.videos)}
+        self.records.compact(order=lambda row: (order.get(row["video"], len(order)), row["evaluator"], row["metric"]))
+        rows = list(self.known.values())  # this file's and every other layout's rows
+        summary.aggregate = aggregate_metrics(rows)
+        if summary.aggregate_path is not None:
+            atomic_write_json(summary.aggregate_path, {
+                **summary.aggregate,
+                "skipped": {name: reason.splitlines() for name, reason in summary.skipped.items()},
+                "temporal_compression": self.compression,
+                "eval": OmegaConf.to_container(self.options, resolve=True),
+            })
+        else:
+            summary.notes.append("sharded run: metrics.json is written when the shards' rows are merged "
+                                 "(stas.evaluation.aggregate_metrics on their union)")
+        if logger is not None:
+            logger.log_table("metrics", rows)
+            logger.summary(summary_values(summary.aggregate))
+        return summary

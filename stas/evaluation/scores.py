@@ -1,0 +1,81 @@
+"""VBench's aggregate scores (Quality, Semantic, Total) from raw per-dimension values.
+
+The constants are VBench's own (scripts/constant.py and scripts/cal_final_score.py in github.com/Vchitect/VBench):
+each raw value is min/max normalised and weighted, Quality is the weighted mean of the 7 quality dimensions,
+Semantic of the 9 semantic ones, Total = (4 * Quality + 1 * Semantic) / 5. VBench does not clip the normalised
+values, and neither do we.
+"""
+
+from __future__ import annotations
+
+import math
+
+# dimension: (Min, Max, weight), snake_case as VBench names its dimensions in code and in results files.
+NORMALIZATION = {
+    "subject_consistency": (0.1462, 1.0, 1.0),
+    "background_consistency": (0.2615, 1.0, 1.0),
+    "temporal_flickering": (0.6293, 1.0, 1.0),
+    "motion_smoothness": (0.706, 0.9975, 1.0),
+    "dynamic_degree": (0.0, 1.0, 0.5),
+    "aesthetic_quality": (0.0, 1.0, 1.0),
+    "imaging_quality": (0.0, 1.0, 1.0),
+    "object_class": (0.0, 1.0, 1.0),
+    "multiple_objects": (0.0, 1.0, 1.0),
+    "human_action": (0.0, 1.0, 1.0),
+    "color": (0.0, 1.0, 1.0),
+    "spatial_relationship": (0.0, 1.0, 1.0),
+    "scene": (0.0, 0.8222, 1.0),
+    "appearance_style": (0.0009, 0.2855, 1.0),
+    "temporal_style": (0.0, 0.364, 1.0),
+    "overall_consistency": (0.0, 0.364, 1.0),
+}
+QUALITY_DIMENSIONS = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
+                      "aesthetic_quality", "imaging_quality", "dynamic_degree")
+SEMANTIC_DIMENSIONS = ("object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
+                       "appearance_style", "temporal_style", "overall_consistency")
+DIMENSIONS = QUALITY_DIMENSIONS + SEMANTIC_DIMENSIONS
+QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4, 1
+# VBench's custom_input mode refuses these: they need the auxiliary info (objects, colours, ...) of its own prompts.
+NEED_STANDARD_PROMPTS = ("object_class", "multiple_objects", "scene", "appearance_style", "color",
+                         "spatial_relationship")
+
+
+def normalized_score(dimension: str, raw: float) -> float:
+    """(raw - Min) / (Max - Min), not clipped, not weighted: 1.0 is VBench's Max."""
+    low, high, _ = NORMALIZATION[dimension]
+    return (raw - low) / (high - low)
+
+
+def _weighted_mean(raw: dict, dimensions) -> float:
+    weights = [NORMALIZATION[d][2] for d in dimensions]
+    return sum(normalized_score(d, raw[d]) * w for d, w in zip(dimensions, weights)) / sum(weights)
+
+
+def vbench_scores(raw: dict) -> dict:
+    """VBench's Quality, Semantic and Total scores in percent from raw dimension values in [0, 1].
+
+    Returns the scores whose dimensions are all in `raw` (quality_score, semantic_score, total_score), each
+    dimension's normalised value in percent under "normalized", and under "missing" the dimensions each absent
+    score still needs. A Total is never computed from a partial set.
+    """
+    unknown = sorted(set(raw) - set(NORMALIZATION))
+    if unknown:
+        raise ValueError(f"unknown VBench dimension(s) {unknown}; allowed: {', '.join(DIMENSIONS)}")
+    for dimension, value in raw.items():
+        if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"VBench dimension {dimension}={value!r}: a raw value must be a number in [0, 1]")
+    result: dict = {"normalized": {d: 100.0 * normalized_score(d, raw[d]) for d in DIMENSIONS if d in raw}}
+    missing = {}
+    for name, dimensions in (("quality_score", QUALITY_DIMENSIONS), ("semantic_score", SEMANTIC_DIMENSIONS)):
+        absent = [d for d in dimensions if d not in raw]
+        if absent:
+            missing[name] = absent
+        else:
+            result[name] = 100.0 * _weighted_mean(raw, dimensions)
+    if missing:
+        missing["total_score"] = [d for d in DIMENSIONS if d not in raw]
+    else:
+        result["total_score"] = ((QUALITY_WEIGHT * result["quality_score"] + SEMANTIC_WEIGHT * result["semantic_score"])
+                                 / (QUALITY_WEIGHT + SEMANTIC_WEIGHT))
+    result["missing"] = missing
+    return result

@@ -1,0 +1,119 @@
+"""Driving the real VBench: one dimension per process, through `vbench_worker.py`, in a configurable interpreter.
+
+VBench's install pins clash with this stack, so it may live in its own environment (eval.vbench.python). The worker
+needs only the standard library and vbench; it first reports what each dimension lacks (weights in VBench's cache,
+packages), so that a dimension that cannot run is skipped with a message saying how to fix it, before VBench would
+start a download that hangs offline. Each runnable dimension then runs in its own process on a folder of links to the
+videos it still has to score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from stas.errors import UserError
+from stas.evaluation.records import Video
+
+WORKER = Path(__file__).with_name("vbench_worker.py")
+SAMPLES_PER_PROMPT = 5  # VBench's standard suite: {prompt}-{0..4}.mp4
+
+
+class VBenchError(UserError):
+    """A dimension (or VBench as a whole) that could not run; the message says why and what to do."""
+
+
+class VBenchRunner:
+    """The worker processes of one evaluation: a probe for all dimensions, then one process per dimension."""
+
+    def __init__(self, options, device: str, logs_dir: Path):
+        self.options = options
+        self.python = options.python or sys.executable
+        self.device = device
+        self.logs_dir = logs_dir
+        self.env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+        if options.cache_dir:
+            self.env["VBENCH_CACHE_DIR"] = str(Path(options.cache_dir).expanduser())
+        self.full_info: str | None = options.full_info
+
+    def _run(self, request: dict, log_name: str, timeout: float | None) -> dict:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs_dir / f"{log_name}.log"
+        with tempfile.TemporaryDirectory(prefix="stas-vbench-") as tmp:
+            request = dict(request, output=str(Path(tmp) / "answer.json"))
+            request_path = Path(tmp) / "request.json"
+            request_path.write_text(json.dumps(request), encoding="utf-8")
+            with open(log_path, "w", encoding="utf-8") as log:
+                try:
+                    process = subprocess.run([self.python, str(WORKER), str(request_path)], stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                                             timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    raise VBenchError(f"timed out after {timeout} s (eval.vbench.timeout); log: {log_path}") from None
+                except OSError as err:
+                    raise VBenchError(f"eval.vbench.python={self.python!r} cannot be run: "
+                                      f"{err.strerror or err}") from None
+            answer_path = Path(request["output"])
+            if not answer_path.is_file():
+                raise VBenchError(f"the VBench worker ({self.python}) exited with code {process.returncode} "
+                                  f"without an answer; log: {log_path}")
+            answer = json.loads(answer_path.read_text(encoding="utf-8"))
+        if "traceback" in answer:
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(answer["traceback"])
+        if "error" in answer:
+            raise VBenchError(f"{answer['error']} (log: {log_path})")
+        return answer
+
+    def probe(self, dimensions: list[str]) -> dict[str, str | None]:
+        """{dimension: None when it can run here, else why not and how to fix it}."""
+        answer = self._run({"action": "probe", "dimensions": dimensions}, "probe", timeout=120)
+        self.full_info = self.full_info or answer["full_info"]
+        return {d: problems_message(answer["dimensions"][d], answer["cache_dir"], answer["python"]) for d in dimensions}
+
+    def standard_videos(self, dimension: str) -> set[str]:
+        """The file names VBench's standard mode scores for a dimension: {prompt}-{index}.mp4 of its prompts."""
+        entries = json.loads(Path(self.full_info).read_text(encoding="utf-8"))
+        return {f"{e['prompt_en']}-{i}.mp4" for e in entries if dimension in e["dimension"]
+                for i in range(SAMPLES_PER_PROMPT)}
+
+    def evaluate(self, dimension: str, videos: list[Video], log_name: str) -> list[dict]:
+        """VBench's per-video results [{video, value, weight}] for one dimension on `videos`."""
+        with tempfile.TemporaryDirectory(prefix=f"stas-vbench-{dimension}-") as tmp:
+            videos_dir = Path(tmp) / "videos"
+            videos_dir.mkdir()
+            for video in videos:
+                (videos_dir / video.name).symlink_to(video.path.resolve())
+            answer = self._run({
+                "action": "evaluate",
+                "dimension": dimension,
+                "mode": self.options.mode,
+                "videos_dir": str(videos_dir),
+                "work_dir": str(Path(tmp) / "vbench"),
+                "device": self.device,
+                "full_info": self.full_info,
+                "prompts": {video.name: video.prompt for video in videos},
+            }, log_name, timeout=self.options.timeout)
+        return answer["videos"]
+
+
+def problems_message(entry: dict, cache_dir: str, python: str) -> str | None:
+    """None when nothing is missing; else a first line saying what is missing, then each file's source and how to
+    place it."""
+    files, packages = entry["missing_files"], entry["missing_packages"]
+    parts = []
+    if files:
+        parts.append(f"{len(files)} weight file(s) missing from the VBench cache {cache_dir} "
+                     "(VBENCH_CACHE_DIR or eval.vbench.cache_dir)")
+    if packages:
+        parts.append(f"package(s) missing in {python}: {', '.join(packages)}")
+    if not parts:
+        return None
+    lines = ["; ".join(parts)]
+    for item in files:
+        lines += [f"  {item['path']}", f"      from {item['source']}", f"      e.g. {item['how']}"]
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""Run VBench for stas, inside whatever Python has `vbench` installed (stdlib + vbench only: no stas import).
+
+    python vbench_worker.py REQUEST.json
+
+REQUEST is a JSON object; the answer is written as JSON to request["output"]. Actions:
+- "probe": for each of request["dimensions"], what it still lacks here: weight files in VBench's cache (with where
+  each comes from and how to place it), Python packages, or vbench itself. Cheap: imports nothing heavy.
+- "evaluate": run one dimension (request["dimension"]) through VBench's own Python API in local mode (weights from
+  the cache only) on the videos in request["videos_dir"], and return VBench's value and its per-video results,
+  each with the weight VBench pools it with (frame pairs for the consistency dimensions, frames for the
+  frame-counting ones, else 1).
+stas checks every file VBench would otherwise fetch with wget or git clone before it calls VBench, so an offline
+machine gets a message instead of a hanging download.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+# Run as a script, Python puts this file's folder first on sys.path, where stas's own vbench.py would shadow the
+# vbench package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+HF_MODELS = "https://huggingface.co/OpenGVLab/VBench_Used_Models/resolve/main/"
+CLIP_B32 = ("clip_model/ViT-B-32.pt", "https://openaipublic.azureedge.net/clip/models/"
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
+CLIP_L14 = ("clip_model/ViT-L-14.pt", "https://openaipublic.azureedge.net/clip/models/"
+            "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt")
+GRIT = ("grit_model/grit_b_densecap_objectdet.pth",
+        "https://datarelease.blob.core.windows.net/grit/models/grit_b_densecap_objectdet.pth")
+VICLIP = [("ViCLIP/ViClip-InternVid-10M-FLT.pth", HF_MODELS + "ViClip-InternVid-10M-FLT.pth"),
+          ("ViCLIP/bpe_simple_vocab_16e6.txt.gz",
+           "https://raw.githubusercontent.com/openai/CLIP/main/clip/bpe_simple_vocab_16e6.txt.gz")]
+DINO_REPO = "dino_model/facebookresearch_dino_main"
+DINO_WEIGHTS = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+RAFT_ZIP = "https://dl.dropboxusercontent.com/s/4j4z58wuv8o0mfz/models.zip"
+
+# What each dimension reads from VBench's cache in local mode: (path under the cache, where it comes from).
+CACHE_FILES = {
+    "subject_consistency": [(DINO_REPO + "/hubconf.py", "git clone https://github.com/facebookresearch/dino"),
+                            ("dino_model/dino_vitbase16_pretrain.pth", DINO_WEIGHTS)],
+    "background_consistency": [CLIP_B32],
+    "temporal_flickering": [],
+    "motion_smoothness": [("amt_model/amt-s.pth", "https://huggingface.co/lalala125/AMT/resolve/main/amt-s.pth")],
+    "dynamic_degree": [("raft_model/models/raft-things.pth", RAFT_ZIP)],
+    "aesthetic_quality": [CLIP_L14, ("aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth",
+                                     "https://github.com/LAION-AI/aesthetic-predictor/blob/main/"
+                                     "sa_0_4_vit_l_14_linear.pth?raw=true")],
+    "imaging_quality": [("pyiqa_model/musiq_spaq_ckpt-358bb6af.pth",
+                         "https://github.com/chaofengc/IQA-PyTorch/releases/download/v0.1-weights/"
+                         "musiq_spaq_ckpt-358bb6af.pth")],
+    "object_class": [GRIT],
+    "multiple_objects": [GRIT],
+    "human_action": [("umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth",
+                      HF_MODELS + "l16_ptk710_ftk710_ftk400_f16_res224.pth")],
+    "color": [GRIT],
+    "spatial_relationship": [GRIT],
+    "scene": [("caption_model/tag2text_swin_14m.pth",
+               "https://huggingface.co/spaces/xinyu1205/recognize-anything/resolve/main/tag2text_swin_14m.pth")],
+    "appearance_style": [CLIP_B32],
+    "temporal_style": VICLIP,
+    "overall_consistency": VICLIP,
+}
+# Packages a dimension imports beyond what `import vbench` needs (torch, torchvision, decord, cv2, numpy, PIL).
+PACKAGES = {
+    "background_consistency": ["clip"],
+    "aesthetic_quality": ["clip"],
+    "appearance_style": ["clip"],
+    "human_action": ["clip", "timm"],
+    "imaging_quality": ["pyiqa"],
+    "dynamic_degree": ["easydict"],
+    "motion_smoothness": ["omegaconf"],
+    "object_class": ["detectron2", "fvcore"],
+    "multiple_objects": ["detectron2", "fvcore"],
+    "color": ["detectron2", "fvcore"],
+    "spatial_relationship": ["detectron2", "fvcore"],
+    "scene": ["transformers", "timm"],
+    "temporal_style": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
+    "overall_consistency": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
+}
+PIP_NAMES = {"clip": "openai-clip (needs setuptools<81)", "pkg_resources": "setuptools<81",
+             "detectron2": "detectron2 (not on PyPI: see its install guide)"}
+
+
+def cache_dir() -> Path:
+    # The same rule as vbench/utils.py.
+    return Path(os.environ.get("VBENCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vbench"))
+
+
+def torch_hub_dir() -> Path:
+    # torch.hub.get_dir() without importing torch: DINO's hubconf loads its weights from <hub>/checkpoints.
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(os.path.expanduser(torch_home)) / "hub"
+
+
+def how_to_place(path: Path, source: str) -> str:
+    if source.startswith("git clone"):
+        return f"{source} {path.parent}"
+    if source == RAFT_ZIP:
+        folder = path.parent.parent
+        return f"wget {source} -P {folder} && unzip -d {folder} {folder}/models.zip"
+    return f"wget '{source}' -O {path}"
+
+
+def missing_files(dimension: str) -> list:
+    cache = cache_dir()
+    missing = []
+    for relative, source in CACHE_FILES[dimension]:
+        path = cache / relative
+        if not path.exists():
+            missing.append({"path": str(path), "source": source, "how": how_to_place(path, source)})
+    if dimension == "subject_consistency":
+        # VBench checks its own copy, but DINO's hubconf then loads the weights through torch's hub cache.
+        hub_copy = torch_hub_dir() / "checkpoints" / "dino_vitbase16_pretrain.pth"
+        if not hub_copy.is_file():
+            missing.append({"path": str(hub_copy), "source": DINO_WEIGHTS,
+                            "how": f"mkdir -p {hub_copy.parent} && cp {cache}/dino_model/dino_vitbase16_pretrain.pth "
+                                   f"{hub_copy} (or wget '{DINO_WEIGHTS}' -O {hub_copy})"})
+    return missing
+
+
+def probe(request: dict) -> dict:
+    answer = {"python": sys.executable, "cache_dir": str(cache_dir()), "dimensions": {}}
+    spec = importlib.util.find_spec("vbench")
+    if spec is None:
+        answer["error"] = (f"vbench is not installed in {sys.executable}: pip install --no-deps vbench==0.1.5 "
+                           "decord opencv-python-headless easydict (or point eval.vbench.python at a Python that "
+                           "has it)")
+        return answer
+    package_dir = Path(spec.submodule_search_locations[0])
+    answer["full_info"] = str(package_dir / "VBench_full_info.json")
+    for dimension in request["dimensions"]:
+        packages = [name for name in PACKAGES.get(dimension, []) if importlib.util.find_spec(name) is None]
+        answer["dimensions"][dimension] = {
+            "missing_files": missing_files(dimension),
+            "missing_packages": [PIP_NAMES.get(name, name) for name in packages],
+        }
+    return answer
+
+
+def video_weight(dimension: str, result: dict) -> int:
+    """How VBench pools this video's value into the dimension's value (see each compute_<dimension>)."""
+    if dimension == "subject_consistency":
+        import decord  # VBench reads the frames with decord; its sum runs over frame pairs
+
+        return len(decord.VideoReader(result["video_path"], num_threads=1)) - 1
+    for key in ("cnt_per_video", "frame_count"):
+        if key in result:
+            return int(result[key])
+    if dimension in ("spatial_relationship", "appearance_style"):
+        return len(result["frame_results"])
+    return 1
+
+
+def evaluate(request: dict) -> dict:
+    import torch
+    from vbench import VBench
+
+    dimension = request["dimension"]
+    device = request.get("device") or "auto"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    full_info = request.get("full_info") or str(Path(importlib.util.find_spec("vbench").origin).parent
+                                                / "VBench_full_info.json")
+    work_dir = Path(request["work_dir"])
+    bench = VBench(torch.device(device), full_info, str(work_dir))
+    prompts = request.get("prompts") or {}
+    bench.evaluate(videos_path=request["videos_dir"], name=dimension, dimension_list=[dimension], local=True,
+                   mode=request["mode"], **({"prompt_list": prompts} if request["mode"] == "custom_input" else {}))
+    value, per_video = json.loads((work_dir / f"{dimension}_eval_results.json").read_text())[dimension]
+    return {
+        "dimension": dimension,
+        "device": device,
+        "value": float(value),
+        "videos": [{"video": Path(r["video_path"]).name, "value": float(r["video_results"]),
+                    "weight": video_weight(dimension, r)} for r in per_video],
+    }
+
+
+def main() -> int:
+    request = json.loads(Path(sys.argv[1]).read_text())
+    try:
+        answer = {"probe": probe, "evaluate": evaluate}[request["action"]](request)
+        code = 0
+    except Exception as err:  # any failure inside VBench is this dimension's error, reported to stas
+        answer = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        code = 1
+    Path(request["output"]).write_text(json.dumps(answer))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
