@@ -37,20 +37,20 @@ def main(argv=None) -> int:
         print(f"tables: error: {err}", file=sys.stderr)
         return 2
     missing = [problem for run in runs for problem in missing_work(run)]
-    tables = {
-        "paper_table": (paper_table(runs), "VBench scores (percent), one row per backbone and method."),
-        "metrics_table": (metrics_table(runs), "Every metric, mean over videos."),
+    tables = {  # name: (table, caption, digits)
+        "paper_table": (paper_table(runs), "VBench scores (percent), one row per backbone and method.", 2),
+        "metrics_table": (metrics_table(runs), "Every metric, mean over videos.", 4),
         "deltas": (delta_table(runs, args.resamples, args.seed),
-                   "Steered minus vanilla, paired bootstrap 95% CI over prompts."),
+                   "Steered minus vanilla, paired bootstrap 95% CI over prompts.", 4),
     }
-    for name, (frame, caption) in tables.items():
-        atomic_write_text(args.out / f"{name}.md", to_markdown(frame) + "\n")
-        atomic_write_text(args.out / f"{name}.tex", to_latex(frame, caption, f"tab:{name}"))
+    for name, (frame, caption, digits) in tables.items():
+        atomic_write_text(args.out / f"{name}.md", to_markdown(frame, digits) + "\n")
+        atomic_write_text(args.out / f"{name}.tex", to_latex(frame, caption, f"tab:{name}", digits))
     atomic_write_text(args.out / "results.csv", tables["metrics_table"][0].to_csv(index=False))
     print(f"{len(runs)} run(s) from {', '.join(map(str, args.paths))}\n")
     print(to_markdown(tables["paper_table"][0]) + "\n")
     if not tables["deltas"][0].empty:
-        print(to_markdown(tables["deltas"][0], digits=3) + "\n")
+        print(to_markdown(tables["deltas"][0], digits=4) + "\n")
     print(f"tables written to {args.out}")
     _log(args, tables)
     if missing:
@@ -67,7 +67,7 @@ def _log(args, tables) -> None:
                                    "group": group, "tags": [], "log_videos": 0, "init_timeout": 120})
     with RunLogger.for_directory(logger_cfg, args.out, job_type="aggregate", group=group,
                                  config={"paths": [str(p) for p in args.paths]}) as logger:
-        for name, (frame, _) in tables.items():
+        for name, (frame, _, _) in tables.items():
             logger.log_table(name, frame.to_dict("records"))
 
 
