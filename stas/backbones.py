@@ -8,7 +8,7 @@ how classifier-free guidance calls the transformer, and what a block returns.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,30 +34,21 @@ class Family:
     expand_timesteps: bool = False  # Wan2.2-TI2V: a timestep per token
 
 
+_WAN = Family(
+    pipeline="WanPipeline",
+    blocks_attr="blocks",
+    temporal_compression=4,
+    spatial_compression=8,
+    patch=(1, 2, 2),
+    cfg_layout="two_pass",
+    block_returns_tuple=False,
+    text_tokens="cross-attention only (encoder_hidden_states), never in the block output",
+    latents_frame_axis=2,
+)
 FAMILIES = {
-    "wan21": Family(
-        pipeline="WanPipeline",
-        blocks_attr="blocks",
-        temporal_compression=4,
-        spatial_compression=8,
-        patch=(1, 2, 2),
-        cfg_layout="two_pass",
-        block_returns_tuple=False,
-        text_tokens="cross-attention only (encoder_hidden_states), never in the block output",
-        latents_frame_axis=2,
-    ),
-    "wan22": Family(
-        pipeline="WanPipeline",
-        blocks_attr="blocks",
-        temporal_compression=4,
-        spatial_compression=16,
-        patch=(1, 2, 2),
-        cfg_layout="two_pass",
-        block_returns_tuple=False,
-        text_tokens="cross-attention only (encoder_hidden_states), never in the block output",
-        latents_frame_axis=2,
-        expand_timesteps=True,
-    ),
+    "wan21": _WAN,
+    # Wan2.2-TI2V: a residual VAE compressing 16x in space, and a timestep per token.
+    "wan22": replace(_WAN, spatial_compression=16, expand_timesteps=True),
     "cogvideox": Family(
         pipeline="CogVideoXPipeline",
         blocks_attr="transformer_blocks",
