@@ -39,6 +39,16 @@ class OutputDirCheck(Callback):
             fail("stas", f"{key}={directory!r}: the output directory cannot be created: {err.strerror or err}")
 
 
+def compose(overrides=()):
+    """A config composed exactly as the CLIs compose it (same tree, same schemas), for tests and benchmarks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
 def hydra_entry(tool: str, task: Callable) -> Callable[[], None]:
     """A console entry point running `task(cfg, run_dir)` under Hydra with the stas config tree.
 

@@ -18,18 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 
-
-def compose(overrides=()):
-    """A config composed exactly as the CLIs compose it (same tree, same schemas)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from stas.backbones import CONF_DIR
-    from stas.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+from stas.cli import compose  # noqa: E402  (tests import it from here; after the environment above)
 
 
 @pytest.fixture
