@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from timing import cpu_threads, interleave, machine, table
+from timing import interleave, machine, run_benchmark, table
 
 REPO = Path(__file__).resolve().parent.parent
 CLI_TARGET_S = 180.0
@@ -50,19 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    with cpu_threads(args.threads):
-        result = measure(args, argv)
-    print(f"overhead_ratio={result['per_video_ratio']:.4f}")
-    return result
+    return run_benchmark("framework_overhead.py", argv, parse_args(argv), measure,
+                         lambda result: f"overhead_ratio={result['per_video_ratio']:.4f}")
 
 
-def measure(args, argv) -> dict:
+def measure(args) -> dict:
     from stas.backbones import load_pipeline
     from stas.cli import compose
     from stas.config import validate
     from stas.generation import pipeline_kwargs, run_items
-    from stas.rundir import atomic_write_json
 
     video_rounds = args.video_rounds or (3 if args.quick else 9)
     generation_rounds = args.generation_rounds or (2 if args.quick else 5)
@@ -86,7 +82,6 @@ def measure(args, argv) -> dict:
 
     result = {
         "benchmark": "framework_overhead",
-        "command": "python benchmarks/framework_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(torch.device("cpu")),
         "model": {"name": cfg.model.name, "steps": cfg.model.steps, "video": [cfg.model.num_frames,
                   cfg.model.height, cfg.model.width], "prompts": len(items)},
@@ -98,8 +93,6 @@ def measure(args, argv) -> dict:
         "cli_seconds": cli_seconds,
     }
     print(report(result, per_video, generation))
-    if args.json:
-        atomic_write_json(args.json, result)
     return result
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from timing import cpu_threads, device_synchronizer, interleave, machine, table
+from timing import device_synchronizer, interleave, machine, run_benchmark, sizes, table
 
 KERNELS = {
     "amax_amin": lambda h: torch.maximum(h.amax(dim=1), h.amin(dim=1).neg()),
@@ -28,34 +29,24 @@ KERNELS = {
 }
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        batch, tokens, channels = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected BATCHxTOKENSxCHANNELS, e.g. 1x4080x512") from None
-    return batch, tokens, channels
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    parser.add_argument("--shape", type=parse_shape, help="BATCHxTOKENSxCHANNELS (default: per device, see above)")
+    parser.add_argument("--shape", type=sizes("--shape", "BATCHxTOKENSxCHANNELS", "1x4080x512"), help="BATCHxTOKENSxCHANNELS (default: per device, see above)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, "
                         "bfloat16 on CUDA")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--rounds", type=int, help="timed rounds (default 15, 5 with --quick)")
     parser.add_argument("--calls", type=int, default=10, help="kernel calls per timed repetition")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    with cpu_threads(args.threads):
-        result = measure(args)
-    print(f"fastest={result['fastest']} channel_peaks_vs_fastest={result['channel_peaks_vs_fastest']:.4f}")
-    return result
+    return run_benchmark("peak_reduction.py", argv, parse_args(argv), measure, lambda result: (
+        f"fastest={result['fastest']} channel_peaks_vs_fastest={result['channel_peaks_vs_fastest']:.4f}"))
 
 
 def measure(args) -> dict:

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 
-from timing import cpu_threads, device_synchronizer, interleave, machine, table
+from timing import device_synchronizer, interleave, machine, run_benchmark, sizes, table
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,7 @@ def build_transformer(spec: BenchModel, name: str, device: torch.device, dtype: 
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: the 5B config would take minutes on the host
         transformer = cls(**spec.transformer)
+    transformer.to(device)  # whatever a constructor placed explicitly elsewhere
     cast_like_from_pretrained(transformer, dtype)
     transformer.eval().requires_grad_(False)
     plant_massive_activations(transformer, backbone, PlantConfig())
@@ -277,14 +278,6 @@ class Bench:
                 self.outputs["steered"] = self.denoiser.run(steps)
 
 
-def parse_video(text: str) -> tuple[int, int, int]:
-    try:
-        frames, height, width = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--video {text!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 17x384x544") from None
-    return frames, height, width
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,7 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer rounds and steps (and a small model)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
     parser.add_argument("--layers", type=int, help="keep only this many blocks of the preset (smoke runs)")
-    parser.add_argument("--video", type=parse_video, help="FRAMESxHEIGHTxWIDTH instead of the preset's video")
+    parser.add_argument("--video", type=sizes("--video", "FRAMESxHEIGHTxWIDTH", "17x384x544"), help="FRAMESxHEIGHTxWIDTH instead of the preset's video")
     parser.add_argument("--steps", type=int, help="steps of the whole sampling run (the window is 40%% of them)")
     parser.add_argument("--window-rounds", type=int, help="timed rounds of the in-window step")
     parser.add_argument("--run-rounds", type=int, help="timed rounds of the whole run")
@@ -328,20 +321,16 @@ def resolve(args) -> tuple[str, BenchModel, Plan, torch.device]:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    with cpu_threads(args.threads):
-        result = measure(args, argv)
-    print(f"overhead_ratio={result['in_window_ratio']:.4f}")
-    return result
+    return run_benchmark("steering_overhead.py", argv, parse_args(argv), measure,
+                         lambda result: f"overhead_ratio={result['in_window_ratio']:.4f}")
 
 
-def measure(args, argv) -> dict:
+def measure(args) -> dict:
     name, spec, plan, device = resolve(args)
 
     from stas.backbones import DTYPES
     from stas.config import window_steps
     from stas.layout import TokenLayout
-    from stas.rundir import atomic_write_json
 
     dtype = DTYPES[spec.dtype]
     transformer, backbone = build_transformer(spec, name, device, dtype, args.seed)
@@ -374,7 +363,6 @@ def measure(args, argv) -> dict:
 
     result = {
         "benchmark": "steering_overhead",
-        "command": "python benchmarks/steering_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(device),
         "model": {"preset": name, "about": spec.about, "family": spec.family, "blocks": backbone.num_layers,
                   "hidden_dim": spec.hidden_dim, "video": list(spec.video), "tokens": layout.num_tokens,
@@ -394,8 +382,6 @@ def measure(args, argv) -> dict:
         "hook_share_of_block": hook_vs_block["hook"].ratio_to(hook_vs_block["block"]),
     }
     print(report(result, in_window, whole_run, hook_vs_block, device))
-    if args.json:
-        atomic_write_json(args.json, result)
     return result
 
 

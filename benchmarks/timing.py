@@ -10,9 +10,11 @@ single-threaded run (--threads 1) does not.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,6 +98,36 @@ def cpu_threads(count: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def run_benchmark(script: str, argv, args, measure: Callable, last_line: Callable[[dict], str]) -> dict:
+    """What every benchmark's main does: `measure(args)` with --threads CPU threads, the command recorded, the
+    result written to --json (if given), and `last_line(result)` printed last, for scripts and tests to read."""
+    with cpu_threads(args.threads):
+        result = measure(args)
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"command": command.strip(), **result}
+    if getattr(args, "json", None):
+        from stas.rundir import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    print(last_line(result))
+    return result
+
+
+def sizes(option: str, names: str, example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type for sizes written 'AxBxC' (a video, a tensor shape); `names` says what A, B, C are."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(x) for x in text.lower().split("x"))
+        except ValueError:
+            values = ()
+        if len(values) != len(names.split("x")) or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{option} {text!r}: expected {names} (positive), e.g. {example}")
+        return values
+
+    return parse
 
 
 def cpu_model() -> str:

@@ -88,3 +88,12 @@ def test_peak_reduction_quick(capsys):
     assert re.match(r"^fastest=(\w+) channel_peaks_vs_fastest=(\d+\.\d+)$", line)
     assert result["fastest"] in peak_reduction.KERNELS
     assert set(result["ms_per_call"]) == {"channel_peaks", *peak_reduction.KERNELS}
+
+
+@pytest.mark.parametrize("argv", [["--video", "17x384"], ["--video", "17x0x544"], ["--video", "big"]])
+def test_bad_sizes_are_a_usage_error_naming_the_option(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        steering_overhead.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--video {argv[1]!r}: expected FRAMESxHEIGHTxWIDTH" in error
