@@ -88,8 +88,9 @@ def measure(args) -> dict:
         "per_video": {k: t.as_dict() for k, t in per_video.items()},
         "generation": {k: t.as_dict() for k, t in generation.items()},
         "same_frames": same_frames,
-        "per_video_ratio": per_video["stas"].ratio_to(per_video["direct"]),
-        "generation_ratio": generation["stas"].ratio_to(generation["direct"]),
+        "ratios": {"per_video": per_video["stas"].ratios_to(per_video["direct"]),
+                   "generation": generation["stas"].ratios_to(generation["direct"])},
+        "per_video_ratio": per_video["stas"].ratio_to(per_video["direct"]),  # the headline: ratio of medians
         "cli_seconds": cli_seconds,
     }
     print(report(result, per_video, generation))
@@ -177,8 +178,8 @@ def report(result: dict, per_video: dict, generation: dict) -> str:
         "",
         f"python -m stas.run (default config, CPU, W&B offline) end to end: {cli_line}",
         "",
-        f"per_video_ratio={result['per_video_ratio']:.4f} generation_ratio={result['generation_ratio']:.4f} "
-        f"(target <= 1.01)",
+        f"per_video_ratio={result['per_video_ratio']:.4f} "
+        f"generation_ratio={result['ratios']['generation']['median']:.4f} (target <= 1.01)",
     ])
 
 
