@@ -109,9 +109,10 @@ def default_plan(device: torch.device, quick: bool) -> Plan:
     if quick:
         return Plan(window_rounds=3, run_rounds=3, steps=5, hook_rounds=5)
     if device.type == "cuda":
-        return Plan(window_rounds=7, run_rounds=3, steps=10, hook_rounds=30)
-    # CPU: one cpu_mid forward takes ~15 s on 2 cores; 5 steps keep the window's share (2 of 5 = 0.4 as in 20 of 50).
-    return Plan(window_rounds=7, run_rounds=3, steps=5, hook_rounds=15)
+        return Plan(window_rounds=9, run_rounds=3, steps=10, hook_rounds=30)
+    # CPU: a cpu_mid CFG step takes ~10 s on 2 quiet cores and single steps vary by +-5% on a shared VM, hence many
+    # rounds; 5 steps keep the window's share of the run (2 of 5 = 0.4, as 20 of 50).
+    return Plan(window_rounds=15, run_rounds=3, steps=5, hook_rounds=15)
 
 
 # -------------------------------------------------------------------------------------------- model and inputs
