@@ -1,170 +1,153 @@
-"""Time and memory overhead of the MA-analysis capture hooks (stas.capture) against vanilla transformer calls.
+"""The MA-analysis capture hooks' overhead: whole sampling runs, vanilla CFG vs CFG with stas.analyze's capture.
 
-A random-init WanTransformer3DModel (default: 8 blocks, dim 512, 4 latent frames of 32 x 32 tokens = 4096 tokens)
-runs `--steps` calls per sample, vanilla and with the capture hooks on every block (every step captured, per-token
-magnitudes kept for the middle block at two steps, as stas.analyze does by default), interleaved in one process.
-Reports the median wall seconds per sample of each and their ratio (target <= 1.05), the same in process CPU
-seconds (steadier on a shared machine), the reductions alone timed on a tensor of a block output's size, the capture
-buffers' bytes against the documented bound (stas.capture.capture_bytes), and on CUDA the extra peak memory of a
-captured sample.
+    python benchmarks/capture_overhead.py                      # CPU: 8-block dim-512 Wan transformer, 4,080 tokens
+    python benchmarks/capture_overhead.py --quick              # smoke run: small model, 3 rounds, under a minute
+    python benchmarks/capture_overhead.py --device cuda --model wan21_1.3b    # full Wan2.1-1.3B config, bf16
 
-    python benchmarks/capture_overhead.py            # the measured configuration (minutes on 2 CPU cores)
-    python benchmarks/capture_overhead.py --quick    # a smaller one, under a minute on 2 CPU cores
+What runs: the transformers and denoising loop of steering_overhead.py (bench_models.py). The capture is the real
+stas.capture.MACapture with stas.analyze's defaults (every block and step, both CFG branches, per-token magnitudes
+of the middle block at its default profile steps), attached and begun as stas.ma_analysis does, and read back
+once after the run (the readback is part of the cost). Also reported: the capture buffers' bytes against the
+documented bound (stas.capture.capture_bytes) and, on CUDA, the extra peak memory of a captured run.
 
-The last line is `overhead_ratio=<x>`.
+The last line printed is `overhead_ratio=<median captured / median vanilla, whole run>` (target <= 1.05).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import statistics
-import time
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from stas.backbones import get_backbone
-from stas.capture import MACapture, capture_bytes, reduce_hidden
-from stas.config import AnalysisSelection
-from stas.layout import TokenLayout
-
-QUICK = dict(blocks=4, dim=256, frames=2, height=16, width=16, steps=2, reps=9)
+from bench_models import Denoiser, add_model_arguments, build_transformer, describe, make_inputs, model_record, \
+    select_model
+from timing import device_synchronizer, interleave, machine, run_benchmark, table
 
 
-def build_transformer(blocks: int, dim: int, device, dtype):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    heads = max(1, dim // 64)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim // heads, in_channels=16,
-        out_channels=16, text_dim=64, freq_dim=64, ffn_dim=4 * dim, num_layers=blocks, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
-    )
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, "cpu_mid on CPU, cpu_small with --quick, wan21_1.3b on CUDA")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 3 steps (and a small model)")
+    parser.add_argument("--steps", type=int, help="steps per sampling run (default 5, 3 with --quick)")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 7, 3 with --quick)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    return parser.parse_args(argv)
 
 
-def sample(transformer, inputs: dict, steps: int, capture: MACapture | None, layout: TokenLayout):
-    """(wall, process CPU) seconds for `steps` transformer calls (with a capture: its begin and one readback)."""
-    device = inputs["hidden_states"].device
-    synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    if capture is not None:
-        capture.begin(layout, steps, do_cfg=False)
-    with torch.inference_mode():
-        for step in range(steps):
-            transformer(**inputs, timestep=torch.tensor([999 - step], device=device), return_dict=False)
-    if capture is not None:
-        capture.read()  # the readback is part of the cost (it also synchronises)
-    synchronize(device)
-    return time.perf_counter() - start, time.process_time() - cpu_start
+def main(argv=None) -> dict:
+    return run_benchmark("capture_overhead.py", argv, parse_args(argv), measure,
+                         lambda result: f"overhead_ratio={result['overhead_ratio']:.4f}")
 
 
-def reductions_alone(capture: MACapture, layout: TokenLayout, dim: int, calls: int, device, dtype) -> float:
-    """Median seconds of `calls` reductions of one block output (what the hooks add per sample), timed apart."""
-    hidden = torch.randn(1, layout.num_tokens, dim, device=device, dtype=dtype)
-    masks = torch.stack([layout.mask(region, 1, "rows") for region in ("first_frame", "boundary", "interior")])
-    masks = masks.float().to(device)
-    sizes = masks.sum(dim=1)
-    times = []
-    for _ in range(5):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            reduce_hidden(hidden, masks, sizes, capture.ratio, capture.max_dims)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+@dataclass
+class CaptureBench:
+    denoiser: Denoiser
+    capture: object
+    layout: object
+    steps: int
+
+    def vanilla(self) -> None:
+        self.denoiser.run(range(self.steps))
+
+    def captured(self) -> None:
+        with self.capture.attach(self.denoiser.transformer):
+            self.capture.begin(self.layout, self.steps, do_cfg=True)
+            self.denoiser.run(range(self.steps))
+            self.capture.read()
 
 
-def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller model and video: under a minute on 2 cores")
-    parser.add_argument("--blocks", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--frames", type=int, default=4, help="latent frames")
-    parser.add_argument("--height", type=int, default=32, help="latent tokens per column, after patchifying")
-    parser.add_argument("--width", type=int, default=32, help="latent tokens per row, after patchifying")
-    parser.add_argument("--steps", type=int, default=2, help="transformer calls per sample")
-    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each variant")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    if args.quick:
-        defaults = {action.dest: action.default for action in parser._actions}
-        for key, value in QUICK.items():
-            if getattr(args, key) == defaults[key]:  # explicit flags still win over --quick
-                setattr(args, key, value)
+def default_capture(backbone, steps: int):
+    """stas.analyze's capture with the AnalysisConfig and SteerConfig defaults, for a run of `steps` steps."""
+    from omegaconf import OmegaConf
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer = build_transformer(args.blocks, args.dim, device, dtype)
-    layout = TokenLayout(args.frames, args.height, args.width)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, args.frames, 2 * args.height, 2 * args.width, device=device, dtype=dtype),
-        "encoder_hidden_states": torch.randn(1, 32, 64, device=device, dtype=dtype),
+    from stas.capture import MACapture
+    from stas.config import AnalysisConfig, SteerConfig, analysis_selection
+
+    analysis, steer = OmegaConf.structured(AnalysisConfig), OmegaConf.structured(SteerConfig)
+    selection = analysis_selection(analysis, backbone.num_layers, steps)
+    return MACapture(backbone, selection, analysis.ratio, analysis.max_dims, steer.boundary_width,
+                     steer.boundary_unit)
+
+
+def peak_memory(device: torch.device, run) -> int:
+    """Bytes allocated at the peak of `run()` above what was allocated before it (CUDA)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure(args) -> dict:
+    name, spec, device = select_model(args, "capture_overhead")
+    steps = args.steps or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 7)
+
+    from stas.backbones import DTYPES
+    from stas.capture import capture_bytes
+    from stas.layout import TokenLayout
+
+    dtype = DTYPES[spec.dtype]
+    transformer, backbone = build_transformer(spec, name, device, dtype, args.seed)
+    inputs = make_inputs(spec, backbone, transformer, device, dtype, steps, args.seed)
+    layout = TokenLayout.for_video(backbone, spec.video[1], spec.video[2], spec.video[0])
+    bench = CaptureBench(Denoiser(transformer, backbone, inputs, dtype), default_capture(backbone, steps), layout,
+                         steps)
+    timings = interleave({"vanilla": bench.vanilla, "capture": bench.captured}, repeats=rounds, warmup=1,
+                         synchronize=device_synchronizer(device))
+    capture = bench.capture
+    selection = capture.selection
+    result = {
+        "benchmark": "capture_overhead",
+        "machine": machine(device),
+        "model": model_record(name, spec, backbone, layout, device),
+        "capture": {"blocks": len(selection.layers), "steps": len(selection.steps), "branches": len(capture.branches),
+                    "profile": [list(pair) for pair in selection.profile]},
+        "runs": {case: t.as_dict() for case, t in timings.items()},
+        "ratios": timings["capture"].ratios_to(timings["vanilla"]),
+        "overhead_ratio": timings["capture"].ratio_to(timings["vanilla"]),
+        "buffer_bytes": capture.buffer_bytes(),
+        "bound_bytes": capture.bound_bytes(),
+        "block_output_bytes": layout.num_tokens * spec.hidden_dim * torch.finfo(dtype).bits // 8,
+        # For scale: the bound of stas.analyze on Wan2.1-1.3B at 81 x 480 x 832, 50 steps, CFG, every block.
+        "wan21_full_bound_bytes": capture_bytes(layers=30, steps=50, branches=2, hidden_dim=1536, profile_pairs=2,
+                                                tokens=21 * 30 * 52),
     }
-    backbone = dataclasses.replace(get_backbone("wan21_1.3b"), num_layers=args.blocks, hidden_dim=args.dim)
-    middle = args.blocks // 2
-    selection = AnalysisSelection(layers=tuple(range(args.blocks)), steps=tuple(range(args.steps)),
-                                  profile=tuple((middle, step) for step in range(min(2, args.steps))))
-    capture = MACapture(backbone, selection, ratio=10.0, max_dims=8, boundary_width=1, boundary_unit="rows")
-    print(f"device={device} ({torch.get_num_threads()} threads) dtype={dtype} blocks={args.blocks} dim={args.dim} "
-          f"tokens={layout.num_tokens} ({args.frames}x{args.height}x{args.width}) steps={args.steps} reps={args.reps}")
-
-    sample(transformer, inputs, 1, None, layout)  # warm-up: lazy initialisation, allocator, kernels
-    with capture.attach(transformer):
-        sample(transformer, inputs, args.steps, capture, layout)
-    times = {"vanilla": [], "capture": []}
-    cpu_times = {"vanilla": [], "capture": []}
-    for rep in range(args.reps):
-        order = ("vanilla", "capture") if rep % 2 == 0 else ("capture", "vanilla")
-        for name in order:
-            if name == "vanilla":
-                wall, cpu = sample(transformer, inputs, args.steps, None, layout)
-            else:
-                with capture.attach(transformer):
-                    wall, cpu = sample(transformer, inputs, args.steps, capture, layout)
-            times[name].append(wall)
-            cpu_times[name].append(cpu)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    cpu_medians = {name: statistics.median(values) for name, values in cpu_times.items()}
-    for name in times:
-        print(f"{name}: median {medians[name]:.4f} s wall, {cpu_medians[name]:.4f} s CPU per sample; raw wall "
-              + " ".join(f"{v:.4f}" for v in times[name]) + "; raw CPU " + " ".join(f"{v:.4f}" for v in cpu_times[name]))
-    print(f"cpu_overhead_ratio={cpu_medians['capture'] / cpu_medians['vanilla']:.4f} "
-          f"min_overhead_ratio={min(times['capture']) / min(times['vanilla']):.4f} (fastest runs: least disturbed)")
-    alone = reductions_alone(capture, layout, args.dim, args.blocks * args.steps, device, dtype)
-    print(f"reductions alone: {alone:.4f} s per sample ({args.blocks * args.steps} block outputs), "
-          f"{alone / medians['vanilla']:.2%} of the vanilla median")
-
-    bound = capture.bound_bytes()
-    print(f"capture buffers: {capture.buffer_bytes()} bytes (documented bound {bound} bytes; "
-          f"one block output alone is {layout.num_tokens * args.dim * torch.finfo(dtype).bits // 8} bytes)")
     if device.type == "cuda":
-        peaks = {}
-        for name in ("vanilla", "capture"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            if name == "vanilla":
-                sample(transformer, inputs, args.steps, None, layout)
-            else:
-                with capture.attach(transformer):
-                    sample(transformer, inputs, args.steps, capture, layout)
-            peaks[name] = torch.cuda.max_memory_allocated(device) - base
-        print(f"cuda peak memory above the model: vanilla {peaks['vanilla']} bytes, with capture "
-              f"{peaks['capture']} bytes (+{peaks['capture'] - peaks['vanilla']})")
-    wan = capture_bytes(layers=30, steps=50, branches=2, hidden_dim=1536, profile_pairs=2, tokens=21 * 30 * 52)
-    print(f"for reference, the bound for Wan2.1-1.3B at 480x832x81, 50 steps, CFG, all blocks: {wan} bytes")
-    ratio = medians["capture"] / medians["vanilla"]
-    print(f"overhead_ratio={ratio:.4f}")
-    return ratio
+        result["cuda_peak_bytes"] = {"vanilla": peak_memory(device, bench.vanilla),
+                                     "capture": peak_memory(device, bench.captured)}
+    print(report(result, timings, device))
+    return result
+
+
+def report(result: dict, timings: dict, device: torch.device) -> str:
+    capture = result["capture"]
+    lines = [
+        f"capture overhead: {describe(result['model'])}",
+        f"  machine: {json.dumps(result['machine'])}",
+        f"  capture (stas.analyze defaults): {capture['blocks']} blocks x {capture['steps']} steps x "
+        f"{capture['branches']} CFG branches, per-token magnitudes at (block, step) {capture['profile']}",
+        "",
+        f"whole run: {capture['steps']} steps with CFG, {len(timings['vanilla'].seconds)} interleaved rounds",
+        table([("vanilla CFG", timings["vanilla"]), ("CFG + capture", timings["capture"])],
+              baseline=timings["vanilla"], cpu_time=device.type == "cpu"),
+        "",
+        f"capture buffers: {result['buffer_bytes']} bytes (documented bound {result['bound_bytes']} bytes; one block "
+        f"output alone is {result['block_output_bytes']} bytes; Wan2.1-1.3B full run bound "
+        f"{result['wan21_full_bound_bytes']} bytes)",
+    ]
+    if "cuda_peak_bytes" in result:
+        peaks = result["cuda_peak_bytes"]
+        lines.append(f"CUDA peak memory above the model: vanilla {peaks['vanilla']} bytes, with capture "
+                     f"{peaks['capture']} bytes (+{peaks['capture'] - peaks['vanilla']})")
+    lines.append(f"capture / vanilla, ratio of medians: {result['overhead_ratio']:.4f} (target <= 1.05)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -283,17 +283,6 @@ def test_cli_analyze_logs_offline_and_compare_fails_cleanly(cli, tmp_path):
     assert re.fullmatch(r"stas\.analyze: error: analysis\.compare: '.*' is not an analysis run: .*\n", bad.stderr)
 
 
-def test_capture_overhead_benchmark_runs(capsys):
-    benchmark = _load_script(REPO / "benchmarks" / "capture_overhead.py")
-    ratio = benchmark.main(["--quick", "--blocks", "2", "--dim", "64", "--frames", "3", "--height", "4",
-                            "--width", "4", "--reps", "1"])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == f"overhead_ratio={ratio:.4f}"
-    buffers = next(line for line in out if line.startswith("capture buffers"))
-    used, bound = map(int, re.findall(r"(\d+) bytes", buffers)[:2])
-    assert used == bound
-
-
 def _load_script(path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
