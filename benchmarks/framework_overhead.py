@@ -3,7 +3,8 @@
     python benchmarks/framework_overhead.py             # tiny_wan21 (the default model of stas.run), CPU
     python benchmarks/framework_overhead.py --quick     # fewer rounds, one CLI run
 
-Measured, each as interleaved rounds (benchmarks/timing.py), with steer=none and logger=none on the stas side:
+Measured, each as interleaved rounds (benchmarks/timing.py), with steer=none, eval=none and logger=none on the stas
+side (what the direct side does too):
   per video    stas.generation.sample (what stas.run runs for each video) vs pipe(...) called directly with the same
                arguments and seed; no mp4 encoding on either side. Also checks that both give the same frames.
   generation   stas.run's task on a fresh run directory (validate, claim the run dir, build the pipeline, every
@@ -43,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and one CLI run")
     parser.add_argument("--video-rounds", type=int, help="timed rounds of the per-video comparison")
     parser.add_argument("--generation-rounds", type=int, help="timed rounds of the generation comparison")
+    parser.add_argument("--prompts", type=int, help="use only the first N demo prompts (default: all 4)")
     parser.add_argument("--cli-runs", type=int, help="end-to-end runs of python -m stas.run (0: skip)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
@@ -64,7 +66,8 @@ def measure(args) -> dict:
     generation_rounds = args.generation_rounds or (2 if args.quick else 5)
     cli_runs = args.cli_runs if args.cli_runs is not None else (1 if args.quick else 3)
 
-    cfg = compose_config([f"model={args.model}", "steer=none", "logger=none", "progress=false"])
+    overrides = [f"model={args.model}", "steer=none", "eval=none", "logger=none", "progress=false"]
+    cfg = compose_config(overrides + ([f"prompts.limit={args.prompts}"] if args.prompts else []))
     if cfg.model.hub_id is not None:
         sys.exit(f"framework_overhead: error: --model {args.model} is a real checkpoint; use a tiny model config")
     backbone = validate(cfg)
@@ -163,7 +166,7 @@ def report(result: dict, per_video: dict, generation: dict) -> str:
                 f", target < {CLI_TARGET_S:.0f} s" if cli else "skipped (--cli-runs 0)")
     return "\n".join([
         f"framework overhead: {model['name']} ({'x'.join(map(str, model['video']))} frames x px, {model['steps']} "
-        f"steps, {model['prompts']} prompts), steer=none, logger=none",
+        f"steps, {model['prompts']} prompts), steer=none, eval=none, logger=none",
         f"  machine: {json.dumps(result['machine'])}",
         "",
         f"per video, no mp4 on either side, {len(per_video['stas'].seconds)} interleaved rounds; same frames on both "

@@ -89,11 +89,11 @@ def test_framework_overhead_quick(tmp_path, capsys):
     out = tmp_path / "framework.json"
     # --cli-runs 0: the default `python -m stas.run` alone takes ~15 s; the generation tests run that CLI already.
     result = framework_overhead.main(["--quick", "--threads", "1", "--video-rounds", "2", "--generation-rounds", "1",
-                                      "--cli-runs", "0", "--json", str(out)])
+                                      "--prompts", "2", "--cli-runs", "0", "--json", str(out)])
     text = capsys.readouterr().out
     match = RATIO_LINE.match(last_line(text))
     assert match and float(match.group(1)) == pytest.approx(result["per_video_ratio"], abs=1e-4)
-    assert "per video, no mp4 on either side" in text and "generation of all 4 prompts" in text
+    assert "per video, no mp4 on either side" in text and "generation of all 2 prompts" in text
     saved = json.loads(out.read_text())
     assert saved["same_frames"] is True  # stas.run's path and the direct call make the same video
     assert len(saved["per_video"]["stas"]["seconds"]) == 2 and len(saved["generation"]["direct"]["seconds"]) == 1
