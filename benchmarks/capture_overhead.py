@@ -18,24 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from bench_models import Denoiser, add_model_arguments, build_transformer, describe, make_inputs, model_record, \
     select_model
-from timing import device_synchronizer, interleave, machine, run_benchmark, table
+from timing import benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "smoke run: 3 rounds of 3 steps (and a small model)")
     add_model_arguments(parser, "cpu_mid on CPU, cpu_small with --quick, wan21_1.3b on CUDA")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 3 steps (and a small model)")
     parser.add_argument("--steps", type=int, help="steps per sampling run (default 5, 3 with --quick)")
     parser.add_argument("--rounds", type=int, help="timed rounds (default 7, 3 with --quick)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     return parser.parse_args(argv)
 
 

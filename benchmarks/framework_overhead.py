@@ -31,23 +31,19 @@ from pathlib import Path
 
 import torch
 
-from timing import interleave, machine, run_benchmark, table
+from timing import benchmark_parser, interleave, machine, run_benchmark, table
 
 REPO = Path(__file__).resolve().parent.parent
 CLI_TARGET_S = 180.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "fewer rounds and one CLI run")
     parser.add_argument("--model", default="tiny_wan21", help="a tiny model config of conf/model/ (default tiny_wan21)")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and one CLI run")
     parser.add_argument("--video-rounds", type=int, help="timed rounds of the per-video comparison")
     parser.add_argument("--generation-rounds", type=int, help="timed rounds of the generation comparison")
     parser.add_argument("--prompts", type=int, help="use only the first N demo prompts (default: all 4)")
     parser.add_argument("--cli-runs", type=int, help="end-to-end runs of python -m stas.run (0: skip)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     return parser.parse_args(argv)
 
 

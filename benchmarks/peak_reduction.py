@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from timing import device_synchronizer, interleave, machine, run_benchmark, sizes, table
+from timing import benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, sizes, table
 
 KERNELS = {
     "amax_amin": lambda h: torch.maximum(h.amax(dim=1), h.amin(dim=1).neg()),
@@ -30,17 +29,13 @@ KERNELS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "fewer rounds")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--shape", type=sizes("--shape", "BATCHxTOKENSxCHANNELS", "1x4080x512"), help="BATCHxTOKENSxCHANNELS (default: per device, see above)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, "
                         "bfloat16 on CUDA")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--rounds", type=int, help="timed rounds (default 15, 5 with --quick)")
     parser.add_argument("--calls", type=int, default=10, help="kernel calls per timed repetition")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     return parser.parse_args(argv)
 
 

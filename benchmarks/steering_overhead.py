@@ -29,13 +29,12 @@ import json
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from bench_models import (BenchModel, Denoiser, add_model_arguments, build_transformer, describe, make_inputs,
                           model_record, select_model)
-from timing import device_synchronizer, interleave, machine, run_benchmark, table
+from timing import benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, table
 
 
 @dataclass
@@ -106,16 +105,12 @@ class Bench:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "smoke run: fewer rounds and steps (and a small model)")
     add_model_arguments(parser, "cpu_mid on CPU, cpu_small with --quick, wan21_1.3b on CUDA")
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer rounds and steps (and a small model)")
     parser.add_argument("--steps", type=int, help="steps of the whole sampling run (the window is 40%% of them)")
     parser.add_argument("--window-rounds", type=int, help="timed rounds of the in-window step")
     parser.add_argument("--run-rounds", type=int, help="timed rounds of the whole run")
     parser.add_argument("--hook-rounds", type=int, help="timed rounds of the hook-vs-block comparison")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     return parser.parse_args(argv)
 
 

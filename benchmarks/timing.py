@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -107,6 +108,16 @@ def cpu_threads(count: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def benchmark_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The command line every benchmark shares (--quick, --threads, --json), described by the script's docstring."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    return parser
 
 
 def run_benchmark(script: str, argv, args, measure: Callable, last_line: Callable[[dict], str]) -> dict:
