@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from timing import sizes
+from timing import at_least, sizes
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,10 @@ def make_inputs(spec: BenchModel, backbone, transformer, device, dtype, steps: i
     latent_frames = (frames - 1) // backbone.temporal_compression + 1
     size = (height // backbone.spatial_compression, width // backbone.spatial_compression)
     channels = spec.transformer["in_channels"]
-    shape = (1, channels, latent_frames, *size) if backbone.latents_frame_axis == 2 else (1, latent_frames, channels, *size)
+    if backbone.latents_frame_axis == 2:
+        shape = (1, channels, latent_frames, *size)
+    else:
+        shape = (1, latent_frames, channels, *size)
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(shape, generator=generator).to(device)
     cond, uncond = (torch.randn(1, spec.text_tokens, spec.text_dim, generator=generator).to(device, dtype)
@@ -198,7 +201,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_help: str) -> N
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--model", choices=sorted(PRESETS), help=f"transformer config (default: {default_help})")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
-    parser.add_argument("--layers", type=int, help="keep only this many blocks of the preset (smoke runs)")
+    parser.add_argument("--layers", type=at_least(1), help="keep only this many blocks of the preset (smoke runs)")
     parser.add_argument("--video", type=sizes("--video", "FRAMESxHEIGHTxWIDTH", "17x384x544"),
                         help="FRAMESxHEIGHTxWIDTH instead of the preset's video")
     parser.add_argument("--seed", type=int, default=0)

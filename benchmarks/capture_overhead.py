@@ -23,14 +23,14 @@ import torch
 
 from bench_models import Denoiser, add_model_arguments, build_transformer, describe, make_inputs, model_record, \
     select_model
-from timing import benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, table
+from timing import at_least, benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "smoke run: 3 rounds of 3 steps (and a small model)")
     add_model_arguments(parser, "cpu_mid on CPU, cpu_small with --quick, wan21_1.3b on CUDA")
-    parser.add_argument("--steps", type=int, help="steps per sampling run (default 5, 3 with --quick)")
-    parser.add_argument("--rounds", type=int, help="timed rounds (default 7, 3 with --quick)")
+    parser.add_argument("--steps", type=at_least(1), help="steps per sampling run (default 5, 3 with --quick)")
+    parser.add_argument("--rounds", type=at_least(1), help="timed rounds (default 7, 3 with --quick)")
     return parser.parse_args(argv)
 
 

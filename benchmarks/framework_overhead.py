@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from timing import benchmark_parser, interleave, machine, run_benchmark, table
+from timing import at_least, benchmark_parser, interleave, machine, run_benchmark, table
 
 REPO = Path(__file__).resolve().parent.parent
 CLI_TARGET_S = 180.0
@@ -40,10 +40,10 @@ CLI_TARGET_S = 180.0
 def parse_args(argv=None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "fewer rounds and one CLI run")
     parser.add_argument("--model", default="tiny_wan21", help="a tiny model config of conf/model/ (default tiny_wan21)")
-    parser.add_argument("--video-rounds", type=int, help="timed rounds of the per-video comparison")
-    parser.add_argument("--generation-rounds", type=int, help="timed rounds of the generation comparison")
-    parser.add_argument("--prompts", type=int, help="use only the first N demo prompts (default: all 4)")
-    parser.add_argument("--cli-runs", type=int, help="end-to-end runs of python -m stas.run (0: skip)")
+    parser.add_argument("--video-rounds", type=at_least(1), help="timed rounds of the per-video comparison")
+    parser.add_argument("--generation-rounds", type=at_least(1), help="timed rounds of the generation comparison")
+    parser.add_argument("--prompts", type=at_least(1), help="use only the first N demo prompts (default: all 4)")
+    parser.add_argument("--cli-runs", type=at_least(0), help="end-to-end runs of python -m stas.run (0: skip)")
     return parser.parse_args(argv)
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
 def measure(args) -> dict:
     from stas.backbones import load_pipeline
     from stas.cli import compose_config
-    from stas.config import validate
+    from stas.config import ConfigError, validate
     from stas.generation import pipeline_kwargs, run_items
 
     video_rounds = args.video_rounds or (3 if args.quick else 9)
@@ -63,7 +63,10 @@ def measure(args) -> dict:
     cli_runs = args.cli_runs if args.cli_runs is not None else (1 if args.quick else 3)
 
     overrides = [f"model={args.model}", "steer=none", "eval=none", "logger=none", "progress=false"]
-    cfg = compose_config(overrides + ([f"prompts.limit={args.prompts}"] if args.prompts else []))
+    try:
+        cfg = compose_config(overrides + ([f"prompts.limit={args.prompts}"] if args.prompts else []))
+    except ConfigError as err:
+        sys.exit(f"framework_overhead: error: --model {args.model}: {err}")
     if cfg.model.hub_id is not None:
         sys.exit(f"framework_overhead: error: --model {args.model} is a real checkpoint; use a tiny model config")
     backbone = validate(cfg)

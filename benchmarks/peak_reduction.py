@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from timing import benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, sizes, table
+from timing import at_least, benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, sizes, table
 
 KERNELS = {
     "amax_amin": lambda h: torch.maximum(h.amax(dim=1), h.amin(dim=1).neg()),
@@ -31,11 +31,12 @@ KERNELS = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "fewer rounds")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    parser.add_argument("--shape", type=sizes("--shape", "BATCHxTOKENSxCHANNELS", "1x4080x512"), help="BATCHxTOKENSxCHANNELS (default: per device, see above)")
+    parser.add_argument("--shape", type=sizes("--shape", "BATCHxTOKENSxCHANNELS", "1x4080x512"),
+                        help="BATCHxTOKENSxCHANNELS (default: per device, see above)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, "
                         "bfloat16 on CUDA")
-    parser.add_argument("--rounds", type=int, help="timed rounds (default 15, 5 with --quick)")
-    parser.add_argument("--calls", type=int, default=10, help="kernel calls per timed repetition")
+    parser.add_argument("--rounds", type=at_least(1), help="timed rounds (default 15, 5 with --quick)")
+    parser.add_argument("--calls", type=at_least(1), default=10, help="kernel calls per timed repetition")
     return parser.parse_args(argv)
 
 

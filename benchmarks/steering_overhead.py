@@ -34,7 +34,7 @@ import torch
 
 from bench_models import (BenchModel, Denoiser, add_model_arguments, build_transformer, describe, make_inputs,
                           model_record, select_model)
-from timing import benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, table
+from timing import at_least, benchmark_parser, device_synchronizer, interleave, machine, run_benchmark, table
 
 
 @dataclass
@@ -107,10 +107,11 @@ class Bench:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "smoke run: fewer rounds and steps (and a small model)")
     add_model_arguments(parser, "cpu_mid on CPU, cpu_small with --quick, wan21_1.3b on CUDA")
-    parser.add_argument("--steps", type=int, help="steps of the whole sampling run (the window is 40%% of them)")
-    parser.add_argument("--window-rounds", type=int, help="timed rounds of the in-window step")
-    parser.add_argument("--run-rounds", type=int, help="timed rounds of the whole run")
-    parser.add_argument("--hook-rounds", type=int, help="timed rounds of the hook-vs-block comparison")
+    parser.add_argument("--steps", type=at_least(1),
+                        help="steps of the whole sampling run (the window is 40%% of them)")
+    parser.add_argument("--window-rounds", type=at_least(1), help="timed rounds of the in-window step")
+    parser.add_argument("--run-rounds", type=at_least(1), help="timed rounds of the whole run")
+    parser.add_argument("--hook-rounds", type=at_least(1), help="timed rounds of the hook-vs-block comparison")
     return parser.parse_args(argv)
 
 

@@ -115,7 +115,7 @@ def benchmark_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     return parser
 
@@ -133,6 +133,21 @@ def run_benchmark(script: str, argv, args, measure: Callable, last_line: Callabl
         atomic_write_json(args.json, result)
     print(last_line(result))
     return result
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for counts: an integer >= `minimum` (argparse names the option in its message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return value
+
+    return parse
 
 
 def sizes(option: str, names: str, example: str) -> Callable[[str], tuple[int, ...]]:

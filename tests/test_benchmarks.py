@@ -115,3 +115,22 @@ def test_bad_sizes_are_a_usage_error_naming_the_option(capsys, argv):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert f"--video {argv[1]!r}: expected FRAMESxHEIGHTxWIDTH" in error
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (steering_overhead, ["--window-rounds", "0"], "argument --window-rounds: '0' is not an integer >= 1"),
+    (steering_overhead, ["--threads", "two"], "argument --threads: 'two' is not an integer >= 1"),
+    (capture_overhead, ["--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
+    (peak_reduction, ["--calls", "-3"], "argument --calls: '-3' is not an integer >= 1"),
+    (framework_overhead, ["--cli-runs", "-1"], "argument --cli-runs: '-1' is not an integer >= 0"),
+])
+def test_bad_counts_are_a_usage_error_naming_the_option(capsys, script, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_framework_overhead_unknown_model_lists_the_options():
+    with pytest.raises(SystemExit, match=r"--model nonexistent: .*Available options in 'model': .*tiny_wan21"):
+        framework_overhead.main(["--quick", "--model", "nonexistent"])
