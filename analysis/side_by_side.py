@@ -2,7 +2,8 @@
 
     python analysis/side_by_side.py RUN_VANILLA RUN_STAS --out comparisons [--prompts 8] [--keys 0:0 3:1]
 
-Writes one labelled mp4 per (prompt, sample) present in every run; labels say which run a panel comes from.
+Writes one labelled mp4 per video whose prompt and seed every run has (runs of different prompt lists pair by prompt
+text, not position); labels say which run a panel comes from.
 """
 
 from __future__ import annotations
@@ -13,37 +14,60 @@ from pathlib import Path
 
 from stas.errors import UserError
 from stas.generation import PARTIAL_DIR, generation_rows
+from stas.rundir import GENERATION_FIELDS, check_writable, checked_records, video_path
 from stas.tables import find_runs, run_label, varying_keys
 from stas.video import read_mp4, side_by_side, write_mp4
 
 
 def compare(run_dirs: list[Path], out: Path, keys: list[str] | None, limit: int) -> list[Path]:
+    """One side-by-side video per (prompt, seed) generated in every run, in the first run's order (`keys`: those
+    items of the first run)."""
     runs = [find_runs([d])[0] for d in run_dirs]
     if len(runs) < 2:
         raise UserError("give at least two run directories to compare")
     varying = varying_keys(runs)
     labels = [f"{run.model} {run_label(run, varying)}" for run in runs]
-    rows = [generation_rows(run.path) for run in runs]
-    common = [key for key in rows[0] if all(key in r for r in rows[1:])]
-    chosen = [k for k in keys if k in common] if keys else common[:limit]
+    videos = [videos_by_prompt_and_seed(run.path) for run in runs]
+    common = [pair for pair in videos[0] if all(pair in other for other in videos[1:])]
+    if keys:
+        pair_of = {row["key"]: pair for pair, row in videos[0].items()}
+        unpaired = [key for key in keys if pair_of.get(key) not in common]
+        if unpaired:
+            shared = ", ".join(videos[0][pair]["key"] for pair in common) or "none"
+            raise UserError(f"--keys {' '.join(unpaired)}: not a video of {runs[0].path} whose prompt and seed every "
+                            f"run has (the keys of those: {shared})")
+        chosen = [pair_of[key] for key in keys]
+    else:
+        chosen = common[:limit]
     if not chosen:
-        raise UserError("the runs share no generated (prompt, sample): compare runs of the same prompts and seeds")
+        raise UserError("the runs share no generated video of the same prompt and seed: compare runs of the same "
+                        "prompts and seeds")
+    check_writable(out)
     written = []
-    for key in chosen:
-        clips = [read_mp4(run.path / r[key]["path"]) for run, r in zip(runs, rows)]
-        name = Path(rows[0][key]["path"]).name
+    for pair in chosen:
+        rows = [(run.path, by_pair[pair]) for run, by_pair in zip(runs, videos)]
+        clips = [read_mp4(video_path(path, row["path"], f"{path}, row with key {row['key']!r}")) for path, row in rows]
+        name = Path(videos[0][pair]["path"]).name
         fps = runs[0].identity["model"]["fps"]
         write_mp4(side_by_side(clips, labels), out / name, fps, out / PARTIAL_DIR)
         written.append(out / name)
     return written
 
 
+def videos_by_prompt_and_seed(run_dir: Path) -> dict[tuple[str, int], dict]:
+    """The run's generated videos keyed by what makes them comparable across runs: prompt text and seed (prompt
+    indices differ between runs of different prompt lists)."""
+    checked_records(run_dir, "generation", GENERATION_FIELDS)
+    return {(row["prompt"], row["seed"]): row for row in generation_rows(run_dir).values()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories, left to right")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--prompts", type=int, default=8, help="how many (prompt, sample) pairs, in run order")
-    parser.add_argument("--keys", nargs="*", help="explicit item keys 'prompt_index:sample' (see generation.jsonl)")
+    parser.add_argument("--prompts", type=int, default=8, help="how many (prompt, seed) pairs, in run order")
+    parser.add_argument("--keys", nargs="*", help="item keys 'prompt_index:sample' of the first run (see its "
+                                                  "generation.jsonl)")
     args = parser.parse_args(argv)
     try:
         written = compare(args.runs, args.out, args.keys, args.prompts)

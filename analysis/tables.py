@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stas.errors import UserError
-from stas.rundir import atomic_write_text
+from stas.rundir import atomic_write_text, check_writable
 from stas.tables import delta_table, find_runs, metrics_table, missing_work, paper_table, to_latex, to_markdown
 from stas.tracking import RunLogger
 
@@ -33,10 +33,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.paths)
+        missing = [problem for run in runs for problem in missing_work(run)]
+        check_writable(args.out)
     except UserError as err:
         print(f"tables: error: {err}", file=sys.stderr)
         return 2
-    missing = [problem for run in runs for problem in missing_work(run)]
     tables = {  # name: (table, caption, digits)
         "paper_table": (paper_table(runs), "VBench scores (percent), one row per backbone and method.", 2),
         "metrics_table": (metrics_table(runs), "Every metric, mean over videos.", 4),

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from stas.backbones import CONF_DIR
 from stas.config import ConfigError, register_configs
 from stas.errors import UserError
+from stas.rundir import check_writable
 
 # Registered on import too: a submitit job process unpickles the task function (importing this module) and then
 # resolves the sweep's subdir, which uses the path_safe resolver.
@@ -27,7 +28,8 @@ def fail(tool: str, message: str, code: int = 2):
 
 
 class OutputDirCheck(Callback):
-    """Creates the output directory before Hydra does, so that an unwritable one is a message, not a traceback."""
+    """Creates the output directory before Hydra does and checks it can be written (a re-run into a read-only run
+    directory), so that an unwritable one is a message, not a traceback, before Hydra writes anything."""
 
     def on_run_start(self, config, **kwargs) -> None:
         self._make(config.hydra.run.dir, "hydra.run.dir")
@@ -38,9 +40,9 @@ class OutputDirCheck(Callback):
     @staticmethod
     def _make(directory: str, key: str) -> None:
         try:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            fail("stas", f"{key}={directory!r}: the output directory cannot be created: {err.strerror or err}")
+            check_writable(Path(directory))
+        except UserError as err:
+            fail("stas", f"{key}={err}")
 
 
 def compose_config(overrides=(), with_hydra: bool = False, config_name: str = "config") -> DictConfig:

@@ -15,13 +15,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from stas.cli import compose_config, fail, override_key
 from stas.config import ConfigError, validate
 from stas.errors import UserError
-from stas.evaluation import evaluate_run
-from stas.rundir import describe_differences, differing_keys, identity, load_identity
+from stas.evaluation.runner import prepare_evaluation
+from stas.rundir import check_writable, describe_differences, differing_keys, identity, load_identity, read_yaml
 from stas.tracking import RunLogger
 
 TOOL = "stas.evaluate"
@@ -35,8 +33,7 @@ def evaluation_config(run_dir: Path, overrides: list[str]):
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such directory (give the run directory written by stas.run)")
     recorded = load_identity(run_dir)
-    saved = run_dir / RUN_OVERRIDES
-    run_overrides = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+    run_overrides = recorded_overrides(run_dir)
     given = {override_key(o) for o in overrides}
     kept = [o for o in run_overrides
             if override_key(o) not in given and override_key(o).split(".")[0] not in EVALUATION_KEYS]
@@ -49,13 +46,27 @@ def evaluation_config(run_dir: Path, overrides: list[str]):
     return cfg
 
 
+def recorded_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides the run was made with (Hydra's .hydra/overrides.yaml: a list of strings)."""
+    saved = run_dir / RUN_OVERRIDES
+    if not saved.is_file():
+        return []
+    overrides = read_yaml(saved)
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise UserError(f"{saved} holds {repr(overrides)[:80]}; Hydra writes a list of override strings there "
+                        "(e.g. ['model.steps=2'])")
+    return overrides
+
+
 def evaluate(run_dir: Path, overrides: list[str]):
     cfg = evaluation_config(run_dir, overrides)
     validate(cfg)
     if not cfg.eval.evaluators:
         raise ConfigError("eval.evaluators is empty (eval=none): name at least one of pixel, dino, clip, vbench")
+    check_writable(run_dir)
+    evaluation = prepare_evaluation(cfg, run_dir)
     with RunLogger(cfg, run_dir, job_type="evaluate") as logger:
-        summary = evaluate_run(cfg, run_dir, logger)
+        summary = evaluation.run(logger)
     if not summary.ran_anything:
         raise UserError(f"no evaluator could run:\n{summary}")
     return summary

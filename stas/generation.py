@@ -16,10 +16,9 @@ from stas.hooks import StasSteerer
 from stas.layout import TokenLayout
 from stas.massive import load_calibration
 from stas.prompts import Item, load_prompts, make_items, shard_items
-from stas.rundir import JsonlRecords, atomic_write_json, read_jsonl, record_files, shard_file
+from stas.rundir import VIDEOS_DIR, JsonlRecords, atomic_write_json, read_jsonl, record_files, shard_file, video_path
 from stas.video import to_uint8, write_mp4
 
-VIDEOS_DIR = "videos"
 PARTIAL_DIR = ".partial"
 
 
@@ -33,7 +32,7 @@ def generation_rows(run_dir: Path) -> dict[str, dict]:
     rows = {}
     for path in record_files(run_dir, "generation"):
         for row in read_jsonl(path):
-            if (run_dir / row["path"]).is_file():
+            if video_path(run_dir, row["path"], f"{path}, row with key {row['key']!r}").is_file():
                 rows[row["key"]] = row
     return rows
 

@@ -5,28 +5,35 @@ its own). The merge checks that every directory holds the same run (same identit
 items still missing, copies videos from source directories into TARGET, and writes the merged `generation.jsonl`,
 `metrics.jsonl` and `metrics.json` in the order of an unsharded run, so that a merged run and an unsharded one
 have the same files and the same results.
+
+Every directory is untrusted input: a malformed file, a row without its fields, or a video path that leaves the
+directory's videos/ (absolute, `..`, a symlink) stops the merge with a message naming it, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stas.errors import UserError
-from stas.generation import PARTIAL_DIR, generation_rows
+from stas.generation import generation_rows
 from stas.rundir import (
+    GENERATION_FIELDS,
     MANIFEST_FILE,
+    METRIC_FIELDS,
+    VIDEOS_DIR,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
+    check_writable,
+    checked_records,
     describe_differences,
     differing_keys,
     load_identity,
-    read_jsonl,
-    record_files,
+    read_manifest,
+    video_path,
 )
 
 REPORT_FILE = "merge_report.json"
@@ -59,67 +66,67 @@ class MergeReport:
 def check_same_run(target: Path, sources: list[Path]) -> list[dict]:
     """The target's item manifest, after checking every source holds the same run; refuses naming the keys."""
     mine = load_identity(target)
-    manifest = read_jsonl(target / MANIFEST_FILE)
+    manifest = read_manifest(target)
     for source in sources:
         theirs = load_identity(source)
         keys = differing_keys(mine, theirs)
         if keys:
             raise UserError(f"cannot merge {source} into {target}: they are runs of different configs. Differing "
                             f"keys: {describe_differences(mine, theirs, keys, names=('target', 'source'))}")
-        if read_jsonl(source / MANIFEST_FILE) != manifest:
+        if read_manifest(source) != manifest:
             raise UserError(f"cannot merge {source} into {target}: their prompt/seed manifests ({MANIFEST_FILE}) differ")
     return manifest
 
 
 def merge(target: Path, sources: list[Path] = ()) -> MergeReport:
+    """Every directory is untrusted input: all of it is read and checked before the first byte is written."""
     target, sources = Path(target), [Path(s) for s in sources if Path(s).resolve() != Path(target).resolve()]
     manifest = check_same_run(target, sources)
     order = {item["key"]: n for n, item in enumerate(manifest)}
+    files = {item["key"]: f"{VIDEOS_DIR}/{item['file']}" for item in manifest}
     found: dict[str, tuple[Path, dict]] = {}
     for run_dir in [target, *sources]:  # the target's own copy wins
+        checked_records(run_dir, "generation", GENERATION_FIELDS)
         for key, row in generation_rows(run_dir).items():
+            where = f"{run_dir}'s generation records, row with key {key!r}"
+            if row["path"] != files.get(key):
+                raise UserError(f"{where}: its video {row['path']!r} is not the one {MANIFEST_FILE} names for that key "
+                                f"({files.get(key, 'no such key')}); is the run directory tampered with?")
             found.setdefault(key, (run_dir, row))
-    copied = 0
+    copies = []
     for run_dir, row in found.values():
-        if run_dir != target and not (target / row["path"]).is_file():
-            _copy_atomic(run_dir / row["path"], target / row["path"], target / PARTIAL_DIR)
-            copied += 1
-    rows = sorted((row for _, row in found.values()), key=lambda row: order.get(row["key"], len(order)))
+        destination = video_path(target, row["path"], f"{target} (merge target), row with key {row['key']!r}")
+        if run_dir != target and not destination.is_file():
+            copies.append((video_path(run_dir, row["path"], f"{run_dir}, row with key {row['key']!r}"), destination))
+    metric_rows = merged_metrics(target, sources)
+    check_writable(target)
+    for source, destination in copies:
+        atomic_write_bytes(destination, source.read_bytes())
+    rows = sorted((row for _, row in found.values()), key=lambda row: order[row["key"]])
     atomic_write_jsonl(target / "generation.jsonl", rows)
-    metric_rows = merge_metrics(target, sources)
-    report = MergeReport(target, len(manifest), len(rows), copied,
+    if metric_rows:
+        from stas.evaluation import aggregate_metrics
+
+        atomic_write_jsonl(target / "metrics.jsonl", metric_rows)
+        atomic_write_json(target / "metrics.json", aggregate_metrics(metric_rows))
+    report = MergeReport(target, len(manifest), len(rows), len(copies),
                          [item for item in manifest if item["key"] not in found], len(metric_rows))
     atomic_write_json(target / REPORT_FILE, {"complete": report.complete, "expected": report.expected,
                                              "present": report.present, "missing": report.missing})
     return report
 
 
-def merge_metrics(target: Path, sources: list[Path]) -> list[dict]:
-    """Union of the metric rows of all directories (one per video, evaluator and metric), with the aggregate."""
+def merged_metrics(target: Path, sources: list[Path]) -> list[dict]:
+    """Union of the metric rows of all directories (one per video, evaluator and metric), in a stable order."""
     merged: dict = {}
     for run_dir in [target, *sources]:
-        for path in record_files(run_dir, "metrics"):
-            for row in read_jsonl(path):
-                merged.setdefault(metric_key(row), row)
-    rows = sorted(merged.values(), key=metric_key)
-    if rows:
-        from stas.evaluation import aggregate_metrics
-
-        atomic_write_jsonl(target / "metrics.jsonl", rows)
-        atomic_write_json(target / "metrics.json", aggregate_metrics(rows))
-    return rows
+        for row in checked_records(run_dir, "metrics", METRIC_FIELDS):
+            merged.setdefault(metric_key(row), row)
+    return sorted(merged.values(), key=metric_key)
 
 
 def metric_key(row: dict) -> tuple:
     return row["video"], row["evaluator"], row["metric"]
-
-
-def _copy_atomic(source: Path, destination: Path, partial_dir: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial_dir.mkdir(parents=True, exist_ok=True)
-    tmp = partial_dir / f"{os.getpid()}-{destination.name}"
-    shutil.copy2(source, tmp)
-    os.replace(tmp, destination)
 
 
 def main(argv=None) -> None:

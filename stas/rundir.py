@@ -20,6 +20,13 @@ from stas.errors import UserError
 
 IDENTITY_FILE = "run_identity.yaml"
 MANIFEST_FILE = "items.jsonl"
+VIDEOS_DIR = "videos"
+# What the code reading a run directory uses of each row of its files (checked_rows checks them).
+MANIFEST_FIELDS = {"key": str, "prompt": str, "index": int, "seed": int, "file": str}
+GENERATION_FIELDS = {"key": str, "prompt": str, "seed": int, "path": str}
+NUMBER_OR_NULL = (int, float, type(None))
+METRIC_FIELDS = {"video": str, "prompt": str, "evaluator": str, "metric": str, "value": NUMBER_OR_NULL}
+KIND_NAMES = {str: "a string", int: "an integer", NUMBER_OR_NULL: "a number or null"}
 # Keys that change where or how fast a run goes, not what it produces.
 NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "experiment", "name",
                 "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing")
@@ -57,12 +64,19 @@ def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def check_writable(run_dir: Path) -> None:
+    """Creates `run_dir` if needed and checks that files can be made in it: a read-only or foreign directory, or a
+    file in the way, is a UserError before anything is written."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{str(run_dir)!r}: the output directory is a file")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-probe-", delete=True)
-        probe.close()
     except OSError as err:
-        raise ConfigError(f"output directory {str(run_dir)!r} cannot be written: {err.strerror or err}") from None
+        raise UserError(f"{str(run_dir)!r}: the output directory cannot be created: {err.strerror or err}") from None
+    try:
+        tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-probe-", delete=True).close()
+    except OSError as err:
+        raise UserError(f"{str(run_dir)!r}: the output directory cannot be written: {err.strerror or err}") from None
 
 
 class JsonlRecords:
@@ -157,10 +171,88 @@ def describe_differences(a: dict, b: dict, keys: Iterable[str], names=("existing
 
 
 def load_identity(run_dir: Path) -> dict:
+    """The run's identity (run_identity.yaml, plain YAML: no tags); a UserError when it is missing or malformed."""
     path = Path(run_dir) / IDENTITY_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a stas run directory (no {IDENTITY_FILE}; stas.run writes it)")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not the mapping of config keys stas.run writes")
+    return data
+
+
+def read_yaml(path: Path):
+    """Plain YAML from a run directory (safe_load: no tags, no objects); a UserError naming the file otherwise."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not readable YAML: {' '.join(str(err).split())}") from None
+    except OSError as err:
+        raise UserError(f"{path} cannot be read: {err.strerror or err}") from None
+
+
+def checked_rows(path: Path, fields: dict) -> list[dict]:
+    """read_jsonl's rows of a file from a run directory (untrusted input), each checked to be a JSON object with
+    these fields of these kinds (KIND_NAMES); a UserError names the file and the row otherwise."""
+    rows = read_jsonl(path)
+    wanted = ", ".join(f"{name} ({KIND_NAMES[kind]})" for name, kind in fields.items())
+    for row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: row {_shown(row)} is not a JSON object; each row must be an object with "
+                            f"{wanted}")
+        for name, kind in fields.items():
+            if name not in row:
+                raise UserError(f"{path}: row {_shown(row)} has no {name!r}; each row must have {wanted}")
+            if isinstance(row[name], bool) or not isinstance(row[name], kind):  # bool is an int to Python only
+                raise UserError(f"{path}: row {_shown(row)} has {name}={_shown(row[name])}; it must be "
+                                f"{KIND_NAMES[kind]}")
+    return rows
+
+
+def _shown(row, limit: int = 80) -> str:
+    """A row as it stands in its file, shortened: how a message names it."""
+    text = json.dumps(row, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def checked_records(run_dir: Path, stage: str, fields: dict) -> list[dict]:
+    """The rows of a stage's record files (merged, then shards; see record_files), each checked (checked_rows)."""
+    return [row for path in record_files(run_dir, stage) for row in checked_rows(path, fields)]
+
+
+def read_manifest(run_dir: Path) -> list[dict]:
+    """The run's item manifest (items.jsonl), checked; a UserError when it is missing or a row is malformed."""
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {MANIFEST_FILE} (the list of the run's videos that stas.run writes): "
+                        "is it a run directory of stas.run?")
+    return checked_rows(path, MANIFEST_FIELDS)
+
+
+def video_path(run_dir: Path, relative, where: str) -> Path:
+    """`run_dir / relative` for a video path read from a run directory (`where` names the file and row it came from).
+
+    A run directory is untrusted input: the path must be relative, without `..`, and lie inside the run's videos/
+    once every symlink is followed (videos/ itself must not lead out of the run directory either); a UserError
+    naming `where` refuses anything else.
+    """
+    def refuse(why: str):
+        raise UserError(f"{where}: video path {relative!r} {why}; a run's video paths are relative paths inside "
+                        f"its {VIDEOS_DIR}/ folder (is the run directory tampered with?)")
+
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        refuse("is not a file path")
+    if Path(relative).is_absolute():
+        refuse("is absolute")
+    if ".." in Path(relative).parts:
+        refuse("contains '..'")
+    run_root = Path(run_dir).resolve()
+    videos = (run_root / VIDEOS_DIR).resolve()
+    if run_root not in videos.parents:
+        refuse(f"is under {Path(run_dir) / VIDEOS_DIR}, a link that leads out of the run directory to {videos}")
+    if videos not in (run_root / relative).resolve().parents:
+        refuse(f"leads to {(run_root / relative).resolve()}, outside {Path(run_dir) / VIDEOS_DIR}")
+    return Path(run_dir) / relative
 
 
 def claim_run_dir(run_dir: Path, cfg, manifest: list[dict]) -> None:

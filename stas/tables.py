@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from stas.errors import UserError
-from stas.rundir import IDENTITY_FILE, flatten, load_identity, read_jsonl, record_files
+from stas.rundir import (GENERATION_FIELDS, IDENTITY_FILE, MANIFEST_FILE, METRIC_FIELDS, checked_records, flatten,
+                         load_identity, read_manifest)
 
 # The paper's Table 1: column title -> VBench dimension, or the composite score.
 PAPER_COLUMNS = {
@@ -31,6 +32,7 @@ PAPER_COLUMNS = {
 }
 COMPOSITES = ("quality_score", "semantic_score", "total_score")
 STAS_PRESETS = ("stas", "stas_paper")
+IDENTITY_KEYS = ("model.name", "model.fps", "steer.enabled", "steer.name")  # what tables and labels read
 
 
 @dataclass
@@ -76,11 +78,14 @@ def find_runs(paths: list[Path]) -> list[Run]:
         if not found:
             raise UserError(f"{path} holds no run (no {IDENTITY_FILE} below it): is it a stas.run output directory?")
         for run_dir in found:
-            rows = {}
-            for file in record_files(run_dir, "metrics"):
-                for row in read_jsonl(file):
-                    rows[(row["video"], row["evaluator"], row["metric"])] = row
-            runs.append(Run(run_dir, load_identity(run_dir), list(rows.values())))
+            identity = load_identity(run_dir)
+            flat = flatten(identity)
+            lacking = [key for key in IDENTITY_KEYS if key not in flat]
+            if lacking:
+                raise UserError(f"{run_dir / IDENTITY_FILE} lacks {', '.join(lacking)}: is it a stas.run identity?")
+            rows = {(row["video"], row["evaluator"], row["metric"]): row
+                    for row in checked_records(run_dir, "metrics", METRIC_FIELDS)}
+            runs.append(Run(run_dir, identity, list(rows.values())))
     return runs
 
 
@@ -210,9 +215,9 @@ def _delta_record(run, keys, metric, delta, low, high, prompts) -> dict:
 def missing_work(run: Run) -> list[str]:
     """What a run still lacks: videos of its manifest not generated, generated videos without metrics."""
     from stas.generation import generation_rows
-    from stas.rundir import MANIFEST_FILE
 
-    manifest = read_jsonl(run.path / MANIFEST_FILE) if (run.path / MANIFEST_FILE).exists() else []
+    manifest = read_manifest(run.path) if (run.path / MANIFEST_FILE).exists() else []
+    checked_records(run.path, "generation", GENERATION_FIELDS)
     generated = generation_rows(run.path)
     problems = []
     not_generated = [m for m in manifest if m["key"] not in generated]

@@ -25,9 +25,9 @@ from stas.evaluation.records import (AGGREGATE_FILE, METRICS_STAGE, Video, aggre
                                      row_key, summary_values)
 from stas.evaluation.similarity import similarity_metrics
 from stas.evaluation.vbench import VBenchError, VBenchRunner
-from stas.generation import VIDEOS_DIR
 from stas.prompts import shard_items
-from stas.rundir import MANIFEST_FILE, JsonlRecords, atomic_write_json, read_jsonl, record_files, shard_file
+from stas.rundir import (MANIFEST_FILE, METRIC_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_records,
+                         read_manifest, shard_file, video_path)
 from stas.video import read_mp4
 
 VBENCH_LOGS = "vbench"
@@ -46,14 +46,19 @@ def read_video(path: Path) -> np.ndarray:
 def run_videos(run_dir: Path, index: int, count: int) -> tuple[list[Video], int]:
     """This shard's videos (every count-th item of the run's manifest, as generation shards them) that exist, and
     how many of its videos are not generated yet."""
-    manifest = run_dir / MANIFEST_FILE
-    if not manifest.is_file():
-        raise UserError(f"{run_dir} has no {MANIFEST_FILE} (the list of the run's videos that stas.run writes): "
-                        "is it a run directory of stas.run?")
-    items = shard_items(read_jsonl(manifest), index, count)
-    videos = [Video(row["file"], run_dir / VIDEOS_DIR / row["file"], row["prompt"], row["seed"]) for row in items]
+    items = shard_items(read_manifest(run_dir), index, count)
+    videos = [Video(row["file"], manifest_video(run_dir, row), row["prompt"], row["seed"]) for row in items]
     present = [video for video in videos if video.path.is_file()]
     return present, len(videos) - len(present)
+
+
+def manifest_video(run_dir: Path, row: dict) -> Path:
+    """Where the video of a manifest row is; its `file` must be a plain file name in videos/ (it also names the
+    video's link for VBench)."""
+    where = f"{run_dir / MANIFEST_FILE}, row with key {row['key']!r}"
+    if Path(row["file"]).name != row["file"]:
+        raise UserError(f"{where}: file {row['file']!r} is not a plain file name (no folders, no '..')")
+    return video_path(run_dir, f"{VIDEOS_DIR}/{row['file']}", where)
 
 
 @dataclass
@@ -121,17 +126,19 @@ def _bump(table: dict[str, int], name: str) -> None:
 
 def evaluate_run(cfg, run_dir: Path, logger=None) -> EvaluationSummary:
     """Score this shard's videos of `run_dir` with `cfg.eval` and write rows (and, unsharded, metrics.json)."""
+    return prepare_evaluation(cfg, run_dir).run(logger)
+
+
+def prepare_evaluation(cfg, run_dir: Path) -> RunEvaluation:
+    """This shard's evaluation, once the run's manifest and metric rows (untrusted input) are read and checked: a
+    UserError comes before anything is written."""
     index, count = shard_of(cfg.shard)
     videos, not_generated = run_videos(run_dir, index, count)
     if not videos:
         shard = f" (shard {index + 1}/{count})" if count > 1 else ""
         raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run{shard}: "
                         "generate them first (python -m stas.run)")
-    evaluation = RunEvaluation(cfg, run_dir, videos, (index, count), not_generated)
-    evaluation.plan()
-    evaluation.score_frames()
-    evaluation.score_vbench()
-    return evaluation.finish(logger)
+    return RunEvaluation(cfg, run_dir, videos, (index, count), not_generated)
 
 
 class RunEvaluation:
@@ -145,9 +152,10 @@ class RunEvaluation:
         self.options = cfg.eval
         self.videos = videos
         self.shard = shard
+        # Rows of every layout (unsharded, any shard count) count as done, as generation counts videos; checked
+        # before this shard's file is opened (and perhaps repaired).
+        self.known = {row_key(row): row for row in checked_records(run_dir, METRICS_STAGE, METRIC_FIELDS)}
         self.records = JsonlRecords(shard_file(run_dir, METRICS_STAGE, *shard), key=row_key)
-        # Rows of every layout (unsharded, any shard count) count as done, as generation counts videos.
-        self.known = {row_key(row): row for path in record_files(run_dir, METRICS_STAGE) for row in read_jsonl(path)}
         self.known.update(self.records.rows)
         self.summary = EvaluationSummary(run_dir, shard, len(videos), not_generated, self.records.path,
                                          run_dir / AGGREGATE_FILE if shard[1] == 1 else None)
@@ -160,6 +168,12 @@ class RunEvaluation:
         self.extractors = {}
         self.readable: dict[str, list[Video]] = defaultdict(list)  # VBench scorer: its videos that decode
         self.seconds: dict[str, float] = defaultdict(float)
+
+    def run(self, logger=None) -> EvaluationSummary:
+        self.plan()
+        self.score_frames()
+        self.score_vbench()
+        return self.finish(logger)
 
     def _is_scored(self, video: Video, evaluator: str, metric: str, settings: str | None = None) -> bool:
         row = self.known.get(row_key({"video": video.name, "evaluator": evaluator, "metric": metric}))

@@ -1,0 +1,336 @@
+"""A run directory someone hands you is untrusted input: merge, evaluate, tables and side-by-side read its paths and
+rows only after checking them, refuse with one line (exit 2) naming the file and row, and write nothing then."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from stas.evaluate import main as evaluate_main
+from stas.merge import main as merge_main
+
+from conftest import REPO, run_cli
+from test_generation import gen
+
+PROMPTS = "prompts.prompts=[a cat,a dog]"
+RUN_ARGS = ["logger=none", "eval=none", "progress=false", PROMPTS, "model.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A real run of stas.run (two videos, .hydra overrides), copied by each test before it tampers with it."""
+    root = tmp_path_factory.mktemp("base")
+    done = run_cli("stas.run", *RUN_ARGS, f"hydra.run.dir={root / 'run'}", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "run"
+
+
+def snapshot(root):
+    """Every entry under root, not following links: files by content, inode and mtime (a rewrite with the same
+    bytes shows), links by target, folders by name."""
+    entries = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            stat = os.lstat(path)
+            if os.path.islink(path):
+                entries[path] = ("link", os.readlink(path))
+            elif name in files:
+                entries[path] = (open(path, "rb").read(), stat.st_ino, stat.st_mtime_ns)
+            else:
+                entries[path] = "dir"
+    return entries
+
+
+def rewrite_rows(path, change):
+    """Replace the JSON-lines file's rows by change(rows) (a row may become any JSON value)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(row) + "\n" for row in change(rows)))
+
+
+def one_line_error(stderr, tool):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}: error: "), stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def shards(base_run, tmp_path):
+    """target holds 'a cat' only, source the whole run: merging copies 'a dog' (key 1:0) from source."""
+    target, source = tmp_path / "target", tmp_path / "source"
+    shutil.copytree(base_run, target, symlinks=True)
+    shutil.copytree(base_run, source, symlinks=True)
+    (target / "videos" / "a dog-0.mp4").unlink()
+    rewrite_rows(target / "generation.jsonl", lambda rows: [r for r in rows if r["key"] != "1:0"])
+    return target, source
+
+
+def set_dog_path(source, path):
+    rewrite_rows(source / "generation.jsonl", lambda rows: [dict(r, path=path) if r["key"] == "1:0" else r
+                                                            for r in rows])
+
+
+def test_merge_refuses_a_row_path_that_leaves_through_a_symlink(shards, tmp_path):
+    """The exploit of issue 11: '..' after a symlink in the source reads the attacker's file there, and on the
+    target side climbs out of the target, e.g. into a site-packages folder (a .pth file runs at every start)."""
+    target, source = shards
+    site_packages = tmp_path / "site-packages"
+    site_packages.mkdir()
+    (source / "p" / "q").mkdir(parents=True)
+    (source / "lnk").symlink_to("p/q")  # source/lnk/../.. is source, target/lnk/../.. is tmp_path
+    (source / "site-packages").mkdir()
+    (source / "site-packages" / "evil.pth").write_text("import os; os.system('echo pwned')\n")
+    set_dog_path(source, "lnk/../../site-packages/evil.pth")
+    assert (source / "lnk/../../site-packages/evil.pth").is_file()  # the row is real on the source side
+    before, outside_before = snapshot(target), snapshot(tmp_path)
+    result = run_cli("stas.merge", target, source, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = one_line_error(result.stderr, "stas.merge")
+    assert f"{source / 'generation.jsonl'}, row with key '1:0'" in line
+    assert "'lnk/../../site-packages/evil.pth' contains '..'" in line
+    assert not (site_packages / "evil.pth").exists() and list(site_packages.iterdir()) == []
+    assert snapshot(target) == before
+    assert snapshot(tmp_path) == outside_before
+
+
+@pytest.mark.parametrize("case", ["absolute path", "video linked out", "videos folder linked out",
+                                  "target videos folder linked out"])
+def test_merge_refuses_paths_that_leave_videos(shards, tmp_path, capsys, case):
+    target, source = shards
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.mp4"
+    shutil.copy(source / "videos" / "a dog-0.mp4", secret)
+    if case == "absolute path":  # read from anywhere, written anywhere
+        set_dog_path(source, str(secret))
+        named = f"row with key '1:0': video path {str(secret)!r} is absolute"
+    elif case == "video linked out":  # the file itself is a link to a file elsewhere
+        (source / "videos" / "a dog-0.mp4").unlink()
+        (source / "videos" / "a dog-0.mp4").symlink_to(secret)
+        named = f"row with key '1:0': video path 'videos/a dog-0.mp4' leads to {secret.resolve()}, outside"
+    elif case == "videos folder linked out":
+        shutil.rmtree(source / "videos")
+        (source / "videos").symlink_to(outside)
+        shutil.copy(secret, outside / "a dog-0.mp4")
+        named = "is under " + str(source / "videos") + ", a link that leads out of the run directory"
+    else:  # the copy would land in the folder the target's videos/ links to
+        shutil.move(target / "videos", outside / "videos")
+        (target / "videos").symlink_to(outside / "videos")
+        named = "is under " + str(target / "videos") + ", a link that leads out of the run directory"
+    before, outside_before = snapshot(target), snapshot(outside)
+    with pytest.raises(SystemExit) as exited:
+        merge_main([str(target), str(source)])
+    assert exited.value.code == 2
+    assert named in one_line_error(capsys.readouterr().err, "stas.merge")
+    assert snapshot(target) == before and snapshot(outside) == outside_before
+
+
+def tag_identity(run):
+    (run / "run_identity.yaml").write_text("!!python/object/apply:os.system ['echo pwned']\n")
+
+
+def list_identity(run):
+    (run / "run_identity.yaml").write_text("- model\n- steer\n")
+
+
+@pytest.mark.parametrize("which, tamper, message", [
+    ("source", lambda run: (run / "items.jsonl").unlink(), "source has no items.jsonl"),
+    ("target", lambda run: (run / "items.jsonl").unlink(), "target has no items.jsonl"),
+    ("source", tag_identity, "run_identity.yaml is not readable YAML: could not determine a constructor for the tag "
+                             "'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("target", list_identity, "run_identity.yaml holds a list, not the mapping of config keys"),
+    ("source", lambda run: rewrite_rows(run / "generation.jsonl", lambda rows: [rows[0], ["a", "list"]]),
+     'generation.jsonl: row ["a", "list"] is not a JSON object'),
+    ("source", lambda run: rewrite_rows(run / "generation.jsonl", lambda rows: [{k: v for k, v in r.items()
+                                                                                 if k != "path"} for r in rows]),
+     "generation.jsonl: row {\"key\": \"0:0\", "),
+    ("source", lambda run: rewrite_rows(run / "generation.jsonl", lambda rows: [{k: v for k, v in r.items()
+                                                                                 if k != "key"} for r in rows]),
+     "has no 'key'; each row must have key (a string), prompt (a string), seed (an integer), path (a string)"),
+    ("source", lambda run: rewrite_rows(run / "items.jsonl", lambda rows: rows + [7]),
+     "items.jsonl: row 7 is not a JSON object"),
+    ("source", lambda run: (run / "metrics.jsonl").write_text('{"video": "a cat-0.mp4", "value": 0.5}\n'),
+     "metrics.jsonl: row {\"video\": \"a cat-0.mp4\", \"value\": 0.5} has no 'prompt'"),
+    ("source", lambda run: rewrite_rows(run / "generation.jsonl", lambda rows: [dict(r, path="videos/a cat-0.mp4")
+                                                                                for r in rows]),
+     "row with key '1:0': its video 'videos/a cat-0.mp4' is not the one items.jsonl names for that key "
+     "(videos/a dog-0.mp4)"),
+])
+def test_merge_refuses_malformed_run_files_before_writing(shards, capsys, which, tamper, message):
+    target, source = shards
+    tamper(target if which == "target" else source)
+    before = snapshot(target)
+    with pytest.raises(SystemExit) as exited:
+        merge_main([str(target), str(source)])
+    assert exited.value.code == 2
+    assert message in one_line_error(capsys.readouterr().err, "stas.merge")
+    assert snapshot(target) == before
+
+
+def test_merge_of_clean_shards_still_copies(shards, capsys):
+    """The checks refuse only what leaves videos/: the same shards, untampered, merge (the control)."""
+    target, source = shards
+    merge_main([str(target), str(source)])  # complete: no SystemExit
+    assert "2/2 videos in" in capsys.readouterr().out
+    assert (target / "videos" / "a dog-0.mp4").read_bytes() == (source / "videos" / "a dog-0.mp4").read_bytes()
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run, symlinks=True)
+    return run
+
+
+def outside_video(run, tmp_path):
+    secret = tmp_path / "secret.mp4"
+    shutil.copy(run / "videos" / "a dog-0.mp4", secret)
+    return secret
+
+
+def link_dog_out(run, tmp_path):
+    secret = outside_video(run, tmp_path)
+    (run / "videos" / "a dog-0.mp4").unlink()
+    (run / "videos" / "a dog-0.mp4").symlink_to(secret)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda run, tmp: (run / "metrics.jsonl").write_text(
+        '{"prompt": "a cat", "evaluator": "pixel", "metric": "consistency", "value": 0.9}\n'),
+     "metrics.jsonl: row {\"prompt\": \"a cat\", \"evaluator\": \"pixel\", \"metric\": \"consistency\", \"value\": 0.9} has "
+     "no 'video'; each row must have video (a string), prompt (a string), evaluator (a string), metric (a string), "
+     "value (a number or null)"),
+    (lambda run, tmp: rewrite_rows(run / "items.jsonl", lambda rows: [{k: v for k, v in r.items() if k != "key"}
+                                                                      for r in rows]),
+     "items.jsonl: row {\"prompt\": \"a cat\", \"index\": 0, \"seed\": 0, \"file\": \"a cat-0.mp4\"} has no 'key'"),
+    (lambda run, tmp: (run / ".hydra" / "overrides.yaml").write_text("- model.steps=2\n- [unclosed\n"),
+     ".hydra/overrides.yaml is not readable YAML: "),
+    (lambda run, tmp: (run / ".hydra" / "overrides.yaml").write_text("model: tiny_wan21\n"),
+     ".hydra/overrides.yaml holds {'model': 'tiny_wan21'}; Hydra writes a list of override strings there"),
+    (lambda run, tmp: (run / ".hydra" / "overrides.yaml").write_text("42\n"), ".hydra/overrides.yaml holds 42; "),
+    (lambda run, tmp: tag_identity(run), "run_identity.yaml is not readable YAML"),
+    (lambda run, tmp: rewrite_rows(run / "items.jsonl", lambda rows: [
+        dict(r, file=f"../../{outside_video(run, tmp).name}") if r["key"] == "1:0" else r for r in rows]),
+     "items.jsonl, row with key '1:0': file '../../secret.mp4' is not a plain file name"),
+    (lambda run, tmp: link_dog_out(run, tmp),
+     "items.jsonl, row with key '1:0': video path 'videos/a dog-0.mp4' leads to "),
+])
+def test_evaluate_refuses_tampered_run_dirs_before_writing(run_copy, tmp_path, capsys, tamper, message):
+    tamper(run_copy, tmp_path)
+    before = snapshot(run_copy)
+    with pytest.raises(SystemExit) as exited:
+        evaluate_main([str(run_copy), "eval.evaluators=[pixel]", "logger=none", "progress=false"])
+    assert exited.value.code == 2
+    assert message in one_line_error(capsys.readouterr().err, "stas.evaluate")
+    assert snapshot(run_copy) == before
+
+
+def test_evaluate_checks_metric_rows_before_wandb_writes_anything(run_copy, tmp_path):
+    """With the default logger (W&B offline) too: the rows are checked before the logger opens its run."""
+    (run_copy / "metrics.jsonl").write_text('[1, 2]\n')
+    before = snapshot(run_copy)
+    result = run_cli("stas.evaluate", run_copy, "eval.evaluators=[pixel]", "progress=false", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "metrics.jsonl: row [1, 2] is not a JSON object" in one_line_error(result.stderr, "stas.evaluate")
+    assert snapshot(run_copy) == before
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """read_only(folder): a read-only copy of the folder. chmod where permissions hold; as root (who ignores them)
+    a tmpfs mounted read-only, else the test is skipped."""
+    mounts = []
+
+    def make(source):
+        copy = tmp_path / f"read-only-{len(mounts)}"
+        shutil.copytree(source, copy, symlinks=True)
+        subprocess.run(["chmod", "-R", "a-w", str(copy)], check=True)
+        if not os.access(copy, os.W_OK):
+            return copy
+        subprocess.run(["chmod", "-R", "u+w", str(copy)], check=True)
+        shutil.rmtree(copy)
+        copy.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(copy)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("running as root, where chmod does not make a folder read-only, and cannot mount a tmpfs")
+        mounts.append(copy)
+        shutil.copytree(source, copy, symlinks=True, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(copy)], check=True)
+        assert not os.access(copy, os.W_OK)
+        return copy
+
+    yield make
+    for mount in mounts:
+        subprocess.run(["umount", str(mount)], check=True)
+    subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=True)
+
+
+def test_rerun_and_evaluation_in_a_read_only_run_dir_are_one_line_errors(base_run, tmp_path, read_only):
+    run = read_only(base_run)
+    rerun = run_cli("stas.run", *RUN_ARGS, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert rerun.returncode == 2
+    line = one_line_error(rerun.stderr, "stas")
+    assert f"hydra.run.dir={str(run)!r}: the output directory cannot be written: " in line
+    evaluation = run_cli("stas.evaluate", run, "eval.evaluators=[pixel]", "logger=none", cwd=tmp_path)
+    assert evaluation.returncode == 2
+    assert (f"{str(run)!r}: the output directory cannot be written: "
+            in one_line_error(evaluation.stderr, "stas.evaluate"))
+    # the control: a writable copy of the same run evaluates
+    writable = tmp_path / "writable"
+    shutil.copytree(base_run, writable, symlinks=True)
+    assert run_cli("stas.evaluate", writable, "eval.evaluators=[pixel]", "logger=none",
+                   cwd=tmp_path).returncode == 0
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "analysis" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("script", ["tables", "side_by_side"])
+def test_out_pointing_at_a_file_is_refused(base_run, tmp_path, capsys, script):
+    out = tmp_path / "out"
+    out.write_text("my notes")
+    args = [str(base_run), "--out", str(out), *(["--wandb", "none"] if script == "tables" else ["--prompts", "1"])]
+    if script == "side_by_side":
+        args.insert(0, str(base_run))  # a run beside itself: every video pairs
+    assert load_script(script)(args) == 2
+    assert f"{str(out)!r}: the output directory is a file" in one_line_error(capsys.readouterr().err, script)
+    assert out.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (list_identity, "run_identity.yaml holds a list"),
+    (lambda run: (run / "run_identity.yaml").write_text("seed: 0\n"),
+     "run_identity.yaml lacks model.name, model.fps, steer.enabled, steer.name"),
+    (lambda run: (run / "metrics.jsonl").write_text('{"video": "a cat-0.mp4"}\n'), "metrics.jsonl: row"),
+    (lambda run: set_dog_path(run, "/etc/passwd"), "row with key '1:0': video path '/etc/passwd' is absolute"),
+])
+def test_tables_refuse_malformed_runs(run_copy, tmp_path, capsys, tamper, message):
+    tamper(run_copy)
+    out = tmp_path / "tables"
+    assert load_script("tables")([str(run_copy), "--out", str(out), "--wandb", "none"]) == 2
+    assert message in one_line_error(capsys.readouterr().err, "tables")
+    assert not out.exists()
+
+
+def test_side_by_side_pairs_runs_by_prompt_and_seed(base_run, tmp_path, capsys):
+    """Runs of different prompt lists pair by prompt text, not by position; nothing in common is refused."""
+    shifted = tmp_path / "shifted"
+    gen(shifted, "prompts.prompts=[a dog,a bird]", "model.steps=2")  # 'a dog' is item 0:0 here, 1:0 in base_run
+    side_by_side = load_script("side_by_side")
+    assert side_by_side([str(base_run), str(shifted), "--out", str(tmp_path / "pairs")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pairs").glob("*.mp4")) == ["a dog-0.mp4"]
+    assert side_by_side([str(base_run), str(shifted), "--out", str(tmp_path / "k"), "--keys", "0:0"]) == 2
+    assert "--keys 0:0: not a video of" in one_line_error(capsys.readouterr().err, "side_by_side")
+    reseeded = tmp_path / "reseeded"
+    gen(reseeded, PROMPTS, "model.steps=2", "seed=5")  # same prompts, other seeds: nothing to compare
+    assert side_by_side([str(base_run), str(reseeded), "--out", str(tmp_path / "none")]) == 2
+    assert "share no generated video of the same prompt and seed" in one_line_error(capsys.readouterr().err,
+                                                                                    "side_by_side")
+    assert not (tmp_path / "none").exists()
