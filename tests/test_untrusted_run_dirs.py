@@ -268,7 +268,7 @@ def read_only(tmp_path):
     subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=True)
 
 
-def test_rerun_and_evaluation_in_a_read_only_run_dir_are_one_line_errors(base_run, tmp_path, read_only):
+def test_rerun_evaluation_and_merge_in_a_read_only_run_dir_are_one_line_errors(base_run, tmp_path, read_only):
     run = read_only(base_run)
     rerun = run_cli("stas.run", *RUN_ARGS, f"hydra.run.dir={run}", cwd=tmp_path)
     assert rerun.returncode == 2
@@ -278,6 +278,9 @@ def test_rerun_and_evaluation_in_a_read_only_run_dir_are_one_line_errors(base_ru
     assert evaluation.returncode == 2
     assert (f"{str(run)!r}: the output directory cannot be written: "
             in one_line_error(evaluation.stderr, "stas.evaluate"))
+    merged = run_cli("stas.merge", run, cwd=tmp_path)
+    assert merged.returncode == 2
+    assert f"{str(run)!r}: the output directory cannot be written: " in one_line_error(merged.stderr, "stas.merge")
     # the control: a writable copy of the same run evaluates
     writable = tmp_path / "writable"
     shutil.copytree(base_run, writable, symlinks=True)
