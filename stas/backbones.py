@@ -130,6 +130,11 @@ class Backbone(Family):
         return slice(half, batch) if branch == "cond" else slice(0, half)
 
 
+def runs_cfg(guidance_scale: float) -> bool:
+    """Whether the pipelines run classifier-free guidance (Wan's and CogVideoX's do when guidance_scale > 1)."""
+    return guidance_scale > 1.0
+
+
 def backbone_from_config(model_cfg) -> Backbone:
     if model_cfg.family not in FAMILIES:
         raise BackboneError(f"model.family={model_cfg.family!r} is unknown; allowed: {', '.join(FAMILIES)}")
