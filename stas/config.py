@@ -297,8 +297,6 @@ NUMERIC_BOUNDS = {
     "model.tiny.seed": Bounds(0, SEED_MAX),
     "steer.strength": Bounds(0, 1, low_open=True),  # 0 would leave every value as it is
     "steer.ratio": Bounds(0, 10000),
-    "analysis.ratio": Bounds(0, 10000, low_open=True),
-    "analysis.min_frequency": Bounds(0, 1, low_open=True),
 }
 ALPHA_BOUNDS = Bounds(0, 100, low_open=True)  # for the rules that use alpha
 

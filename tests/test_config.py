@@ -79,7 +79,7 @@ BAD = [
     (["steer.window.start=nan"], r"^steer.window.start=nan must be a finite number$"),
     (["steer.window.unit=steps", "steer.window.end=inf"], r"^steer.window.end=inf must be a finite number$"),
     (["model.tiny.plant.magnitudes=[60,nan,30]"], r"^model.tiny.plant.magnitudes\[1\]=nan must be a finite number$"),
-    (["analysis.min_frequency=inf"], r"analysis.min_frequency=inf must be a finite number in \(0, 1\]"),
+    (["analysis.ratio=inf"], r"^analysis.ratio=inf must be a finite number$"),
     # values that used to fail late, after the model loaded
     (["model.max_sequence_length=0"], r"model.max_sequence_length=0 must be an integer in \[1, 4096\]"),
     (["model.steps=10001"], r"model.steps=10001 must be an integer in \[1, 10000\]"),
