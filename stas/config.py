@@ -143,10 +143,10 @@ class LoggerConfig:
 
 @dataclass
 class ShardConfig:
-    # Only what is given here shards a run: under a Slurm launcher $SLURM_ARRAY_TASK_ID numbers the sweep's cells,
-    # not shards (the sbatch scripts pass shard.index/count explicitly).
-    index: int = 0
-    count: int = 1
+    # Only what is given here shards a run (None: 0 of 1): under a Slurm launcher $SLURM_ARRAY_TASK_ID numbers the
+    # sweep's cells, not shards, so it is never read (the sbatch scripts pass shard.index/count explicitly).
+    index: Optional[int] = None
+    count: Optional[int] = None
 
 
 @dataclass
@@ -592,8 +592,9 @@ def validate_eval(evaluation) -> None:
 
 
 def shard_of(shard) -> tuple[int, int]:
-    """(index, count) of this process's shard: shard.index and shard.count, never the environment."""
-    index, count = shard.index, shard.count
+    """(index, count) of this process's shard: shard.index and shard.count (unset: 0 and 1), never the environment."""
+    index = 0 if shard.index is None else shard.index
+    count = 1 if shard.count is None else shard.count
     if count < 1:
         raise ConfigError(f"shard.count={count!r} must be >= 1")
     if not 0 <= index < count:
