@@ -130,6 +130,11 @@ class Backbone(Family):
         return slice(half, batch) if branch == "cond" else slice(0, half)
 
 
+def runs_cfg(guidance_scale: float) -> bool:
+    """Whether the pipelines run classifier-free guidance (Wan's and CogVideoX's do when guidance_scale > 1)."""
+    return guidance_scale > 1.0
+
+
 def backbone_from_config(model_cfg) -> Backbone:
     if model_cfg.family not in FAMILIES:
         raise BackboneError(f"model.family={model_cfg.family!r} is unknown; allowed: {', '.join(FAMILIES)}")
@@ -212,27 +217,42 @@ def check_pipeline_matches(pipe, backbone: Backbone) -> None:
 
 
 def _from_pretrained(model_cfg, backbone: Backbone):
+    from huggingface_hub import snapshot_download
+
+    from stas.evaluation.features import hub_reachable
+
+    # With the hub unreachable the client would retry every file for half a minute before failing; the cache alone
+    # answers at once, and before diffusers is even imported (seconds).
+    offline = not hub_reachable()
+    common = {"revision": model_cfg.revision, "local_files_only": offline}
+    if offline:
+        try:
+            snapshot_download(model_cfg.hub_id, **common)
+        except OSError:
+            why = (f"no snapshot of revision {model_cfg.revision or 'main'} in the cache, and the hub is offline "
+                   "(HF_HUB_OFFLINE) or unreachable")
+            raise BackboneError(_not_cached_message(model_cfg.hub_id, why)) from None
     import diffusers
 
     pipeline_cls = getattr(diffusers, backbone.pipeline)
-    dtype = DTYPES[model_cfg.dtype]
-    kwargs = {"torch_dtype": dtype, "revision": model_cfg.revision}
+    kwargs = {"torch_dtype": DTYPES[model_cfg.dtype], **common}
     try:
         if backbone.family in ("wan21", "wan22"):
             # Wan's VAE is published for float32 decoding; bf16 decoding visibly degrades frames.
             vae_dtype = DTYPES[model_cfg.vae_dtype or "float32"]
             kwargs["vae"] = diffusers.AutoencoderKLWan.from_pretrained(
-                model_cfg.hub_id, subfolder="vae", torch_dtype=vae_dtype, revision=model_cfg.revision
+                model_cfg.hub_id, subfolder="vae", torch_dtype=vae_dtype, **common
             )
         pipe = pipeline_cls.from_pretrained(model_cfg.hub_id, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise BackboneError(_not_cached_message(model_cfg.hub_id, err)) from None
+        cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise BackboneError(_not_cached_message(model_cfg.hub_id, cause)) from None
     if model_cfg.flow_shift is not None and "flow_shift" in pipe.scheduler.config:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=model_cfg.flow_shift)
     return pipe
 
 
-def _not_cached_message(hub_id: str, err: Exception) -> str:
+def _not_cached_message(hub_id: str, cause: str) -> str:
     from huggingface_hub import constants
 
     return (
@@ -241,5 +261,5 @@ def _not_cached_message(hub_id: str, err: Exception) -> str:
         f"  to pre-download on a machine with network access: hf download {hub_id}\n"
         f"  (or huggingface-cli download {hub_id}); then copy the cache or point HF_HOME at it, "
         f"and set HF_HUB_OFFLINE=1 on machines without network.\n"
-        f"  cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        f"  cause: {cause}"
     )

@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stas.backbones import CONF_DIR
-from stas.config import ConfigError, register_configs
+from stas.config import ConfigError, check_override, config_groups, register_configs
 from stas.errors import UserError
 from stas.rundir import check_writable
 
@@ -53,6 +53,7 @@ def compose_config(overrides=(), with_hydra: bool = False, config_name: str = "c
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
+    check_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
@@ -69,6 +70,33 @@ def _one_line(message: str) -> str:
     return " ".join(lines)
 
 
+def check_overrides(overrides) -> None:
+    """Refuse an override of a key that is not a field or a value its field cannot hold, before Hydra composes (see
+    `check_override`); what Hydra cannot parse is left to its own message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return
+    groups = config_groups()
+    for override in parsed:
+        key = override.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or override.package is not None:
+            continue
+        if override.is_delete():
+            values = []
+        elif override.is_sweep_override():
+            try:
+                values = list(override.sweep_iterator())
+            except HydraException:  # interval and glob sweeps are enumerated only by the sweeper
+                values = None
+        else:
+            values = [override.value()]
+        check_override(key, values, groups)
+
+
 def override_key(override: str) -> str:
     """The config key a command-line override sets ('model' for model=x, 'steer.alpha' for +steer.alpha=2)."""
     return override.split("=", 1)[0].lstrip("+~")
@@ -79,8 +107,9 @@ def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Calla
 
     `config_name` is the primary config in conf/ (config.yaml; analyze.yaml for stas.analyze).
 
-    A UserError becomes one line on stderr and exit code 2 (in a multirun too: a sweep with a bad value stops
-    at the first job that has it, before that job writes anything).
+    The command line's overrides are checked against the schema before Hydra composes (`check_overrides`: a key
+    that is not a field or a value of the wrong type). A UserError becomes one line on stderr and exit code 2 (in a
+    multirun too: a sweep with a bad value stops at the first job that has it, before that job writes anything).
     """
 
     def task_function(cfg) -> None:
@@ -93,6 +122,16 @@ def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Calla
             job = f" (job {HydraConfig.get().job.num})" if HydraConfig.get().mode == RunMode.MULTIRUN else ""
             fail(tool + job, str(err))
 
-    main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task_function)
+    hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task_function)
+
+    def main() -> None:
+        from hydra._internal.utils import get_args_parser  # the parser hydra.main itself reads sys.argv with
+
+        args, _ = get_args_parser().parse_known_args()
+        try:
+            check_overrides(args.overrides)
+        except ConfigError as err:
+            fail(tool, str(err))
+        hydra_main()
 
     return main

@@ -1,26 +1,29 @@
 """Structured configs: one dataclass schema per config group, registered in Hydra's ConfigStore.
 
-Hydra checks keys and types against these schemas when it composes (a typo or a wrong type fails there); `validate`
-then checks values and cross-field rules at start-up, before any model is loaded, and raises `ConfigError` naming
-the field, the value and what is allowed.
+Command-line overrides are checked against these schemas before Hydra composes (`check_override`: a key that is not
+a field, a value of the wrong type); `validate` then checks values (ranges, finite numbers) and cross-field rules at
+start-up, before any model is loaded, and raises `ConfigError` naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import shutil
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
 from stas.errors import UserError
 
-from stas.backbones import CONF_DIR, DTYPES, FAMILIES, Backbone, backbone_from_config
+from stas.backbones import CONF_DIR, DTYPES, FAMILIES, Backbone, backbone_from_config, runs_cfg
 from stas.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
-from stas.steering import RULES, check_rule
+from stas.massive import CALIBRATION_KINDS, load_calibration
+from stas.steering import RULES, RULES_WITH_ALPHA, check_rule
 
 EXPERIMENTS_DIR = CONF_DIR.parent / "experiments"
 BRANCHES = ("cond", "uncond", "both")
@@ -140,8 +143,10 @@ class LoggerConfig:
 
 @dataclass
 class ShardConfig:
-    index: Optional[int] = None  # default: $SLURM_ARRAY_TASK_ID, else 0
-    count: Optional[int] = None  # default: $SLURM_ARRAY_TASK_COUNT, else 1
+    # Only what is given here shards a run (None: 0 of 1): under a Slurm launcher $SLURM_ARRAY_TASK_ID numbers the
+    # sweep's cells, not shards, so it is never read (the sbatch scripts pass shard.index/count explicitly).
+    index: Optional[int] = None
+    count: Optional[int] = None
 
 
 @dataclass
@@ -261,6 +266,72 @@ def load_group_option(group: str, name: str) -> DictConfig:
 # ---------------------------------------------------------------------------------------------------- validation
 
 
+SEED_MAX = 2**63 - 1  # int64, what torch.Generator, numpy and W&B all hold exactly
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric field must lie in: [low, high], or (low, high] with low_open."""
+
+    low: int
+    high: int
+    low_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if not (isinstance(value, int) or math.isfinite(value)):
+            return False
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low}, {self.high}]"
+
+
+# Ranges of numeric fields (documented in README, "Configuration"); every other float must at least be finite.
+NUMERIC_BOUNDS = {
+    "seed": Bounds(0, SEED_MAX),  # negative seeds would alias: manual_seed(-1) is manual_seed(2**64 - 1)
+    "model.steps": Bounds(1, 10000),
+    "model.guidance_scale": Bounds(0, 100),
+    "model.flow_shift": Bounds(0, 100, low_open=True),
+    "model.fps": Bounds(1, 240),
+    "model.max_sequence_length": Bounds(1, 4096),
+    "model.tiny.seed": Bounds(0, SEED_MAX),
+    "steer.strength": Bounds(0, 1, low_open=True),  # 0 would leave every value as it is
+    "steer.ratio": Bounds(0, 10000),
+}
+ALPHA_BOUNDS = Bounds(0, 100, low_open=True)  # for the rules that use alpha
+
+
+def _kind_of(value) -> str:
+    return "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a finite number"
+
+
+def _in_bounds(path: str, value, bounds: Bounds) -> None:
+    if value not in bounds:
+        raise ConfigError(f"{path}={value!r} must be {_kind_of(value)} in {bounds}")
+
+
+def _check_numbers(settings: DictConfig, unused: tuple[str, ...]) -> None:
+    """Every bounded field in its range, and every other float of the config finite (NaN passes any `<` check and
+    inf reaches the model); the top-level nodes in `unused` are not used by this run and not checked."""
+    for path, bounds in NUMERIC_BOUNDS.items():
+        value = OmegaConf.select(settings, path)
+        if value is not None and path.split(".")[0] not in unused:
+            _in_bounds(path, value, bounds)
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{path}[{index}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{path}={node!r} must be a finite number")
+
+    used = OmegaConf.masked_copy(settings, [key for key in settings if key not in unused])
+    walk(OmegaConf.to_container(used, resolve=True), "")
+
+
 def _allowed(path: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{path}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
@@ -280,9 +351,6 @@ def validate_model(model) -> Backbone:
         _allowed("model.vae_dtype", model.vae_dtype, DTYPES)
     _allowed("model.cpu_offload", model.cpu_offload, OFFLOAD_MODES)
     _check_device("model.device", model.device)
-    _at_least("model.steps", model.steps, 1)
-    _at_least("model.guidance_scale", model.guidance_scale, 0)
-    _at_least("model.fps", model.fps, 1)
     _at_least("model.num_layers", model.num_layers, 1)
     backbone = backbone_from_config(model)
     problems = backbone.video_problems(model.height, model.width, model.num_frames)
@@ -360,37 +428,63 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
         check_rule(steer.rule, steer.alpha, steer.strength)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if steer.rule in RULES_WITH_ALPHA:
+        _in_bounds("steer.alpha", steer.alpha, ALPHA_BOUNDS)
+    if steer.rule == "scale" and steer.alpha == 1:
+        raise ConfigError("steer.alpha=1.0 with steer.rule=scale leaves every value as it is (target = alpha x h): "
+                          "STAS would steer nothing; use steer=none for a vanilla run")
     try:
         parse_targets(steer.targets)
     except LayoutError as err:
         raise ConfigError(f"steer.targets={steer.targets!r}: {err}") from None
     _allowed("steer.boundary_unit", steer.boundary_unit, BOUNDARY_UNITS)
     _allowed("steer.branches", steer.branches, BRANCHES)
+    if steer.branches == "uncond" and not runs_cfg(model.guidance_scale):
+        raise ConfigError(f"steer.branches=uncond, but model.guidance_scale={model.guidance_scale!r} runs no "
+                          "classifier-free guidance, so there is no uncond branch: STAS would steer nothing")
     layout = TokenLayout(*backbone.latent_grid(model.height, model.width, model.num_frames))
     try:
         layout.boundary_span(steer.boundary_width, steer.boundary_unit)
     except LayoutError as err:
         raise ConfigError(f"steer.boundary_width={steer.boundary_width!r}: {err}") from None
-    steered_layers(steer.layers, model.num_layers)
-    window_steps(steer.window, model.steps)
-    _at_least("steer.ratio", steer.ratio, 0)
+    if not layout.mask(steer.targets, steer.boundary_width, steer.boundary_unit).any():
+        raise ConfigError(f"steer.targets={steer.targets!r} selects no token of a {layout.frames}-latent-frame video "
+                          f"(model.num_frames={model.num_frames}): STAS would steer nothing")
+    layers = steered_layers(steer.layers, model.num_layers)
+    if not window_steps(steer.window, model.steps):
+        window = steer.window
+        raise ConfigError(f"steer.window=[{window.start}, {window.end}) ({window.unit}) of model.steps={model.steps} "
+                          "contains no step: STAS would steer nothing; widen the window or raise model.steps")
     _at_least("steer.max_dims", steer.max_dims, 1)
     dims = steer.dims
     if isinstance(dims, str):
         _allowed("steer.dims", dims, DIMS_MODES)
-        if dims.startswith("calibrated"):
-            if not steer.calibration:
-                raise ConfigError(
-                    f"steer.dims={dims} needs steer.calibration=<path to ma_dims.yaml> (written by stas.analyze)"
-                )
-            if not Path(steer.calibration).is_file():
-                raise ConfigError(f"steer.calibration={steer.calibration!r}: no such file (run stas.analyze first)")
+        calibration = steering_calibration(steer, model)
+        if calibration is not None and not any(calibration.get(layer) for layer in layers):
+            raise ConfigError(f"steer.calibration={steer.calibration!r}: lists no {CALIBRATION_KINDS[dims]} channel "
+                              f"for the steered blocks {layers}: STAS would steer nothing")
     else:
         channels = list(dims)
         if not channels or not all(isinstance(c, int) and 0 <= c < model.hidden_dim for c in channels):
             raise ConfigError(
                 f"steer.dims={channels!r}: a channel list must be non-empty integers in 0..{model.hidden_dim - 1}"
             )
+
+
+def steering_calibration(steer, model) -> dict[int, list[int]] | None:
+    """The per-layer channels a calibrated `steer.dims` steers, read from steer.calibration and checked against the
+    model (blocks, channel range, types); None for the other dims."""
+    dims = steer.dims
+    if not (isinstance(dims, str) and dims.startswith("calibrated")):
+        return None
+    if not steer.calibration:
+        raise ConfigError(f"steer.dims={dims} needs steer.calibration=<path to ma_dims.yaml> (written by stas.analyze)")
+    if not Path(steer.calibration).is_file():
+        raise ConfigError(f"steer.calibration={steer.calibration!r}: no such file (run stas.analyze first)")
+    try:
+        return load_calibration(steer.calibration, dims, model)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"steer.calibration={steer.calibration!r}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -498,9 +592,9 @@ def validate_eval(evaluation) -> None:
 
 
 def shard_of(shard) -> tuple[int, int]:
-    """(index, count) of this process's shard; unset fields come from the Slurm array variables."""
-    count = shard.count if shard.count is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
-    index = shard.index if shard.index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    """(index, count) of this process's shard: shard.index and shard.count (unset: 0 and 1), never the environment."""
+    index = 0 if shard.index is None else shard.index
+    count = 1 if shard.count is None else shard.count
     if count < 1:
         raise ConfigError(f"shard.count={count!r} must be >= 1")
     if not 0 <= index < count:
@@ -508,24 +602,36 @@ def shard_of(shard) -> tuple[int, int]:
     return index, count
 
 
-def _no_unknown_keys(node, schema, path: str) -> None:
-    # Hydra lets `+group.key=value` add keys even to a structured node; a typo must not pass silently.
+def _no_unknown_keys(node, schema, path: str = "") -> None:
+    # Hydra lets `+key=value` add keys even to a structured node; a typo must not pass silently.
     known = {f.name for f in fields(schema)}
     for key in node.keys():
+        if not path and key == "hydra":  # compose_config(with_hydra=True) keeps Hydra's own node
+            continue
+        where = f"{path}.{key}" if path else key
         if key not in known:
-            raise ConfigError(f"{path}.{key} is not a field of {path}; fields: {', '.join(sorted(known))}")
+            raise ConfigError(_not_a_field(where, known))
         value = OmegaConf.get_type(node, key)
         if is_dataclass(value) and isinstance(node[key], DictConfig):
-            _no_unknown_keys(node[key], value, f"{path}.{key}")
+            _no_unknown_keys(node[key], value, where)
+
+
+def _not_a_field(path: str, known) -> str:
+    parent = path.rpartition(".")[0]
+    return f"{path} is not a field of {parent or 'the config'}; fields: {', '.join(sorted(known))}"
 
 
 def validate(cfg) -> Backbone:
     """Check every value of a composed config; returns the model's backbone."""
-    missing = sorted(k for k in OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, list(StasConfig.__dataclass_fields__))))
+    settings = OmegaConf.masked_copy(cfg, list(StasConfig.__dataclass_fields__))
+    missing = sorted(OmegaConf.missing_keys(settings))
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...)")
-    for group, schema in SCHEMAS.items():
-        _no_unknown_keys(cfg[group], schema, group)
+    _no_unknown_keys(cfg, StasConfig)
+    _check_numbers(settings, unused=() if cfg.steer.enabled else ("steer",))
+    if cfg.seed + cfg.prompts.samples_per_prompt - 1 > SEED_MAX:
+        raise ConfigError(f"seed={cfg.seed} is too large for prompts.samples_per_prompt="
+                          f"{cfg.prompts.samples_per_prompt}: sample i uses seed + i, which must stay <= {SEED_MAX}")
     backbone = validate_model(cfg.model)
     validate_steer(cfg.steer, cfg.model, backbone)
     validate_prompts(cfg.prompts)
@@ -534,3 +640,54 @@ def validate(cfg) -> Backbone:
     validate_analysis(cfg.analysis, cfg.model)
     shard_of(cfg.shard)
     return backbone
+
+
+# ---------------------------------------------------------------------------------------- command-line overrides
+
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def config_groups() -> set[str]:
+    """The config groups of conf/ ('steer/window' for nested ones) and `experiment`: an override of one chooses an
+    option, which Hydra checks (it also knows the options of added search paths)."""
+    folders = (path.relative_to(CONF_DIR).as_posix() for path in CONF_DIR.rglob("*") if path.is_dir())
+    return {"experiment", *folders}
+
+
+def check_override(key: str, values: list | None, groups: set[str]) -> None:
+    """Refuse, naming the field, an override of a key the schema does not have or a value its field cannot hold.
+
+    Hydra would answer a typo with "Could not override ... To append to your config use +key" (and accept `+key`
+    silently), and a wrong type with a multi-line merge error. `values` are the override's parsed values (every value
+    of a sweep; None when they are not known before composing, e.g. interval sweeps).
+    """
+    if key in groups or "/" in key:
+        return
+    schema, parts = StasConfig, key.split(".")
+    for depth, name in enumerate(parts):
+        known = {f.name for f in fields(schema)}
+        if name not in known:
+            raise ConfigError(_not_a_field(".".join(parts[: depth + 1]), known))
+        kind = _field_kind(schema, name)
+        if depth < len(parts) - 1:
+            if not is_dataclass(kind):
+                return  # a key inside a list or Any field: its value is checked after composing
+            schema = kind
+    if kind not in TYPE_NAMES:
+        return
+    for value in values or []:
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: resolved, then checked, after composing
+        try:
+            OmegaConf.structured(schema)[name] = value
+        except ValidationError:
+            bounds = NUMERIC_BOUNDS.get(key)
+            raise ConfigError(f"{key}={value!r} must be {TYPE_NAMES[kind]}{f' in {bounds}' if bounds else ''}") from None
+
+
+def _field_kind(schema, name: str):
+    """The type of a schema field, without Optional."""
+    hint = typing.get_type_hints(schema)[name]
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint

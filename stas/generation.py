@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from stas.backbones import Backbone, load_pipeline
-from stas.config import ConfigError, shard_of
+from stas.backbones import Backbone, load_pipeline, runs_cfg
+from stas.config import shard_of, steering_calibration
 from stas.hooks import StasSteerer
 from stas.layout import TokenLayout
-from stas.massive import load_calibration
 from stas.prompts import Item, load_prompts, make_items, shard_items
 from stas.rundir import VIDEOS_DIR, JsonlRecords, atomic_write_json, read_jsonl, record_files, shard_file, video_path
 from stas.video import to_uint8, write_mp4
@@ -44,13 +43,7 @@ def run_items(cfg) -> list[Item]:
 def make_steerer(cfg, backbone: Backbone) -> StasSteerer | None:
     if not cfg.steer.enabled:
         return None
-    calibration = None
-    if isinstance(cfg.steer.dims, str) and cfg.steer.dims.startswith("calibrated"):
-        try:
-            calibration = load_calibration(cfg.steer.calibration, cfg.steer.dims, cfg.model.name)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"steer.calibration={cfg.steer.calibration!r}: {err}") from None
-    return StasSteerer(backbone, cfg.steer, calibration)
+    return StasSteerer(backbone, cfg.steer, steering_calibration(cfg.steer, cfg.model))
 
 
 def pipeline_kwargs(model_cfg, backbone: Backbone) -> dict:
@@ -85,8 +78,8 @@ def run_pipeline(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, la
 
 
 def uses_cfg(kwargs: dict) -> bool:
-    """Whether the pipelines run classifier-free guidance (both do when guidance_scale > 1)."""
-    return kwargs["guidance_scale"] > 1.0
+    """Whether the pipelines run classifier-free guidance for these sampling arguments."""
+    return runs_cfg(kwargs["guidance_scale"])
 
 
 @dataclass

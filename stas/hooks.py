@@ -122,15 +122,18 @@ class LayerSteering:
             return None
         token_index = steerer.token_index(hidden)
         steered = hidden[rows]  # a view: steering it writes into the block output
+        values_per_channel = steered.shape[0] * token_index.shape[0]
         if self.channels is None:
             peaks = channel_peaks(steered, dim=1)  # the one full read of the hidden states
             channels, is_massive = top_massive_channels(peaks.amax(dim=0), steerer.cfg.ratio, steerer.cfg.max_dims)
             peaks = peaks[:, channels]
-            steerer.count_massive(is_massive)
+            massive = is_massive.sum()  # stays on the device: record() reads the totals once
+            steerer.count(massive, massive * values_per_channel)
         else:
             channels = self._on(hidden.device)
             peaks = channel_peaks(steered[:, :, channels], dim=1)  # reads only the steered channels
             is_massive = None
+            steerer.count(None, channels.shape[0] * values_per_channel)
         steer_tokens_(steered, token_index, channels, is_massive, peaks, steerer.cfg)
         steerer.calls[(self.layer, tracker.step, self._branch_name(rows, hidden.shape[0]))] += 1
         return None
@@ -174,7 +177,9 @@ class StasSteerer:
         self.steps: range = range(0)
         self._token_index: dict = {}
         self.calls: Counter = Counter()
-        self.massive_channels_seen: torch.Tensor | None = None
+        # Totals of the last pipeline call: device tensors once a detected count is added, read only by record().
+        self.massive_channels_seen: torch.Tensor | int = 0
+        self.values_steered: torch.Tensor | int = 0
 
     @contextmanager
     def attach(self, transformer):
@@ -193,11 +198,13 @@ class StasSteerer:
         self.tracker.begin(layout, num_steps, do_cfg)
         self.steps = window_steps(self.cfg.window, num_steps)
         self.calls = Counter()
-        self.massive_channels_seen = None
+        self.massive_channels_seen = self.values_steered = 0
 
-    def count_massive(self, is_massive: torch.Tensor) -> None:
-        count = is_massive.sum()
-        self.massive_channels_seen = count if self.massive_channels_seen is None else self.massive_channels_seen + count
+    def count(self, massive_channels: torch.Tensor | None, values: torch.Tensor | int) -> None:
+        """Add one hook call's detected MA channels (None: fixed channels) and steered values, without a sync."""
+        if massive_channels is not None:
+            self.massive_channels_seen = self.massive_channels_seen + massive_channels
+        self.values_steered = self.values_steered + values
 
     def token_index(self, hidden: torch.Tensor) -> torch.Tensor:
         layout = self.tracker.layout
@@ -210,7 +217,7 @@ class StasSteerer:
         return self._token_index[key]
 
     def record(self) -> dict:
-        """What was steered in the last pipeline call (reads one device counter: call it after the call)."""
+        """What was steered in the last pipeline call (reads the device counters: call it after the call)."""
         layout = self.tracker.layout
         steered_tokens = int(layout.mask(self.cfg.targets, self.cfg.boundary_width, self.cfg.boundary_unit).sum())
         hook_calls = sum(self.calls.values())
@@ -222,10 +229,10 @@ class StasSteerer:
             "tokens": steered_tokens,
             "tokens_total": layout.num_tokens,
             "dims": self.cfg.dims if isinstance(self.cfg.dims, str) else "list",
+            "values_steered": int(self.values_steered),  # (batch row, token, channel) entries the rule was applied to
         }
         if self.cfg.dims == "auto":
-            seen = int(self.massive_channels_seen) if self.massive_channels_seen is not None else 0
-            record["channels_mean"] = seen / hook_calls if hook_calls else 0.0
+            record["channels_mean"] = int(self.massive_channels_seen) / hook_calls if hook_calls else 0.0
             record["channels_max"] = self.cfg.max_dims
         else:
             record["channels"] = {layer: self.channels[layer].tolist() for layer in self.layers}

@@ -7,6 +7,8 @@ here returns device tensors of fixed shape, so it can run inside a per-layer hoo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -52,14 +54,41 @@ def massive_channel_mask(hidden: torch.Tensor, ratio: float, max_dims: int) -> t
 CALIBRATION_KINDS = {"calibrated": "massive", "calibrated_weak": "weak", "calibrated_non_ma": "non_ma"}
 
 
-def load_calibration(path, dims: str, model_name: str) -> dict[int, list[int]]:
-    """Per-layer channels of one kind ('calibrated', 'calibrated_weak', 'calibrated_non_ma') from ma_dims.yaml."""
+def load_calibration(path, dims: str, model) -> dict[int, list[int]]:
+    """Per-layer channels of one kind ('calibrated', 'calibrated_weak', 'calibrated_non_ma') from ma_dims.yaml,
+    checked against `model` (a Backbone or a model config: name, num_layers, hidden_dim); ValueError says what in
+    the file is wrong."""
     import yaml
 
-    data = yaml.safe_load(open(path, encoding="utf-8"))
-    if not isinstance(data, dict) or "layers" not in data:
-        raise ValueError(f"{path} is not an ma_dims.yaml written by stas.analyze (no 'layers' key)")
+    model_name, num_layers, hidden_dim = model.name, model.num_layers, model.hidden_dim
+    try:
+        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+        raise ValueError("is not an ma_dims.yaml written by stas.analyze (it needs 'model' and a 'layers' mapping "
+                         "of block index to channel lists)")
     if data.get("model") != model_name:
-        raise ValueError(f"{path} was calibrated on model {data.get('model')!r}, not {model_name!r}")
+        raise ValueError(f"was calibrated on model {data.get('model')!r}, not {model_name!r}")
     kind = CALIBRATION_KINDS[dims]
-    return {int(layer): [int(c) for c in entry.get(kind, [])] for layer, entry in data["layers"].items()}
+    channels = {}
+    for layer, entry in data["layers"].items():
+        if not _is_index(layer) or not 0 <= layer < num_layers:
+            raise ValueError(f"layers has block {layer!r}; model {model_name!r} has blocks 0..{num_layers - 1}")
+        listed = entry.get(kind, []) if isinstance(entry, dict) else None
+        if not isinstance(listed, list) or not all(_is_index(channel) for channel in listed):
+            raise ValueError(f"layers.{layer}.{kind} must be a list of channel indices (integers), got {listed!r}")
+        for channel in listed:
+            if not 0 <= channel < hidden_dim:
+                raise ValueError(f"layers.{layer}.{kind} has channel {channel}; model {model_name!r} has channels "
+                                 f"0..{hidden_dim - 1}")
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"layers.{layer}.{kind} lists a channel twice: {listed}")
+        channels[layer] = listed
+    return channels
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

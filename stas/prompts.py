@@ -63,16 +63,11 @@ def load_prompts(cfg) -> list[str]:
     if cfg.source in ("demo", "list"):
         prompts = [str(p) for p in cfg.prompts]
     elif cfg.source == "file":
-        path = Path(str(cfg.path))
-        if not path.is_file():
-            raise ConfigError(f"prompts.path={str(cfg.path)!r}: no such file (one prompt a line)")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in prompt_lines(cfg.path) if line.strip()]
     else:
-        entries = json.loads((Path(cfg.path) if cfg.path else vbench_info_path()).read_text(encoding="utf-8"))
-        wanted = set(cfg.vbench_dimensions or [])
-        prompts = [e["prompt_en"] for e in entries if not wanted or wanted & set(e["dimension"])]
-        if wanted and not prompts:
-            raise ConfigError(f"prompts.vbench_dimensions={sorted(wanted)} matches no VBench prompt")
+        prompts = vbench_prompts(cfg.path, set(cfg.vbench_dimensions or []))
+        if cfg.vbench_dimensions and not prompts:
+            raise ConfigError(f"prompts.vbench_dimensions={sorted(cfg.vbench_dimensions)} matches no VBench prompt")
     prompts = list(dict.fromkeys(prompts))
     if cfg.limit is not None:
         prompts = prompts[: cfg.limit]
@@ -80,6 +75,64 @@ def load_prompts(cfg) -> list[str]:
         where = f" in {cfg.path}" if cfg.source == "file" else ""
         raise ConfigError(f"prompts ({cfg.source}) is empty{where}: give at least one prompt")
     return prompts
+
+
+def prompt_lines(path) -> list[str]:
+    """The lines of a prompt file, split on newlines only: U+2028, U+0085 and the other separators that
+    str.splitlines also splits on stay inside their prompt."""
+    where = f"prompts.path={str(path)!r}"
+    try:
+        data = Path(str(path)).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file (one prompt a line)") from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot be read: {err.strerror or err}") from None
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{where}: line {number} is not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                              f"{err.start + 1}); save the file as UTF-8") from None
+    return lines
+
+
+def vbench_prompts(path, dimensions: set[str]) -> list[str]:
+    """The prompts of a VBench info file (default: VBench_full_info.json of the vbench package): a JSON list of
+    objects with `prompt_en` and, to filter by `dimensions`, `dimension` (a list of names)."""
+    where = f"prompts.path={str(path)!r}" if path else "VBench_full_info.json"
+    source = Path(str(path)) if path else vbench_info_path()
+    try:
+        entries = json.loads(source.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file (a VBench info JSON: a list of objects with 'prompt_en')") from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where}: is not UTF-8 text (byte at offset {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: must be a JSON list of objects with 'prompt_en', not a {type(entries).__name__}")
+    prompts = []
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt_en"), str):
+            raise ConfigError(f"{where}: entry {number} must be an object with a string 'prompt_en', got "
+                              f"{_shorten(entry)}")
+        if dimensions:
+            listed = entry.get("dimension")
+            if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+                raise ConfigError(f"{where}: entry {number} needs 'dimension', a list of VBench dimension names, to "
+                                  f"filter by prompts.vbench_dimensions; got {_shorten(listed)}")
+            if not dimensions & set(listed):
+                continue
+        prompts.append(entry["prompt_en"])
+    return prompts
+
+
+def _shorten(value, limit: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def make_items(prompts: list[str], samples_per_prompt: int, seed: int) -> list[Item]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from stas.backbones import load_pipeline
+from stas.backbones import get_backbone, load_pipeline
 from stas.capture import LayerCapture, MACapture, capture_bytes
 from stas.config import ConfigError, analysis_selection, validate
 from stas.errors import UserError
@@ -142,7 +142,7 @@ def test_calibration_round_trips_into_calibrated_steering(replanted_run, tmp_pat
     dims = yaml.safe_load(path.read_text())
     for kind, key in (("calibrated", "massive"), ("calibrated_weak", "weak"), ("calibrated_non_ma", "non_ma")):
         expected = {layer: entry[key] for layer, entry in dims["layers"].items()}
-        assert load_calibration(path, kind, "tiny_cogvideox") == expected
+        assert load_calibration(path, kind, get_backbone("tiny_cogvideox")) == expected
     cfg = compose(["model=tiny_cogvideox", "logger=none", "progress=false", "prompts.limit=1", "model.steps=2",
                    "steer=stas", "steer.dims=calibrated", f"steer.calibration={path}"])
     backbone = validate(cfg)

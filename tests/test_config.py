@@ -39,14 +39,14 @@ BAD = [
     (["model.num_frames=16"], r"model.num_frames=16 must be 4k\+1"),
     (["model.height=60"], r"model.height=60 must be a positive multiple of 16"),
     (["model=wan22_5b", "model.width=1000"], r"model.width=1000 must be a positive multiple of 32"),
-    (["model.steps=0"], r"model.steps=0 must be >= 1"),
-    (["model.guidance_scale=-1"], r"model.guidance_scale=-1.0 must be >= 0"),
+    (["model.steps=0"], r"model.steps=0 must be an integer in \[1, 10000\]"),
+    (["model.guidance_scale=-1"], r"model.guidance_scale=-1.0 must be a finite number in \[0, 100\]"),
     (["model.dtype=float8"], r"model.dtype='float8' is not allowed; allowed: float32, float16, bfloat16"),
     (["model.cpu_offload=always"], r"model.cpu_offload='always' is not allowed"),
     (["+model.stepz=3"], r"model.stepz is not a field of model"),
     (["steer.alpha=0"], r"steer.alpha=0.0 must be > 0 for rule 'max_scaled'"),
     (["steer.rule=scale", "steer.alpha=-2"], r"steer.alpha=-2.0 must be > 0 for rule 'scale'"),
-    (["steer.strength=1.5"], r"steer.strength=1.5 must lie in \[0, 1\]"),
+    (["steer.strength=1.5"], r"steer.strength=1.5 must be a finite number in \(0, 1\]"),
     (["steer.window.start=0.5", "steer.window.end=0.5"], r"start=0.5 must be < end=0.5"),
     (["steer.window.unit=steps", "steer.window.end=11"], r"within \[0, 10\]"),
     (["steer.window.end=1.5"], r"must lie within \[0, 1\]"),
@@ -66,6 +66,53 @@ BAD = [
     (["prompts.samples_per_prompt=0"], r"prompts.samples_per_prompt=0 must be >= 1"),
     (["shard.index=3", "shard.count=3"], r"shard.index=3 must lie in \[0, shard.count=3\)"),
     (["logger.mode=loud"], r"logger.mode='loud' is not allowed"),
+    # NaN passes every `value < minimum` check and inf reaches the model: every float must be finite
+    (["model.guidance_scale=nan"], r"^model.guidance_scale=nan must be a finite number in \[0, 100\]$"),
+    (["model.guidance_scale=inf"], r"^model.guidance_scale=inf must be a finite number in \[0, 100\]$"),
+    (["model.guidance_scale=100.5"], r"model.guidance_scale=100.5 must be a finite number in \[0, 100\]"),
+    (["model.flow_shift=nan"], r"model.flow_shift=nan must be a finite number in \(0, 100\]"),
+    (["steer.alpha=inf"], r"^steer.alpha=inf must be a finite number$"),
+    (["steer.alpha=nan"], r"^steer.alpha=nan must be a finite number$"),
+    (["steer.alpha=100.5"], r"steer.alpha=100.5 must be a finite number in \(0, 100\]"),
+    (["steer.strength=nan"], r"steer.strength=nan must be a finite number in \(0, 1\]"),
+    (["steer.ratio=nan"], r"steer.ratio=nan must be a finite number in \[0, 10000\]"),
+    (["steer.window.start=nan"], r"^steer.window.start=nan must be a finite number$"),
+    (["steer.window.unit=steps", "steer.window.end=inf"], r"^steer.window.end=inf must be a finite number$"),
+    (["model.tiny.plant.magnitudes=[60,nan,30]"], r"^model.tiny.plant.magnitudes\[1\]=nan must be a finite number$"),
+    (["analysis.ratio=inf"], r"^analysis.ratio=inf must be a finite number$"),
+    # values that used to fail late, after the model loaded
+    (["model.max_sequence_length=0"], r"model.max_sequence_length=0 must be an integer in \[1, 4096\]"),
+    (["model.steps=10001"], r"model.steps=10001 must be an integer in \[1, 10000\]"),
+    (["model.steps=100000000000000000000"], r"model.steps=100000000000000000000 must be an integer in \[1, 10000\]"),
+    (["model.steps=1e20"], r"model.steps=1e\+20 must be an integer in \[1, 10000\]"),
+    (["model.fps=0"], r"model.fps=0 must be an integer in \[1, 240\]"),
+    (["seed=-1"], r"seed=-1 must be an integer in \[0, 9223372036854775807\]"),
+    (["seed=9223372036854775808"], r"seed=9223372036854775808 must be an integer in \[0, 9223372036854775807\]"),
+    (["seed=9223372036854775807", "prompts.samples_per_prompt=2"],
+     r"seed=9223372036854775807 is too large for prompts.samples_per_prompt=2: sample i uses seed \+ i"),
+    (["model.tiny.seed=-1"], r"model.tiny.seed=-1 must be an integer in \[0, 9223372036854775807\]"),
+    # configurations that would steer nothing
+    (["model.steps=1"], r"steer.window=\[0.0, 0.4\) \(fraction\) of model.steps=1 contains no step: STAS would "
+                        r"steer nothing"),
+    (["model.steps=4", "steer.window.end=0.05"], r"steer.window=\[0.0, 0.05\) \(fraction\) of model.steps=4 contains "
+                                                 r"no step"),
+    (["steer.strength=0"], r"steer.strength=0.0 must be a finite number in \(0, 1\]"),
+    (["steer.rule=scale"], r"steer.alpha=1.0 with steer.rule=scale leaves every value as it is"),
+    (["steer.branches=uncond", "model.guidance_scale=1"], r"steer.branches=uncond, but model.guidance_scale=1.0 runs "
+                                                          r"no classifier-free guidance"),
+    (["model.num_frames=1", "steer.targets=boundary"], r"steer.targets='boundary' selects no token of a "
+                                                       r"1-latent-frame video"),
+    # keys that are not fields, values their field cannot hold
+    (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, eval, experiment, logger, model, name, "
+                   r"progress, prompts, seed, shard, steer$"),
+    (["+shard.indx=1"], r"^shard.indx is not a field of shard; fields: count, index$"),
+    (["steer.targts=boundary"], r"^steer.targts is not a field of steer; fields: alpha, boundary_unit, "),
+    (["~steer.calibratio"], r"^steer.calibratio is not a field of steer"),
+    (["+steer.window.middle=0.5"], r"^steer.window.middle is not a field of steer.window; fields: end, start, unit$"),
+    (["shard.index=abc"], r"^shard.index='abc' must be an integer$"),
+    (["shard.index="], r"^shard.index='' must be an integer$"),
+    (["model.guidance_scale=high"], r"^model.guidance_scale='high' must be a number in \[0, 100\]$"),
+    (["progress=sometimes"], r"^progress='sometimes' must be true or false$"),
 ]
 
 
@@ -75,8 +122,38 @@ def test_bad_values_are_named(overrides, message):
         validate(compose(overrides))
 
 
+GOOD = [
+    ["model.guidance_scale=0"], ["model.guidance_scale=100"], ["model.steps=10000"], ["model.steps=3"],
+    ["model.flow_shift=100"], ["model.max_sequence_length=4096"], ["model.fps=240"],
+    ["seed=0"], ["seed=9223372036854775807"], ["seed=9223372036854775806", "prompts.samples_per_prompt=2"],
+    ["steer.alpha=100"], ["steer.strength=1"], ["steer.strength=0.01"], ["steer.ratio=0"],
+    ["steer.rule=scale", "steer.alpha=2"], ["steer.rule=zero", "steer.alpha=1"],
+    ["steer.branches=uncond"], ["steer.branches=cond", "model.guidance_scale=1"],
+    ["model.num_frames=1", "steer.targets=first_frame"], ["model.steps=4", "steer.window.end=0.25"],
+    ["shard.index=2", "shard.count=3"], ["seed=${model.steps}"], ["hydra.run.dir=x"],
+    ["steer=none", "steer.alpha=nan"], ["steer=none", "model.steps=1"],  # unused steer values are not checked
+]
+
+
+@pytest.mark.parametrize("overrides", GOOD, ids=[" ".join(o) for o in GOOD])
+def test_values_at_the_edges_are_accepted(overrides):
+    validate(compose(overrides))
+
+
 def test_steering_off_skips_steer_checks():
     validate(compose(["steer=none", "steer.alpha=-1"]))
+
+
+def test_slurm_array_variables_do_not_shard_a_cell(cli, tmp_path):
+    """`-m ... hydra/launcher=slurm` runs every cell as an array task: $SLURM_ARRAY_TASK_ID numbers the cells, so it
+    must not make each cell generate only every N-th of its items."""
+    result = cli("stas.run", "prompts.prompts=[a cat,a dog,a bird]", "model.steps=2", "logger=none", "eval=none",
+                 "progress=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                 env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
+    assert result.returncode == 0, result.stderr
+    assert "3 video(s) generated" in result.stdout
+    assert len((tmp_path / "run" / "generation.jsonl").read_text().splitlines()) == 3
+    assert not (tmp_path / "run" / "shards").exists()
 
 
 def test_cli_bad_input_is_one_clear_line(cli, tmp_path):
@@ -94,12 +171,36 @@ def test_cli_unknown_option_lists_the_available_ones(cli, tmp_path):
         assert name in result.stderr
 
 
-def test_cli_typo_and_wrong_type_fail_at_composition(cli, tmp_path):
-    typo = cli("stas.run", "model.stepz=3", cwd=tmp_path)
-    assert typo.returncode != 0 and "Key 'stepz' not in 'ModelConfig'" in typo.stderr
-    wrong = cli("stas.run", "model.steps=many", cwd=tmp_path)
-    assert wrong.returncode != 0 and "Value 'many' of type 'str' could not be converted to Integer" in wrong.stderr
-    assert "Traceback" not in typo.stderr + wrong.stderr
+@pytest.mark.parametrize("tool,args,message", [
+    ("stas.run", ["steer.targts=boundary"], "steer.targts is not a field of steer; fields: alpha, boundary_unit, "
+                                           "boundary_width, branches, calibration, dims, enabled, layers, max_dims, "
+                                           "name, ratio, rule, strength, targets, window"),
+    ("stas.run", ["-m", "steer.targts=boundary,all"], "steer.targts is not a field of steer; fields: alpha, "),
+    ("stas.run", ["+seedd=1"], "seedd is not a field of the config; fields: analysis, eval, "),
+    ("stas.run", ["model.stepz=3"], "model.stepz is not a field of model; fields: "),
+    ("stas.run", ["model.steps=many"], "model.steps='many' must be an integer in [1, 10000]"),
+    ("stas.run", ["-m", "shard.index=0,abc"], "shard.index='abc' must be an integer"),
+    ("stas.run", ["model.guidance_scale=nan"], "model.guidance_scale=nan must be a finite number in [0, 100]"),
+    ("stas.analyze", ["analysis.ratoi=3"], "analysis.ratoi is not a field of analysis; fields: "),
+])
+def test_cli_typo_and_wrong_type_are_one_line_naming_the_field(cli, tmp_path, tool, args, message):
+    """Not Hydra's "Could not override ... To append to your config use +steer.targts=..." (exit 1)."""
+    result = cli(tool, *args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                 cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}: error: {message}"), result.stderr
+    assert "+steer" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep").exists()
+    written = {path.name for path in (tmp_path / "run").iterdir()} if (tmp_path / "run").exists() else set()
+    assert written <= {".hydra", "cli.log"}  # at most Hydra's own record of the command line
+
+
+def test_compose_config_names_the_field_of_a_typo():
+    with pytest.raises(ConfigError, match=r"^steer.targts is not a field of steer; fields: alpha, "):
+        compose(["steer.targts=boundary"])
+    with pytest.raises(ConfigError, match=r"^shard.index='x' must be an integer$"):
+        compose(["shard.index=x"])
 
 
 def test_cli_unwritable_output_dir(cli, tmp_path):
@@ -116,3 +217,56 @@ def test_help_lists_groups_and_options(cli, tmp_path):
     assert result.returncode == 0
     for text in ("model:", "steer:", "prompts:", "logger:", "tiny_cogvideox", "stas_paper", "none"):
         assert text in result.stdout
+
+
+SHIPPED_CALIBRATION = EXPERIMENTS_DIR / "calibration" / "tiny_wan21_ma_dims.yaml"
+BAD_CALIBRATIONS = [
+    ("model: tiny_wan21\nlayers: {0: {massive: [5, -1]}}\n", r"layers.0.massive has channel -1; model 'tiny_wan21' "
+                                                            r"has channels 0..31"),
+    ("model: tiny_wan21\nlayers: {0: {massive: [5, 999]}}\n", r"layers.0.massive has channel 999"),
+    ("model: tiny_wan21\nlayers: {0: {massive: [5.7, 17]}}\n", r"layers.0.massive must be a list of channel indices "
+                                                              r"\(integers\), got \[5.7, 17\]"),
+    ("model: tiny_wan21\nlayers: {0: {massive: [true]}}\n", r"layers.0.massive must be a list of channel indices"),
+    ("model: tiny_wan21\nlayers: {0: {massive: 5}}\n", r"layers.0.massive must be a list of channel indices"),
+    ("model: tiny_wan21\nlayers: {0: [5, 17]}\n", r"layers.0.massive must be a list of channel indices"),
+    ("model: tiny_wan21\nlayers: {0: {massive: [5, 5]}}\n", r"layers.0.massive lists a channel twice: \[5, 5\]"),
+    ("model: tiny_wan21\nlayers: {7: {massive: [5]}}\n", r"layers has block 7; model 'tiny_wan21' has blocks 0..1"),
+    ("model: tiny_wan21\nlayers: {'0': {massive: [5]}}\n", r"layers has block '0'"),
+    ("model: tiny_wan21\nlayers: {0: {massive: [5]}\n", r"is not valid YAML: "),
+    ("- 5\n- 17\n", r"is not an ma_dims.yaml written by stas.analyze"),
+    ("model: tiny_wan21\nlayers: [5, 17]\n", r"is not an ma_dims.yaml written by stas.analyze"),
+    ("model: tiny_cogvideox\nlayers: {0: {massive: [5]}}\n", r"was calibrated on model 'tiny_cogvideox', not "
+                                                            r"'tiny_wan21'"),
+    ("model: tiny_wan21\nlayers: {0: {massive: []}, 1: {massive: []}}\n", r"lists no massive channel for the steered "
+                                                                          r"blocks \[0, 1\]: STAS would steer nothing"),
+    (b"model: tiny_wan21 \xff\nlayers: {}\n", r"is not UTF-8 text \(byte 0xff at offset 18\)"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_CALIBRATIONS, ids=[m.split(":")[0][:40] for _, m in BAD_CALIBRATIONS])
+def test_calibration_file_is_checked_against_the_model_at_start_up(tmp_path, text, message):
+    path = tmp_path / "ma_dims.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=rf"^steer.calibration='{path}': {message}"):
+        validate(compose(["steer.dims=calibrated", f"steer.calibration={path}"]))
+
+
+def test_calibration_steering_layers_it_does_not_list_steers_nothing(tmp_path):
+    path = tmp_path / "ma_dims.yaml"
+    path.write_text("model: tiny_wan21\nlayers: {0: {massive: [5, 17]}}\n")
+    validate(compose(["steer.dims=calibrated", f"steer.calibration={path}"]))  # block 0 is steered
+    with pytest.raises(ConfigError, match=r"lists no massive channel for the steered blocks \[1\]"):
+        validate(compose(["steer.dims=calibrated", f"steer.calibration={path}", "steer.layers=[1]"]))
+    for dims in ("calibrated", "calibrated_weak", "calibrated_non_ma"):  # the shipped file is valid for every kind
+        validate(compose([f"steer.dims={dims}", f"steer.calibration={SHIPPED_CALIBRATION}"]))
+
+
+def test_bad_calibration_fails_before_the_model_loads(cli, tmp_path):
+    path = tmp_path / "ma_dims.yaml"
+    path.write_text("model: tiny_wan21\nlayers: {0: {massive: [5, 999]}}\n")
+    result = cli("stas.run", "steer.dims=calibrated", f"steer.calibration={path}", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"stas.run: error: steer.calibration='{path}': layers.0.massive has channel 999; "
+                                     "model 'tiny_wan21' has channels 0..31")
+    assert not (tmp_path / "run" / "run_identity.yaml").exists() and not (tmp_path / "run" / "videos").exists()

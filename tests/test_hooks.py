@@ -1,5 +1,6 @@
 """STAS hooks on the real tiny pipelines of all three families."""
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -140,6 +141,49 @@ def test_steering_hook_never_synchronises(tiny_pipelines, dims):
     hidden = torch.empty(1, layout.num_tokens, backbone.hidden_dim, device="meta")
     assert hook(None, (), hidden) is None
     assert steerer.calls[(0, 0, "cond")] == 1
+    if dims == "auto":  # counted on the device: only record() reads it
+        assert steerer.values_steered.device.type == "meta"
+
+
+def steered_rows(calls: Counter) -> int:
+    """Batch rows that hook calls steered: one per CFG branch a call steered (one prompt per call)."""
+    return sum(count * len(branch.split("+")) for (_, _, branch), count in calls.items())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_record_counts_the_steered_values(tiny_pipelines, name):
+    cfg, backbone, _ = tiny_pipelines[name]
+    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    tokens = int(layout.mask(cfg.steer.targets, cfg.steer.boundary_width, cfg.steer.boundary_unit).sum())
+    fixed = steerer_for(tiny_pipelines, name, "steer.dims=[5,17]")
+    run(tiny_pipelines, name, fixed)
+    assert fixed.record()["values_steered"] == steered_rows(fixed.calls) * tokens * 2 > 0
+    detected = steerer_for(tiny_pipelines, name)  # auto: the planted channels, as many as qualify in each call
+    run(tiny_pipelines, name, detected)
+    record = detected.record()
+    assert 0 < record["channels_mean"] <= 3
+    # every call steers the same rows, so the mean number of channels per call gives the total
+    assert record["values_steered"] == pytest.approx(steered_rows(detected.calls) * tokens * record["channels_mean"])
+
+
+def test_record_says_when_nothing_was_steered(tiny_pipelines):
+    """No channel qualifies as massive: the hooks ran, nothing was steered, and the record says so."""
+    vanilla = run(tiny_pipelines, "tiny_wan21", None)
+    steerer = steerer_for(tiny_pipelines, "tiny_wan21", "steer.ratio=10000")
+    assert np.array_equal(run(tiny_pipelines, "tiny_wan21", steerer), vanilla)
+    record = steerer.record()
+    assert record["hook_calls"] > 0 and record["values_steered"] == 0 and record["channels_mean"] == 0
+
+
+def test_steering_json_always_has_the_count(tmp_path):
+    from test_generation import gen, rows_of
+
+    for run_dir, overrides, steered in ((tmp_path / "none", ["steer.ratio=10000"], False),
+                                        (tmp_path / "planted", [], True)):
+        gen(run_dir, "prompts.prompts=[a cat]", *overrides)
+        record = json.loads((run_dir / "steering.json").read_text())
+        assert (record["values_steered"] > 0) is steered
+        assert rows_of(run_dir)[0]["steering"]["values_steered"] == record["values_steered"]
 
 
 def test_no_cfg_means_every_call_is_cond(tiny_pipelines):

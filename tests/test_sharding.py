@@ -97,10 +97,11 @@ def test_kill_and_resume_leaves_no_duplicate_or_corrupt_file(unsharded, tmp_path
     assert len(lines) == 5 and all(json.loads(line) for line in lines)
 
 
-def test_shard_defaults_come_from_slurm_array_variables(monkeypatch):
+def test_only_explicit_shard_values_shard_a_run(monkeypatch):
+    """Under a Slurm launcher the array variables number the sweep's cells: they must not shard each cell."""
     from stas.config import shard_of
 
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
-    assert shard_of(compose([]).shard) == (2, 4)
-    assert shard_of(compose(["shard.index=0", "shard.count=1"]).shard) == (0, 1)
+    assert shard_of(compose([]).shard) == (0, 1)
+    assert shard_of(compose(["shard.index=2", "shard.count=4"]).shard) == (2, 4)

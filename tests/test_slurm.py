@@ -95,3 +95,19 @@ def test_submitit_local_launcher_runs_a_multirun(tmp_path):
         rows = (sweep / subdir / "generation.jsonl").read_text().splitlines()
         assert len(rows) == 1 and (sweep / subdir / json.loads(rows[0])["path"]).is_file()
     assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
+
+
+@pytest.mark.parametrize("task_id,shown", [("abc", "'abc'"), ("1.5", "1.5")])
+def test_generate_script_refuses_a_non_integer_array_task_id(tmp_path, task_id, shown):
+    """The sbatch scripts pass shard.index=$SLURM_ARRAY_TASK_ID explicitly: a value that is no integer is one line
+    naming the field, before anything is written."""
+    run_dir = tmp_path / "run"
+    (run_dir / "slurm").mkdir(parents=True)
+    (run_dir / "slurm" / "overrides.txt").write_text("logger=none\nprompts.prompts=[a cat]\n")
+    (run_dir / "slurm" / "setup.sh").write_text(f"export STAS_REPO={shlex.quote(str(REPO))}\n")
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID=task_id, SLURM_ARRAY_TASK_COUNT="2", PYTHONUNBUFFERED="1")
+    result = subprocess.run(["bash", str(REPO / "slurm" / "generate.sbatch"), str(run_dir)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"stas.run: error: shard.index={shown} must be an integer"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["slurm"]
