@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from stas.errors import UserError
+from stas.hub import hub_reachable
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -218,8 +219,6 @@ def check_pipeline_matches(pipe, backbone: Backbone) -> None:
 
 def _from_pretrained(model_cfg, backbone: Backbone):
     from huggingface_hub import snapshot_download
-
-    from stas.evaluation.features import hub_reachable
 
     # With the hub unreachable the client would retry every file for half a minute before failing; the cache alone
     # answers at once, and before diffusers is even imported (seconds).
