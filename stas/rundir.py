@@ -152,6 +152,20 @@ def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes strings with a Unicode line separator double-quoted, escaped: PyYAML folds a raw U+0085 in a
+    single-quoted string into a space when it reads it back."""
+
+
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style='"' if any(c in value for c in "\x85\u2028\u2029") else None))
+
+
+def yaml_text(data) -> str:
+    """YAML that reads back exactly as `data` (prompts may hold any character), Unicode left readable."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
 def jsonl_text(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -331,8 +345,7 @@ def claim_run_dir(run_dir: Path, cfg, manifest: list[dict]) -> None:
 
 def _check_or_record(run_dir: Path, cfg, manifest: list[dict]) -> None:
     mine = identity(cfg)
-    if not create_exclusive(run_dir / IDENTITY_FILE,
-                            yaml.safe_dump(mine, sort_keys=False, allow_unicode=True).encode("utf-8")):
+    if not create_exclusive(run_dir / IDENTITY_FILE, yaml_text(mine).encode("utf-8")):
         theirs = load_identity(run_dir)
         keys = differing_keys(theirs, mine)
         if keys:
@@ -355,4 +368,5 @@ def _hydra_files(cfg) -> dict[str, str]:
         return {}
     hydra = HydraConfig.instance().cfg
     return {"config.yaml": OmegaConf.to_yaml(cfg, resolve=True), "hydra.yaml": OmegaConf.to_yaml(hydra),
-            "overrides.yaml": OmegaConf.to_yaml(hydra.hydra.overrides.task)}
+            # stas.evaluate composes the run's config from these: written so that they read back exactly
+            "overrides.yaml": yaml_text(list(hydra.hydra.overrides.task))}
