@@ -23,7 +23,7 @@ from stas.errors import UserError
 from stas.backbones import CONF_DIR, DTYPES, FAMILIES, Backbone, backbone_from_config, runs_cfg
 from stas.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
 from stas.massive import CALIBRATION_KINDS, load_calibration
-from stas.steering import RULES, RULES_WITH_ALPHA, check_rule
+from stas.steering import RULES_WITH_ALPHA, check_rule
 
 EXPERIMENTS_DIR = CONF_DIR.parent / "experiments"
 BRANCHES = ("cond", "uncond", "both")

@@ -15,8 +15,9 @@ from stas.config import shard_of, steering_calibration
 from stas.hooks import StasSteerer
 from stas.layout import TokenLayout
 from stas.prompts import Item, load_prompts, make_items, shard_items
-from stas.rundir import VIDEOS_DIR, JsonlRecords, atomic_write_json, read_jsonl, record_files, shard_file, video_path
-from stas.video import to_uint8, write_mp4
+from stas.rundir import (GENERATION_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_rows, file_lock,
+                         record_files, remove_leftovers, shard_file, video_path, writing)
+from stas.video import count_frames, publish_mp4, to_uint8
 
 PARTIAL_DIR = ".partial"
 
@@ -26,14 +27,31 @@ def generation_file(run_dir: Path, index: int, count: int) -> Path:
     return shard_file(run_dir, "generation", index, count)
 
 
-def generation_rows(run_dir: Path) -> dict[str, dict]:
-    """Every recorded video of a run directory whose file exists, from generation.jsonl and all shard files."""
+def generation_rows(run_dir: Path, keys: set[str] | None = None) -> dict[str, dict]:
+    """Every recorded video of a run directory (of `keys`, if given) whose file is whole, from generation.jsonl and
+    all shard files."""
     rows = {}
     for path in record_files(run_dir, "generation"):
-        for row in read_jsonl(path):
-            if video_path(run_dir, row["path"], f"{path}, row with key {row['key']!r}").is_file():
+        for row in checked_rows(path, GENERATION_FIELDS):
+            video = video_path(run_dir, row["path"], f"{path}, row with key {row['key']!r}")
+            if (keys is None or row["key"] in keys) and is_whole(video, row):
                 rows[row["key"]] = row
     return rows
+
+
+def is_whole(video: Path, row: dict) -> bool:
+    """Whether `video` is the file its row records, not a torn one (a full disk, a kill, a broken copy).
+
+    Videos are checked to decode to all their frames before they are recorded, with their size: a file of that
+    size is the checked one. Rows written before sizes were recorded: the file must decode to `num_frames`."""
+    if not video.is_file():
+        return False
+    if "bytes" in row:
+        return video.stat().st_size == row["bytes"]
+    try:
+        return count_frames(video) == row.get("num_frames")
+    except ValueError:
+        return False
 
 
 def run_items(cfg) -> list[Item]:
@@ -88,23 +106,31 @@ class GenerationSummary:
     records: Path
     generated: int
     skipped: int
+    elsewhere: int  # claimed by another process of the same run while this one ran
     seconds_per_video: float
     steering: dict | None
 
     def __str__(self) -> str:
         speed = f", {self.seconds_per_video:.2f} s per video" if self.generated else ""
-        return (f"{self.generated} video(s) generated, {self.skipped} already complete{speed}\n"
+        elsewhere = f", {self.elsewhere} claimed by another process of this run" if self.elsewhere else ""
+        return (f"{self.generated} video(s) generated, {self.skipped} already complete{elsewhere}{speed}\n"
                 f"  videos:  {self.videos_dir}\n  records: {self.records}")
 
 
 def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummary:
-    """Generate every missing video of this shard into `run_dir`; complete ones are skipped."""
+    """Generate every missing video of this shard into `run_dir`; complete ones are skipped.
+
+    Each video is claimed first (a lock on its temporary file in .partial/), so processes of the same run in one
+    directory (shards, or the same command started twice) never make a video twice."""
     index, count = shard_of(cfg.shard)
     items = shard_items(run_items(cfg), index, count)
-    videos_dir = run_dir / VIDEOS_DIR
-    videos_dir.mkdir(parents=True, exist_ok=True)
+    videos_dir, partial_dir = run_dir / VIDEOS_DIR, run_dir / PARTIAL_DIR
+    with writing(run_dir):
+        videos_dir.mkdir(parents=True, exist_ok=True)
+        partial_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(partial_dir)
     records = JsonlRecords(generation_file(run_dir, index, count), key=lambda row: row["key"])
-    done = set(generation_rows(run_dir))  # any shard layout of an earlier run counts
+    done = generation_rows(run_dir, {item.key for item in items})  # any shard layout of an earlier run counts
     todo = [item for item in items if item.key not in done]
     steering_record = None
     seconds = []
@@ -116,15 +142,18 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
         with steerer.attach(pipe.transformer) if steerer is not None else nullcontext():
             for item in tqdm(todo, desc=f"videos (shard {index + 1}/{count})", disable=not cfg.progress):
-                start = time.perf_counter()
-                frames = sample(pipe, item, kwargs, steerer, layout)
-                path = videos_dir / item.filename
-                write_mp4(frames, path, cfg.model.fps, run_dir / PARTIAL_DIR)
-                seconds.append(time.perf_counter() - start)
-                row = video_row(cfg, item, path.relative_to(run_dir), frames, seconds[-1])
-                if steerer is not None:
-                    row["steering"] = steering_record = steerer.record()
-                records.append(row)
+                path, partial = videos_dir / item.filename, partial_dir / item.filename
+                with file_lock(partial, wait=False, remove=True) as claim:
+                    if claim is None or generation_rows(run_dir, {item.key}):
+                        continue  # another process is making it, or made it since we looked
+                    start = time.perf_counter()
+                    frames = sample(pipe, item, kwargs, steerer, layout)
+                    size = publish_mp4(frames, partial, path, cfg.model.fps)
+                    seconds.append(time.perf_counter() - start)
+                    row = video_row(cfg, item, path.relative_to(run_dir), frames, seconds[-1], size)
+                    if steerer is not None:
+                        row["steering"] = steering_record = steerer.record()
+                    records.append(row)
                 logger.log({"video/seconds": seconds[-1], "video/prompt_index": item.prompt_index})
                 logger.log_video(path, caption=f"{item.prompt} (seed {item.seed})", fps=cfg.model.fps)
     order = {item.key: n for n, item in enumerate(items)}
@@ -132,11 +161,11 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
     logger.log_table("generation", list(records.rows.values()))
     if steering_record is not None:
         atomic_write_json(run_dir / "steering.json", steering_record)
-    return GenerationSummary(videos_dir, records.path, len(todo), len(items) - len(todo),
+    return GenerationSummary(videos_dir, records.path, len(seconds), len(items) - len(todo), len(todo) - len(seconds),
                              sum(seconds) / len(seconds) if seconds else 0.0, steering_record)
 
 
-def video_row(cfg, item: Item, path: Path, frames, seconds: float) -> dict:
+def video_row(cfg, item: Item, path: Path, frames, seconds: float, size: int) -> dict:
     return {
         "key": item.key,
         "prompt": item.prompt,
@@ -144,6 +173,7 @@ def video_row(cfg, item: Item, path: Path, frames, seconds: float) -> dict:
         "index": item.index,
         "seed": item.seed,
         "path": str(path),
+        "bytes": size,
         "backbone": cfg.model.name,
         "steer": cfg.steer.name if cfg.steer.enabled else "none",
         "num_frames": int(frames.shape[0]),

@@ -6,11 +6,13 @@ so every file is either appended line by line (and repaired on the next open) or
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import yaml
 from omegaconf import OmegaConf
@@ -27,6 +29,10 @@ GENERATION_FIELDS = {"key": str, "prompt": str, "seed": int, "path": str}
 NUMBER_OR_NULL = (int, float, type(None))
 METRIC_FIELDS = {"video": str, "prompt": str, "evaluator": str, "metric": str, "value": NUMBER_OR_NULL}
 KIND_NAMES = {str: "a string", int: "an integer", NUMBER_OR_NULL: "a number or null"}
+HYDRA_DIR = ".hydra"
+# Hydra writes .hydra/ before any stas code runs, also in a process that claim_run_dir then refuses: the runs that
+# hold the directory keep their files here too, and a refused process puts them back.
+HELD_HYDRA_DIR = f"{HYDRA_DIR}/held"
 # Keys that change where or how fast a run goes, not what it produces.
 NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "experiment", "name",
                 "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing")
@@ -35,9 +41,47 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a quota, a read-only directory) as one clear UserError."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Write `path` if no file has that name yet, atomically: True if this call made it, False if it exists.
+
+    The content is written and synced under a temporary name first and then hard-linked into place, so a process
+    that finds the file always reads it whole, and of two processes racing for the name exactly one wins.
+    """
+    path = Path(path)
+    with writing(path):
+        tmp = _write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return True
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """`data` in a synced temporary file beside `path` (same file system, so it can be renamed or linked there)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
@@ -45,10 +89,66 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool = True, remove: bool = False) -> Iterator[int | None]:
+    """Hold an exclusive lock on the file `path` (created if missing); yields its open descriptor, or None when
+    `wait` is false and another live process holds the lock.
+
+    The kernel releases the lock when its holder dies (kill -9 included), and over NFS it is a POSIX lock that
+    every client sees, so a lock is never stale. Do the file's I/O through the yielded descriptor: over NFS,
+    closing any other descriptor of the file would release the lock. `remove`: delete the file before releasing
+    it (a claim that is done). A file replaced or deleted while we waited is locked anew under its name.
+    """
+    path = Path(path)
+    while True:
+        with writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            yield None
+            return
+        except OSError as err:
+            os.close(fd)
+            raise UserError(f"cannot lock {path}: {err.strerror or err} (the run directory's file system must "
+                            "support file locks, as local disks and NFS do)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        try:
+            if remove and _same_file(fd, path):
+                path.unlink()
+        finally:
+            os.close(fd)
+
+
+def remove_leftovers(partial_dir: Path) -> None:
+    """Delete the temporary files that dead processes left in `partial_dir`; a live process holds the lock of
+    each of its own (`file_lock`), on this machine or another one sharing the directory."""
+    for leftover in sorted(Path(partial_dir).glob("*")):
+        if leftover.is_file():
+            with file_lock(leftover, wait=False, remove=True):
+                pass
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -59,8 +159,26 @@ def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes strings with a Unicode line separator double-quoted, escaped: PyYAML folds a raw U+0085 in a
+    single-quoted string into a space when it reads it back."""
+
+
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style='"' if any(c in value for c in "\x85\u2028\u2029") else None))
+
+
+def yaml_text(data) -> str:
+    """YAML that reads back exactly as `data` (prompts may hold any character), Unicode left readable."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def jsonl_text(rows: Iterable[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(path, jsonl_text(rows))
 
 
 def check_writable(run_dir: Path) -> None:
@@ -80,39 +198,87 @@ def check_writable(run_dir: Path) -> None:
 
 
 class JsonlRecords:
-    """Rows of a JSON-lines file, keyed; appends survive a kill, and a torn last line is dropped on open."""
+    """Rows of a JSON-lines file, keyed; appends survive a kill, and a torn last line is dropped on open.
+
+    Several processes may write one file at once (two runs of the same config): appends and rewrites hold the
+    file's lock, and a rewrite keeps the rows other processes wrote since this one read the file.
+    """
 
     def __init__(self, path: Path, key: Callable[[dict], str]):
         self.path = Path(path)
         self.key = key
-        self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            clean = True
-            for line in lines:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    clean = False  # a write cut short by a kill
-                    continue
-                self.rows[self.key(row)] = row
-            if not clean or len(self.rows) != len(lines):
-                self.compact()
+        rows, clean = parse_jsonl(self.path.read_bytes()) if self.path.exists() else ([], True)
+        self.rows: dict[str, dict] = self._keyed(rows)
+        self._known = dict(self.rows)  # the file's rows as this process last read or wrote them
+        if not clean or len(self.rows) != len(rows):
+            self.compact()
+
+    def _keyed(self, rows: list[dict]) -> dict[str, dict]:
+        return {self.key(row): row for row in rows}
 
     def append(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.rows[self.key(row)] = row
+        line = jsonl_text([row]).encode("utf-8")
+        with file_lock(self.path) as fd, writing(self.path):
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # after a line torn by a killed writer: keep this row whole
+            try:
+                unwritten = memoryview(line)
+                while unwritten:
+                    unwritten = unwritten[os.write(fd, unwritten):]
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)  # a full disk: leave no torn row behind
+                raise
+        self.rows[self.key(row)] = self._known[self.key(row)] = row
 
     def compact(self, order: Callable[[dict], object] | None = None) -> None:
-        """Rewrite the file with one row per key (the last written), atomically."""
-        rows = list(self.rows.values())
-        if order is not None:
-            rows.sort(key=order)
-        atomic_write_jsonl(self.path, rows)
+        """Rewrite the file with one row per key (the last written), atomically.
+
+        Rows that another process wrote meanwhile are kept; keys this process dropped from `rows` are dropped."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.path) as fd:
+            merged = self._keyed(parse_jsonl(_read_all(fd))[0])
+            for key in self._known.keys() - self.rows.keys():
+                merged.pop(key, None)
+            merged.update({key: row for key, row in self.rows.items() if self._known.get(key) != row})
+            rows = list(merged.values())
+            if order is not None:
+                rows.sort(key=order)
+            atomic_write_jsonl(self.path, rows)
+        self.rows = self._keyed(rows)
+        self._known = dict(self.rows)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def parse_jsonl(data: bytes) -> tuple[list[dict], bool]:
+    """The rows of JSON-lines bytes, and whether every line was a whole row (a killed writer leaves a torn one).
+
+    Records are split on "\\n" only: prompts may hold other line separators (U+2028, U+0085, ...), which JSON
+    writes unescaped and str.splitlines() would split on.
+    """
+    rows, clean = [], True
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            clean = False
+    return rows, clean
 
 
 def shard_file(run_dir: Path, stage: str, index: int, count: int) -> Path:
@@ -130,13 +296,8 @@ def record_files(run_dir: Path, stage: str) -> list[Path]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The whole rows of a JSON-lines file (a torn last line is left out)."""
+    return parse_jsonl(Path(path).read_bytes())[0]
 
 
 def identity(cfg) -> dict:
@@ -256,11 +417,27 @@ def video_path(run_dir: Path, relative, where: str) -> Path:
 
 
 def claim_run_dir(run_dir: Path, cfg, manifest: list[dict]) -> None:
-    """Record the run's identity and item manifest, or check that an earlier run into the same directory had the
-    same ones (same config, same prompts): outputs of different experiments never mix."""
-    path = run_dir / IDENTITY_FILE
+    """Record the run's identity and item manifest, or check that the run that recorded them had the same ones
+    (same config, same prompts): outputs of different experiments never mix.
+
+    Both files are created exclusively, so of processes started at once into one directory with different
+    configs, exactly one proceeds; the others get the refusal a later run would get, and leave the directory's
+    .hydra files as the run that holds it wrote them."""
+    try:
+        _check_or_record(run_dir, cfg, manifest)
+    except ConfigError:
+        held = run_dir / HELD_HYDRA_DIR
+        for path in sorted(held.glob("*.yaml")) if held.is_dir() else []:
+            atomic_write_bytes(run_dir / HYDRA_DIR / path.name, path.read_bytes())
+        raise
+    for name, text in _hydra_files(cfg).items():  # this run's own, in case a refused one overwrote them meanwhile
+        atomic_write_text(run_dir / HELD_HYDRA_DIR / name, text)
+        atomic_write_text(run_dir / HYDRA_DIR / name, text)
+
+
+def _check_or_record(run_dir: Path, cfg, manifest: list[dict]) -> None:
     mine = identity(cfg)
-    if path.exists():
+    if not create_exclusive(run_dir / IDENTITY_FILE, yaml_text(mine).encode("utf-8")):
         theirs = load_identity(run_dir)
         keys = differing_keys(theirs, mine)
         if keys:
@@ -269,10 +446,19 @@ def claim_run_dir(run_dir: Path, cfg, manifest: list[dict]) -> None:
                 + describe_differences(theirs, mine, keys)
                 + ". Use a new hydra.run.dir, or the same overrides as before."
             )
-        if (run_dir / MANIFEST_FILE).exists() and read_jsonl(run_dir / MANIFEST_FILE) != manifest:
-            raise ConfigError(f"{run_dir} was started with other prompts (its {MANIFEST_FILE} differs): "
-                              "did the prompt file change? Use a new hydra.run.dir.")
-    else:
-        atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False, allow_unicode=True))
-    if not (run_dir / MANIFEST_FILE).exists():
-        atomic_write_jsonl(run_dir / MANIFEST_FILE, manifest)
+    if (not create_exclusive(run_dir / MANIFEST_FILE, jsonl_text(manifest).encode("utf-8"))
+            and read_jsonl(run_dir / MANIFEST_FILE) != manifest):
+        raise ConfigError(f"{run_dir} was started with other prompts (its {MANIFEST_FILE} differs): "
+                          "did the prompt file change? Use a new hydra.run.dir.")
+
+
+def _hydra_files(cfg) -> dict[str, str]:
+    """The .hydra files of this process's run, as Hydra and stas.cli write them; none outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.instance().cfg
+    return {"config.yaml": OmegaConf.to_yaml(cfg, resolve=True), "hydra.yaml": OmegaConf.to_yaml(hydra),
+            # stas.evaluate composes the run's config from these: written so that they read back exactly
+            "overrides.yaml": yaml_text(list(hydra.hydra.overrides.task))}

@@ -1,6 +1,7 @@
 """The results schema: per-video metric rows (metrics.jsonl) and their per-run aggregate (metrics.json).
 
-A row is one number about one video: {video, prompt, seed, evaluator, metric, value}, plus `weight` where the value
+A row is one number about one video: {video, prompt, seed, evaluator, metric, value, video_sha256} (the
+video's content when it was scored: a regenerated video is scored again), plus `weight` where the value
 averages over frame pairs or frames that a pooled aggregate should count (VBench pools its consistency dimensions
 over frame pairs, not videos), `settings` for the frame-feature evaluators (what the value depends on besides the
 video: pixel size or weights, temporal compression), and `error` (with value null) when the video could not be
@@ -24,12 +25,13 @@ AGGREGATE_FILE = "metrics.json"
 
 @dataclass(frozen=True)
 class Video:
-    """One video of a run: its file name (the `video` of its rows), where it is, and what made it."""
+    """One video of a run: its file name (the `video` of its rows), where it is, what made it, its content hash."""
 
     name: str
     path: Path
     prompt: str
     seed: int | None
+    sha256: str | None = None
 
 
 def row_key(row: dict) -> str:
@@ -38,7 +40,7 @@ def row_key(row: dict) -> str:
 
 def metric_row(video: Video, evaluator: str, metric: str, value: float, weight: int | None = None) -> dict:
     row = {"video": video.name, "prompt": video.prompt, "seed": video.seed, "evaluator": evaluator,
-           "metric": metric, "value": value}
+           "metric": metric, "value": value, "video_sha256": video.sha256}
     if weight is not None:
         row["weight"] = weight
     return row

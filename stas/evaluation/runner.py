@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from stas.evaluation.vbench import VBenchError, VBenchRunner
 from stas.prompts import shard_items
 from stas.rundir import (MANIFEST_FILE, METRIC_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_records,
                          read_manifest, shard_file, video_path)
-from stas.video import read_mp4
+from stas.video import file_sha256, read_mp4
 
 VBENCH_LOGS = "vbench"
 SENTINEL_METRIC = "consistency"  # every successful frame-feature evaluation writes it
@@ -48,7 +48,7 @@ def run_videos(run_dir: Path, index: int, count: int) -> tuple[list[Video], int]
     how many of its videos are not generated yet."""
     items = shard_items(read_manifest(run_dir), index, count)
     videos = [Video(row["file"], manifest_video(run_dir, row), row["prompt"], row["seed"]) for row in items]
-    present = [video for video in videos if video.path.is_file()]
+    present = [replace(video, sha256=file_sha256(video.path)) for video in videos if video.path.is_file()]
     return present, len(videos) - len(present)
 
 
@@ -177,7 +177,8 @@ class RunEvaluation:
 
     def _is_scored(self, video: Video, evaluator: str, metric: str, settings: str | None = None) -> bool:
         row = self.known.get(row_key({"video": video.name, "evaluator": evaluator, "metric": metric}))
-        return row is not None and row.get("value") is not None and row.get("settings") == settings
+        return (row is not None and row.get("value") is not None and row.get("settings") == settings
+                and row.get("video_sha256") == video.sha256)  # scored from these very bytes, not an older video
 
     def _forget(self, video: Video, evaluator: str) -> None:
         """Drop a video's rows of an evaluator before it is scored again (other settings, or an error before)."""
