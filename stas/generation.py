@@ -27,14 +27,14 @@ def generation_file(run_dir: Path, index: int, count: int) -> Path:
     return shard_file(run_dir, "generation", index, count)
 
 
-def generation_rows(run_dir: Path, keys: set[str] | None = None) -> dict[str, dict]:
-    """Every recorded video of a run directory (of `keys`, if given) whose file is whole, from generation.jsonl and
-    all shard files."""
+def generation_rows(run_dir: Path, keys: set[str] | None = None, whole_only: bool = True) -> dict[str, dict]:
+    """Every recorded video of a run directory (of `keys`, if given) whose file is whole (or every row, checked,
+    with `whole_only=False`), from generation.jsonl and all shard files."""
     rows = {}
     for path in record_files(run_dir, "generation"):
         for row in checked_rows(path, GENERATION_FIELDS):
             video = video_path(run_dir, row["path"], f"{path}, row with key {row['key']!r}")
-            if (keys is None or row["key"] in keys) and is_whole(video, row):
+            if (keys is None or row["key"] in keys) and (not whole_only or is_whole(video, row)):
                 rows[row["key"]] = row
     return rows
 
@@ -129,8 +129,8 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
         videos_dir.mkdir(parents=True, exist_ok=True)
         partial_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(partial_dir)
-    records = JsonlRecords(generation_file(run_dir, index, count), key=lambda row: row["key"])
     done = generation_rows(run_dir, {item.key for item in items})  # any shard layout of an earlier run counts
+    records = JsonlRecords(generation_file(run_dir, index, count), key=lambda row: row["key"])
     todo = [item for item in items if item.key not in done]
     steering_record = None
     seconds = []

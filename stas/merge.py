@@ -20,7 +20,6 @@ from pathlib import Path
 from stas.errors import UserError
 from stas.generation import generation_rows
 from stas.rundir import (
-    GENERATION_FIELDS,
     MANIFEST_FILE,
     METRIC_FIELDS,
     VIDEOS_DIR,
@@ -86,12 +85,12 @@ def merge(target: Path, sources: list[Path] = ()) -> MergeReport:
     files = {item["key"]: f"{VIDEOS_DIR}/{item['file']}" for item in manifest}
     found: dict[str, tuple[Path, dict]] = {}
     for run_dir in [target, *sources]:  # the target's own copy wins
-        checked_records(run_dir, "generation", GENERATION_FIELDS)
-        for key, row in generation_rows(run_dir).items():
-            where = f"{run_dir}'s generation records, row with key {key!r}"
+        for key, row in generation_rows(run_dir, whole_only=False).items():
             if row["path"] != files.get(key):
-                raise UserError(f"{where}: its video {row['path']!r} is not the one {MANIFEST_FILE} names for that key "
-                                f"({files.get(key, 'no such key')}); is the run directory tampered with?")
+                raise UserError(f"{run_dir}'s generation records, row with key {key!r}: its video {row['path']!r} is "
+                                f"not the one {MANIFEST_FILE} names for that key ({files.get(key, 'no such key')}); is "
+                                "the run directory tampered with?")
+        for key, row in generation_rows(run_dir).items():
             found.setdefault(key, (run_dir, row))
     copies = []
     for run_dir, row in found.values():

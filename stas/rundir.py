@@ -213,7 +213,11 @@ class JsonlRecords:
         if not clean or len(self.rows) != len(rows):
             self.compact()
 
-    def _keyed(self, rows: list[dict]) -> dict[str, dict]:
+    def _keyed(self, rows: list) -> dict[str, dict]:
+        for row in rows:
+            if not isinstance(row, dict):
+                raise UserError(f"{self.path}: row {_shown(row)} is not a JSON object (is the run directory tampered "
+                                "with?)")
         return {self.key(row): row for row in rows}
 
     def append(self, row: dict) -> None:
@@ -260,8 +264,9 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_jsonl(data: bytes) -> tuple[list[dict], bool]:
+def parse_jsonl(data: bytes) -> tuple[list, bool]:
     """The rows of JSON-lines bytes, and whether every line was a whole row (a killed writer leaves a torn one).
+    A row is any JSON value: what must be an object is checked by its reader (checked_rows, JsonlRecords).
 
     Records are split on "\\n" only: prompts may hold other line separators (U+2028, U+0085, ...), which JSON
     writes unescaped and str.splitlines() would split on.
@@ -271,12 +276,8 @@ def parse_jsonl(data: bytes) -> tuple[list[dict], bool]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line.decode("utf-8"))
+            rows.append(json.loads(line.decode("utf-8")))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
             clean = False
     return rows, clean
 
