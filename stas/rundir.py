@@ -156,7 +156,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    # allow_nan=False: NaN and infinity are not JSON; validation and metric_row keep them out, this makes sure.
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -174,7 +175,7 @@ def yaml_text(data) -> str:
 
 
 def jsonl_text(rows: Iterable[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
 
 
 def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> None:

@@ -77,6 +77,23 @@ def test_prompts_with_line_separators_rerun_evaluate_and_merge(tmp_path):
     assert {row["prompt"] for row in read_jsonl(run_dir / METRICS_FILE)} == set(prompts)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_metric_is_recorded_as_not_scored_and_files_stay_json(tmp_path, value):
+    """JSON has no NaN: a non-finite metric becomes an error row (tried again later), and no writer emits one."""
+    from stas.evaluation.records import Video, aggregate_metrics, metric_row
+
+    row = metric_row(Video("a-0.mp4", tmp_path / "a-0.mp4", "a", 0), "vbench", "aesthetic_quality", value)
+    assert row["value"] is None and "non-finite aesthetic_quality" in row["error"]
+    atomic_write_jsonl(tmp_path / "metrics.jsonl", [row])
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == row
+    assert aggregate_metrics([row])["errors"][0]["video"] == "a-0.mp4"
+    finite = metric_row(Video("a-0.mp4", tmp_path / "a-0.mp4", "a", 0), "vbench", "aesthetic_quality", 0.5)
+    assert finite["value"] == 0.5 and "error" not in finite
+    with pytest.raises(ValueError):
+        atomic_write_jsonl(tmp_path / "bad.jsonl", [{"value": value}])
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
 def test_an_append_after_a_line_torn_by_a_killed_writer_is_kept(tmp_path):
     path = tmp_path / "rows.jsonl"
     records = JsonlRecords(path, key=lambda row: row["key"])

@@ -11,6 +11,7 @@ scored.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ def metric_row(video: Video, evaluator: str, metric: str, value: float, weight: 
            "metric": metric, "value": value, "video_sha256": video.sha256}
     if weight is not None:
         row["weight"] = weight
+    if value is not None and not math.isfinite(value):
+        # JSON has no NaN or infinity; the video counts as not scored, with the reason, and is tried again.
+        return {**row, "value": None, "error": f"{evaluator} gave a non-finite {metric} ({value})"}
     return row
 
 
