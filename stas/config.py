@@ -291,13 +291,23 @@ NUMERIC_BOUNDS = {
     "seed": Bounds(0, SEED_MAX),  # negative seeds would alias: manual_seed(-1) is manual_seed(2**64 - 1)
     "model.steps": Bounds(1, 10000),
     "model.guidance_scale": Bounds(0, 100),
-    "model.flow_shift": Bounds(0, 100, low_open=True),
+    "model.flow_shift": Bounds(0.01, 100),  # far below the published 1-12 the schedule collapses (black video)
     "model.fps": Bounds(1, 240),
     "model.max_sequence_length": Bounds(1, 4096),
     "model.tiny.seed": Bounds(0, SEED_MAX),
     "steer.strength": Bounds(0, 1, low_open=True),  # 0 would leave every value as it is
     "steer.ratio": Bounds(0, 10000),
+    **{f"model.tiny.{size}": Bounds(1, 4096) for size in ("num_layers", "num_heads", "head_dim", "ffn_dim", "text_dim",
+                                                         "vae_base_dim")},
+    "model.tiny.plant.first_frame": Bounds(0, 100),
+    "model.tiny.plant.boundary": Bounds(0, 100),
+    "model.tiny.plant.interior": Bounds(0, 100),
+    "eval.batch_size": Bounds(1, 4096),
+    "eval.temporal_compression": Bounds(1, 64),
+    "eval.pixel.size": Bounds(1, 1024),
+    "logger.log_videos": Bounds(0, 100000),
 }
+PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
 ALPHA_BOUNDS = Bounds(0, 100, low_open=True)  # for the rules that use alpha
 
 
@@ -370,6 +380,10 @@ def validate_model(model) -> Backbone:
                     raise ConfigError(
                         f"model.tiny.plant.channels contains {channel}; allowed: 0..{model.hidden_dim - 1}"
                     )
+            for magnitude in plant.magnitudes:
+                if not abs(magnitude) <= PLANT_MAGNITUDE_MAX:
+                    raise ConfigError(f"model.tiny.plant.magnitudes contains {magnitude!r}; allowed: finite numbers in "
+                                      f"[-{PLANT_MAGNITUDE_MAX:g}, {PLANT_MAGNITUDE_MAX:g}]")
             if len(plant.channels) != len(plant.magnitudes):
                 raise ConfigError("model.tiny.plant.channels and model.tiny.plant.magnitudes must have equal length")
     return backbone
@@ -562,10 +576,6 @@ def validate_eval(evaluation) -> None:
     if len(set(evaluation.evaluators)) != len(evaluation.evaluators):
         raise ConfigError(f"eval.evaluators={list(evaluation.evaluators)} names an evaluator twice")
     _check_device("eval.device", evaluation.device)
-    _at_least("eval.batch_size", evaluation.batch_size, 1)
-    if evaluation.temporal_compression is not None:
-        _at_least("eval.temporal_compression", evaluation.temporal_compression, 1)
-    _at_least("eval.pixel.size", evaluation.pixel.size, 1)
     for name in ("dino", "clip"):
         checkpoint = evaluation[name].checkpoint
         if name in evaluation.evaluators and checkpoint and not Path(checkpoint).expanduser().is_file():

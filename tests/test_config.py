@@ -70,7 +70,7 @@ BAD = [
     (["model.guidance_scale=nan"], r"^model.guidance_scale=nan must be a finite number in \[0, 100\]$"),
     (["model.guidance_scale=inf"], r"^model.guidance_scale=inf must be a finite number in \[0, 100\]$"),
     (["model.guidance_scale=100.5"], r"model.guidance_scale=100.5 must be a finite number in \[0, 100\]"),
-    (["model.flow_shift=nan"], r"model.flow_shift=nan must be a finite number in \(0, 100\]"),
+    (["model.flow_shift=nan"], r"model.flow_shift=nan must be a finite number in \[0.01, 100\]"),
     (["steer.alpha=inf"], r"^steer.alpha=inf must be a finite number$"),
     (["steer.alpha=nan"], r"^steer.alpha=nan must be a finite number$"),
     (["steer.alpha=100.5"], r"steer.alpha=100.5 must be a finite number in \(0, 100\]"),
@@ -113,6 +113,14 @@ BAD = [
     (["shard.index="], r"^shard.index='' must be an integer$"),
     (["model.guidance_scale=high"], r"^model.guidance_scale='high' must be a number in \[0, 100\]$"),
     (["progress=sometimes"], r"^progress='sometimes' must be true or false$"),
+    # values that passed and then gave a black video or crashed late (adversarial review)
+    (["model.flow_shift=1e-300"], r"^model.flow_shift=1e-300 must be a finite number in \[0.01, 100\]$"),
+    (["model.tiny.plant.magnitudes=[1e308,-1e308,1e308]"], r"model.tiny.plant.magnitudes contains 1e\+308"),
+    (["model.tiny.text_dim=0"], r"^model.tiny.text_dim=0 must be an integer in \[1, 4096\]$"),
+    (["model.tiny.vae_base_dim=0"], r"^model.tiny.vae_base_dim=0 must be an integer in \[1, 4096\]$"),
+    (["eval.pixel.size=100000"], r"^eval.pixel.size=100000 must be an integer in \[1, 1024\]$"),
+    (["eval.temporal_compression=1000000"], r"^eval.temporal_compression=1000000 must be an integer in \[1, 64\]$"),
+    (["logger.log_videos=-1"], r"^logger.log_videos=-1 must be an integer in \[0, 100000\]$"),
 ]
 
 
