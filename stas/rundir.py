@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -162,7 +163,19 @@ def atomic_write_json(path: Path, data) -> None:
 
 class _Dumper(yaml.SafeDumper):
     """Writes strings with a Unicode line separator double-quoted, escaped: PyYAML folds a raw U+0085 in a
-    single-quoted string into a space when it reads it back."""
+    single-quoted string into a space when it reads it back. Never writes aliases (the reader refuses them)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load without aliases: a few nested aliases expand to billions of nodes (a "billion laughs" file)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases are not allowed{self.peek_event().start_mark}")
+        return super().compose_node(parent, index)
 
 
 _Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
@@ -208,7 +221,7 @@ class JsonlRecords:
     def __init__(self, path: Path, key: Callable[[dict], str]):
         self.path = Path(path)
         self.key = key
-        rows, clean = parse_jsonl(self.path.read_bytes()) if self.path.exists() else ([], True)
+        rows, clean = parse_jsonl(read_bytes(self.path)) if self.path.exists() else ([], True)
         self.rows: dict[str, dict] = self._keyed(rows)
         self._known = dict(self.rows)  # the file's rows as this process last read or wrote them
         if not clean or len(self.rows) != len(rows):
@@ -267,7 +280,8 @@ def _read_all(fd: int) -> bytes:
 
 def parse_jsonl(data: bytes) -> tuple[list, bool]:
     """The rows of JSON-lines bytes, and whether every line was a whole row (a killed writer leaves a torn one).
-    A row is any JSON value: what must be an object is checked by its reader (checked_rows, JsonlRecords).
+    A row is any JSON value: what must be an object is checked by its reader (checked_rows, JsonlRecords). Lines
+    that strict JSON refuses (NaN, numbers out of range) count as torn: they are left out.
 
     Records are split on "\\n" only: prompts may hold other line separators (U+2028, U+0085, ...), which JSON
     writes unescaped and str.splitlines() would split on.
@@ -277,29 +291,60 @@ def parse_jsonl(data: bytes) -> tuple[list, bool]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line.decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            rows.append(json.loads(line.decode("utf-8"), parse_constant=_not_json, parse_float=_finite))
+        except (ValueError, RecursionError):  # torn, not UTF-8, NaN/Infinity, a 1e999 or 5000-digit number, [[[[...
             clean = False
     return rows, clean
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def own_file(run_dir: Path, relative) -> Path:
+    """`run_dir / relative` for a file of the run's own (records, identity, manifest): neither it nor a folder on
+    the way may be a symbolic link, so reading or writing it stays inside the run directory (untrusted input)."""
+    current = Path(run_dir)
+    for part in Path(relative).parts:
+        current = current / part
+        if current.is_symlink():
+            raise UserError(f"{current} is a symbolic link; the files of a run directory are never links (is the "
+                            "run directory tampered with?)")
+    return current
 
 
 def shard_file(run_dir: Path, stage: str, index: int, count: int) -> Path:
     """`<stage>.jsonl` for an unsharded run, `shards/<stage>-III-of-KKK.jsonl` for shard III of KKK."""
     if count == 1:
-        return Path(run_dir) / f"{stage}.jsonl"
-    return Path(run_dir) / SHARDS_DIR / f"{stage}-{index:03d}-of-{count:03d}.jsonl"
+        return own_file(run_dir, f"{stage}.jsonl")
+    return own_file(run_dir, Path(SHARDS_DIR) / f"{stage}-{index:03d}-of-{count:03d}.jsonl")
 
 
 def record_files(run_dir: Path, stage: str) -> list[Path]:
     """The merged record file of a stage (if any) followed by its shard files."""
-    run_dir = Path(run_dir)
-    merged = run_dir / f"{stage}.jsonl"
-    return ([merged] if merged.exists() else []) + sorted((run_dir / SHARDS_DIR).glob(f"{stage}-*-of-*.jsonl"))
+    merged = own_file(run_dir, f"{stage}.jsonl")
+    shards = sorted(own_file(run_dir, SHARDS_DIR).glob(f"{stage}-*-of-*.jsonl"))
+    return ([merged] if merged.exists() else []) + [own_file(run_dir, Path(SHARDS_DIR) / p.name) for p in shards]
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """The whole rows of a JSON-lines file (a torn last line is left out)."""
-    return parse_jsonl(Path(path).read_bytes())[0]
+    return parse_jsonl(read_bytes(path))[0]
+
+
+def read_bytes(path: Path) -> bytes:
+    """A run-directory file's bytes; a UserError naming it when it cannot be read (a folder in its place, ...)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"{path} cannot be read: {err.strerror or err}") from None
 
 
 def identity(cfg) -> dict:
@@ -335,7 +380,7 @@ def describe_differences(a: dict, b: dict, keys: Iterable[str], names=("existing
 
 def load_identity(run_dir: Path) -> dict:
     """The run's identity (run_identity.yaml, plain YAML: no tags); a UserError when it is missing or malformed."""
-    path = Path(run_dir) / IDENTITY_FILE
+    path = own_file(run_dir, IDENTITY_FILE)
     if not path.is_file():
         raise UserError(f"{run_dir} is not a stas run directory (no {IDENTITY_FILE}; stas.run writes it)")
     data = read_yaml(path)
@@ -345,9 +390,10 @@ def load_identity(run_dir: Path) -> dict:
 
 
 def read_yaml(path: Path):
-    """Plain YAML from a run directory (safe_load: no tags, no objects); a UserError naming the file otherwise."""
+    """Plain YAML from a run directory (safe_load: no tags, no objects, no aliases); a UserError naming the file
+    otherwise."""
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not readable YAML: {' '.join(str(err).split())}") from None
     except OSError as err:
@@ -385,7 +431,7 @@ def checked_records(run_dir: Path, stage: str, fields: dict) -> list[dict]:
 
 def read_manifest(run_dir: Path) -> list[dict]:
     """The run's item manifest (items.jsonl), checked; a UserError when it is missing or a row is malformed."""
-    path = Path(run_dir) / MANIFEST_FILE
+    path = own_file(run_dir, MANIFEST_FILE)
     if not path.is_file():
         raise UserError(f"{run_dir} has no {MANIFEST_FILE} (the list of the run's videos that stas.run writes): "
                         "is it a run directory of stas.run?")
@@ -409,12 +455,16 @@ def video_path(run_dir: Path, relative, where: str) -> Path:
         refuse("is absolute")
     if ".." in Path(relative).parts:
         refuse("contains '..'")
-    run_root = Path(run_dir).resolve()
-    videos = (run_root / VIDEOS_DIR).resolve()
+    try:
+        run_root = Path(run_dir).resolve()
+        videos = (run_root / VIDEOS_DIR).resolve()
+        target = (run_root / relative).resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
+        refuse(f"cannot be resolved ({err})")
     if run_root not in videos.parents:
         refuse(f"is under {Path(run_dir) / VIDEOS_DIR}, a link that leads out of the run directory to {videos}")
-    if videos not in (run_root / relative).resolve().parents:
-        refuse(f"leads to {(run_root / relative).resolve()}, outside {Path(run_dir) / VIDEOS_DIR}")
+    if videos not in target.parents:
+        refuse(f"leads to {target}, outside {Path(run_dir) / VIDEOS_DIR}")
     return Path(run_dir) / relative
 
 

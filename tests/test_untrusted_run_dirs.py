@@ -337,3 +337,91 @@ def test_side_by_side_pairs_runs_by_prompt_and_seed(base_run, tmp_path, capsys):
     assert "share no generated video of the same prompt and seed" in one_line_error(capsys.readouterr().err,
                                                                                     "side_by_side")
     assert not (tmp_path / "none").exists()
+
+
+# ---- found by an adversarial pass: the run's own files as links, strict JSON, loops, folders, alias bombs
+
+
+def link_metrics_out(run, outside):
+    (run / "metrics.jsonl").symlink_to(outside / "created.jsonl")
+
+
+def link_shards_out(run, outside):
+    (run / "shards").symlink_to(outside, target_is_directory=True)
+
+
+@pytest.mark.parametrize("tamper, args, message", [
+    (link_metrics_out, [], "metrics.jsonl is a symbolic link; the files of a run directory are never links"),
+    (link_shards_out, ["shard.index=0", "shard.count=2"], "shards is a symbolic link"),
+])
+def test_evaluate_never_writes_through_a_linked_record_file(run_copy, tmp_path, capsys, tamper, args, message):
+    """Appending metric rows followed a link: the attacker chose the file outside the run that got the rows."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tamper(run_copy, outside)
+    before, outside_before = snapshot(run_copy), snapshot(outside)
+    with pytest.raises(SystemExit) as exited:
+        evaluate_main([str(run_copy), "eval.evaluators=[pixel]", "logger=none", "progress=false", *args])
+    assert exited.value.code == 2
+    assert message in one_line_error(capsys.readouterr().err, "stas.evaluate")
+    assert snapshot(run_copy) == before and snapshot(outside) == outside_before == {}
+
+
+def test_merge_never_reads_a_linked_record_file(shards, tmp_path, capsys):
+    target, source = shards
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"secret": "outside content"}\n')
+    (source / "generation.jsonl").unlink()
+    (source / "generation.jsonl").symlink_to(secret)
+    before = snapshot(target)
+    with pytest.raises(SystemExit) as exited:
+        merge_main([str(target), str(source)])
+    assert exited.value.code == 2
+    line = one_line_error(capsys.readouterr().err, "stas.merge")
+    assert "generation.jsonl is a symbolic link" in line and "outside content" not in line
+    assert snapshot(target) == before
+
+
+@pytest.mark.parametrize("bad_line", ['{"video": "a cat-0.mp4", "value": NaN}', '{"value": Infinity}',
+                                      '{"value": 1e999}', '{"seed": ' + "9" * 5001 + "}", "[" * 100000 + "]" * 100000])
+def test_lines_that_strict_json_refuses_are_left_out_like_torn_ones(tmp_path, bad_line):
+    """Python's json reads NaN, Infinity and 1e999 (which no writer here may write back) and fails with other
+    errors than JSONDecodeError on huge numbers and deep nesting: all of them are lines to leave out."""
+    from stas.rundir import JsonlRecords, read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"key": "a"}\n' + bad_line + '\n{"key": "b"}\n')
+    assert read_jsonl(path) == [{"key": "a"}, {"key": "b"}]
+    assert list(JsonlRecords(path, key=lambda row: row["key"]).rows) == ["a", "b"]
+    assert read_jsonl(path) == [{"key": "a"}, {"key": "b"}]  # compacted: the file is strict JSON again
+
+
+def loop_video(run, tmp):
+    (run / "videos" / "a dog-0.mp4").unlink()
+    (run / "videos" / "a dog-0.mp4").symlink_to("a dog-0.mp4")
+
+
+def metrics_folder(run, tmp):
+    (run / "metrics.jsonl").mkdir()
+
+
+def alias_bomb(run, tmp):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]" for n in range(1, 9)]
+    with open(run / "run_identity.yaml", "a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (loop_video, "video path 'videos/a dog-0.mp4' cannot be resolved"),
+    (metrics_folder, "metrics.jsonl cannot be read: Is a directory"),
+    (alias_bomb, "run_identity.yaml is not readable YAML: aliases are not allowed"),
+])
+def test_loops_folders_and_alias_bombs_are_one_line_errors(run_copy, capsys, tamper, message):
+    tamper(run_copy, None)
+    before = snapshot(run_copy)
+    with pytest.raises(SystemExit) as exited:
+        evaluate_main([str(run_copy), "eval.evaluators=[pixel]", "logger=none", "progress=false"])
+    assert exited.value.code == 2
+    assert message in one_line_error(capsys.readouterr().err, "stas.evaluate")
+    assert snapshot(run_copy) == before
