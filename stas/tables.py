@@ -32,7 +32,7 @@ PAPER_COLUMNS = {
 }
 COMPOSITES = ("quality_score", "semantic_score", "total_score")
 STAS_PRESETS = ("stas", "stas_paper")
-IDENTITY_KEYS = ("model.name", "model.fps", "steer.enabled", "steer.name")  # what tables and labels read
+IDENTITY_KEYS = {"model.name": str, "model.fps": int, "steer.enabled": bool, "steer.name": str}  # what tables read
 
 
 @dataclass
@@ -83,6 +83,10 @@ def find_runs(paths: list[Path]) -> list[Run]:
             lacking = [key for key in IDENTITY_KEYS if key not in flat]
             if lacking:
                 raise UserError(f"{run_dir / IDENTITY_FILE} lacks {', '.join(lacking)}: is it a stas.run identity?")
+            for key, kind in IDENTITY_KEYS.items():
+                if not isinstance(flat[key], kind) or (kind is int and isinstance(flat[key], bool)):
+                    raise UserError(f"{run_dir / IDENTITY_FILE}: {key}={flat[key]!r} is not of the type stas.run "
+                                    f"writes ({kind.__name__})")
             rows = {(row["video"], row["evaluator"], row["metric"]): row
                     for row in checked_records(run_dir, "metrics", METRIC_FIELDS)}
             runs.append(Run(run_dir, identity, list(rows.values())))

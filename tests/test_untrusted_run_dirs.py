@@ -307,12 +307,24 @@ def test_out_pointing_at_a_file_is_refused(base_run, tmp_path, capsys, script):
     assert out.read_text() == "my notes"
 
 
+def retype_identity(run, group, key, value):
+    import yaml
+
+    identity = yaml.safe_load((run / "run_identity.yaml").read_text())
+    identity[group][key] = value
+    (run / "run_identity.yaml").write_text(yaml.safe_dump(identity))
+
+
 @pytest.mark.parametrize("tamper, message", [
     (list_identity, "run_identity.yaml holds a list"),
     (lambda run: (run / "run_identity.yaml").write_text("seed: 0\n"),
      "run_identity.yaml lacks model.name, model.fps, steer.enabled, steer.name"),
     (lambda run: (run / "metrics.jsonl").write_text('{"video": "a cat-0.mp4"}\n'), "metrics.jsonl: row"),
     (lambda run: set_dog_path(run, "/etc/passwd"), "row with key '1:0': video path '/etc/passwd' is absolute"),
+    (lambda run: retype_identity(run, "steer", "enabled", "false"),
+     "run_identity.yaml: steer.enabled='false' is not of the type stas.run writes (bool)"),
+    (lambda run: retype_identity(run, "model", "name", ["x", {"y": 1}]),
+     "run_identity.yaml: model.name=['x', {'y': 1}] is not of the type stas.run writes (str)"),
 ])
 def test_tables_refuse_malformed_runs(run_copy, tmp_path, capsys, tamper, message):
     tamper(run_copy)
