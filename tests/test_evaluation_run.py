@@ -241,7 +241,7 @@ def test_vbench_worker_in_another_interpreter_and_its_catalogue(tmp_path):
     (["eval.evaluators=[pixel,fvd]"], r"eval\.evaluators='fvd' is not allowed; allowed: pixel, dino, clip, vbench"),
     (["eval.vbench.python=/nowhere/python"], r"eval\.vbench\.python='/nowhere/python': no such executable"),
     (["eval.vbench.dimensions=[]"], r"eval\.vbench\.dimensions is empty"),
-    (["eval.temporal_compression=0"], r"eval\.temporal_compression=0 must be >= 1"),
+    (["eval.temporal_compression=0"], r"eval\.temporal_compression=0 must be an integer in \[1, 64\]"),
 ])
 def test_eval_config_errors_name_field_value_and_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message):
