@@ -266,6 +266,7 @@ def test_compare_rejects_directories_that_are_not_analysis_runs(tmp_path):
         compare([tmp_path / "broken"], tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_analyze_logs_offline_and_compare_fails_cleanly(cli, tmp_path):
     run_dir = tmp_path / "analysis"
     done = cli("stas.analyze", "prompts.limit=1", "model.steps=2", "progress=false", "logger.mode=offline",

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from stas.backbones import backbone_from_config, load_pipeline
 
 from conftest import compose
@@ -12,6 +14,7 @@ WAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
+@pytest.mark.slow
 def test_uncached_model_with_the_hub_unreachable_fails_at_once(tmp_path):
     """HF_HUB_OFFLINE unset, an empty HF_HOME and a hub that refuses connections (a closed local port, so the test
     never downloads anything where there is a network): the hub client would retry every file for ~25 s with doubled

@@ -85,6 +85,7 @@ def test_capture_overhead_quick(tmp_path, capsys):
     assert saved["bound_bytes"] < 2 * 2 * 2 * saved["block_output_bytes"]
 
 
+@pytest.mark.slow
 def test_framework_overhead_quick(tmp_path, capsys):
     out = tmp_path / "framework.json"
     # --cli-runs 0: the default `python -m stas.run` alone takes ~15 s; the generation tests run that CLI already.

@@ -152,6 +152,7 @@ def test_steering_off_skips_steer_checks():
     validate(compose(["steer=none", "steer.alpha=-1"]))
 
 
+@pytest.mark.slow
 def test_slurm_array_variables_do_not_shard_a_cell(cli, tmp_path):
     """`-m ... hydra/launcher=slurm` runs every cell as an array task: $SLURM_ARRAY_TASK_ID numbers the cells, so it
     must not make each cell generate only every N-th of its items."""
@@ -164,6 +165,7 @@ def test_slurm_array_variables_do_not_shard_a_cell(cli, tmp_path):
     assert not (tmp_path / "run" / "shards").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_clear_line(cli, tmp_path):
     result = cli("stas.run", "steer.alpha=-1", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
@@ -171,6 +173,7 @@ def test_cli_bad_input_is_one_clear_line(cli, tmp_path):
     assert not (tmp_path / "run" / "videos").exists()
 
 
+@pytest.mark.slow
 def test_cli_unknown_option_lists_the_available_ones(cli, tmp_path):
     result = cli("stas.run", "model=nonexistent", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -191,6 +194,7 @@ def test_cli_unknown_option_lists_the_available_ones(cli, tmp_path):
     ("stas.run", ["model.guidance_scale=nan"], "model.guidance_scale=nan must be a finite number in [0, 100]"),
     ("stas.analyze", ["analysis.ratoi=3"], "analysis.ratoi is not a field of analysis; fields: "),
 ])
+@pytest.mark.slow
 def test_cli_typo_and_wrong_type_are_one_line_naming_the_field(cli, tmp_path, tool, args, message):
     """Not Hydra's "Could not override ... To append to your config use +steer.targts=..." (exit 1)."""
     result = cli(tool, *args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
@@ -211,6 +215,7 @@ def test_compose_config_names_the_field_of_a_typo():
         compose(["shard.index=x"])
 
 
+@pytest.mark.slow
 def test_cli_unwritable_output_dir(cli, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -220,6 +225,7 @@ def test_cli_unwritable_output_dir(cli, tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_help_lists_groups_and_options(cli, tmp_path):
     result = cli("stas.run", "--help", cwd=tmp_path)
     assert result.returncode == 0
@@ -269,6 +275,7 @@ def test_calibration_steering_layers_it_does_not_list_steers_nothing(tmp_path):
         validate(compose([f"steer.dims={dims}", f"steer.calibration={SHIPPED_CALIBRATION}"]))
 
 
+@pytest.mark.slow
 def test_bad_calibration_fails_before_the_model_loads(cli, tmp_path):
     path = tmp_path / "ma_dims.yaml"
     path.write_text("model: tiny_wan21\nlayers: {0: {massive: [5, 999]}}\n")

@@ -58,6 +58,7 @@ def test_json_lines_round_trip_every_unicode_line_separator(tmp_path):
     assert (tmp_path / "appended.jsonl").read_bytes().count(b"\n") == len(rows)
 
 
+@pytest.mark.slow
 def test_prompts_with_line_separators_rerun_evaluate_and_merge(tmp_path):
     prompts = ["a\u2028cat", "a\x85dog", "a\u2029fish"]
     run_dir = tmp_path / "run"
@@ -132,6 +133,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_clearly_and_leaves_no_torn_video(small_disk, tmp_path):
     run_dir = small_disk / "run"
     filler = small_disk / "filler"
@@ -251,6 +253,7 @@ def race_claims(sync_dir, run_dir, *overrides) -> list[str]:
     return [process.communicate(timeout=120)[0].strip() for process in processes]
 
 
+@pytest.mark.slow
 def test_claiming_a_run_dir_is_atomic(tmp_path):
     for attempt in range(3):
         run_dir = tmp_path / f"run{attempt}"
@@ -263,6 +266,7 @@ def test_claiming_a_run_dir_is_atomic(tmp_path):
         assert read_jsonl(run_dir / "items.jsonl")
 
 
+@pytest.mark.slow
 def test_two_configs_started_at_once_into_one_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     processes = [start_cli("stas.run", PROMPTS, *RUN, f"model.steps={steps}", f"hydra.run.dir={run_dir}",
@@ -289,6 +293,7 @@ def assert_hydra_files_are_the_runs(run_dir, cwd):
     assert scored.returncode == 0, scored.stderr
 
 
+@pytest.mark.slow
 def test_a_refused_run_leaves_the_run_dirs_hydra_files(tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli("stas.run", PROMPTS, *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -298,6 +303,7 @@ def test_a_refused_run_leaves_the_run_dirs_hydra_files(tmp_path):
     assert_hydra_files_are_the_runs(run_dir, tmp_path)
 
 
+@pytest.mark.slow
 def test_the_same_run_started_at_once_makes_every_video_once(tmp_path):
     run_dir = tmp_path / "run"
     prompts = "prompts.prompts=[a cat,a dog,a bird,a fish,a horse]"

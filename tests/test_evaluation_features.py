@@ -67,6 +67,7 @@ def test_dino_matches_facebookresearch_dino_when_vbench_has_it(random_models):
             assert torch.allclose(dino(images), reference(images), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_consistency_equals_vbench_code_on_same_weights_and_videos(tmp_path, random_models, monkeypatch):
     cfg, run_dir = make_run(tmp_path, ["prompts.limit=1", "prompts.samples_per_prompt=2", "eval.evaluators=[dino,clip]",
                                        "eval.dino.random_weights=true", "eval.clip.random_weights=true"],
@@ -103,6 +104,7 @@ def test_consistency_equals_vbench_code_on_same_weights_and_videos(tmp_path, ran
     assert summary.aggregate["metrics"]["clip/consistency"]["pooled"] == pytest.approx(value, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_weights_from_a_checkpoint_file(tmp_path, random_models):
     cfg, models = random_models
     for name in ("dino", "clip"):

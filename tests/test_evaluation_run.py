@@ -49,6 +49,7 @@ def default_run(tmp_path_factory):
     return run_dir, done.stdout
 
 
+@pytest.mark.slow
 def test_stas_run_evaluates_with_what_runs_offline_and_says_what_was_skipped(default_run):
     run_dir, out = default_run
     assert "scored now: pixel 2, vbench/temporal_flickering 2" in out
@@ -85,6 +86,7 @@ def test_stas_run_evaluates_with_what_runs_offline_and_says_what_was_skipped(def
     assert b"eval/vbench/temporal_flickering" in next(wandb_dir.glob("run-*.wandb")).read_bytes()
 
 
+@pytest.mark.slow
 def test_evaluate_cli_is_idempotent_and_caches_per_video(default_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(default_run[0], run_dir)
@@ -111,6 +113,7 @@ def test_evaluate_cli_is_idempotent_and_caches_per_video(default_run, tmp_path):
                                                                                                   abs=1e-12)
 
 
+@pytest.mark.slow
 def test_bad_videos_and_missing_or_broken_vbench_weights_fail_alone(tmp_path):
     cache = tmp_path / "vbench-cache"
     (cache / "amt_model").mkdir(parents=True)
@@ -149,6 +152,7 @@ def test_bad_videos_and_missing_or_broken_vbench_weights_fail_alone(tmp_path):
     assert rows[(corrupt[0].name, "pixel", "consistency")]["value"] is not None
 
 
+@pytest.mark.slow
 def test_vbench_standard_mode_scores_the_suites_names(tmp_path):
     cfg, run_dir = make_run(tmp_path, ["prompts=vbench", "prompts.vbench_dimensions=[temporal_flickering]",
                                        "prompts.limit=1", "prompts.samples_per_prompt=2", *FLICKERING,

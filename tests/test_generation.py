@@ -23,6 +23,7 @@ def rows_of(run_dir, name="generation.jsonl"):
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_three_families_generate_through_the_cli_in_one_multirun(cli, tmp_path):
     result = cli("stas.run", "-m", "model=tiny_wan21,tiny_wan22,tiny_cogvideox", ONE_PROMPT, "logger=none", "eval=none",
                  "model.steps=4", "progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
@@ -56,6 +57,7 @@ def gen(run_dir, *overrides, prompts=None):
 PROMPTS = "prompts.prompts=[a cat,a dog]"
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_frames(tmp_path):
     gen(tmp_path / "a", PROMPTS)
     gen(tmp_path / "b", PROMPTS)
@@ -133,6 +135,7 @@ def test_missing_prompt_file_is_refused(tmp_path):
     assert not (tmp_path / "run" / "run_identity.yaml").exists()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_directory_is_written(tmp_path):
     cfg = compose(["logger=wandb", "progress=false", "model.steps=2", ONE_PROMPT, "name=wandb_check", "eval=none"])
     run(cfg, tmp_path)
@@ -158,6 +161,7 @@ def test_real_model_not_cached_gives_one_clear_message(tmp_path, monkeypatch):
     assert "hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in message
 
 
+@pytest.mark.slow
 def test_default_run_needs_no_arguments(cli, tmp_path):
     """The README's first command: the embedded default, CPU, no network."""
     result = cli("stas.run", f"hydra.run.dir={tmp_path / 'run'}", "progress=false", cwd=tmp_path,

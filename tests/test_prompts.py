@@ -78,6 +78,7 @@ def test_a_custom_vbench_file_filters_by_dimension(tmp_path):
         vbench_prompts(tmp_path / "nope.json")
 
 
+@pytest.mark.slow
 def test_bad_prompt_files_fail_in_the_cli_before_anything_is_written(cli, tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes(b"a cat\n\xff a dog\n")

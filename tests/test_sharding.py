@@ -33,6 +33,7 @@ def unsharded(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_three_shards_in_one_directory_equal_the_unsharded_run(unsharded, tmp_path):
     for index in range(3):
         summary = gen(tmp_path, PROMPTS, "model.steps=2", f"shard.index={index}", "shard.count=3")
@@ -44,6 +45,7 @@ def test_three_shards_in_one_directory_equal_the_unsharded_run(unsharded, tmp_pa
     assert comparable(tmp_path) == comparable(unsharded)
 
 
+@pytest.mark.slow
 def test_shards_in_separate_directories_merge_into_the_target(unsharded, tmp_path):
     dirs = [tmp_path / f"shard{i}" for i in range(3)]
     for index, run_dir in enumerate(dirs):
@@ -53,6 +55,7 @@ def test_shards_in_separate_directories_merge_into_the_target(unsharded, tmp_pat
     assert comparable(dirs[0]) == comparable(unsharded)
 
 
+@pytest.mark.slow
 def test_incomplete_merge_names_what_is_missing(tmp_path):
     for index in (0, 2):
         gen(tmp_path, PROMPTS, "model.steps=2", f"shard.index={index}", "shard.count=3")
@@ -66,6 +69,7 @@ def test_incomplete_merge_names_what_is_missing(tmp_path):
     assert merge(tmp_path).complete
 
 
+@pytest.mark.slow
 def test_merging_different_configs_is_refused_naming_the_keys(tmp_path):
     gen(tmp_path / "a", PROMPTS, "model.steps=2")
     gen(tmp_path / "b", PROMPTS, "model.steps=3", "steer.alpha=2.0")
@@ -75,6 +79,7 @@ def test_merging_different_configs_is_refused_naming_the_keys(tmp_path):
     assert result.returncode == 2 and "is not a stas run directory" in result.stderr
 
 
+@pytest.mark.slow
 def test_kill_and_resume_leaves_no_duplicate_or_corrupt_file(unsharded, tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "stas.run", PROMPTS, "model.steps=2", "logger=none", "progress=false", "eval=none",

@@ -27,6 +27,7 @@ def fake_sbatch(tmp_path):
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_LOG": str(log)}, log
 
 
+@pytest.mark.slow
 def test_submit_chains_generate_evaluate_merge_and_tables(fake_sbatch, tmp_path):
     env, log = fake_sbatch
     sweep = tmp_path / "sweep"
@@ -59,6 +60,7 @@ def test_submit_chains_generate_evaluate_merge_and_tables(fake_sbatch, tmp_path)
     assert json.loads((sweep / "slurm_submission.json").read_text())["jobs"]["tables"] == "1019"
 
 
+@pytest.mark.slow
 def test_dry_run_prints_and_submits_nothing(fake_sbatch, tmp_path):
     env, log = fake_sbatch
     result = run_cli("stas.slurm", "--dry-run", "--shards", 2, "experiment=tiny_ablation_alpha",
@@ -70,6 +72,7 @@ def test_dry_run_prints_and_submits_nothing(fake_sbatch, tmp_path):
     assert not log.exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_bad_submissions_are_clear(fake_sbatch, tmp_path):
     env, _ = fake_sbatch
     for args, message in [(["--shards", 0, "model=tiny_wan21"], "--shards=0 must be >= 1"),
@@ -85,6 +88,7 @@ def test_sbatch_scripts_are_valid_bash():
         subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("stas.run", "-m", "hydra/launcher=local", "steer=none,stas", "prompts.prompts=[a cat]",
@@ -97,6 +101,7 @@ def test_submitit_local_launcher_runs_a_multirun(tmp_path):
     assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task_id,shown", [("abc", "'abc'"), ("1.5", "1.5")])
 def test_generate_script_refuses_a_non_integer_array_task_id(tmp_path, task_id, shown):
     """The sbatch scripts pass shard.index=$SLURM_ARRAY_TASK_ID explicitly: a value that is no integer is one line

@@ -31,6 +31,7 @@ def grid(tmp_path_factory):
     return root / "sweep"
 
 
+@pytest.mark.slow
 def test_grid_aggregates_into_tables_with_confidence_intervals(grid, tmp_path, capsys):
     assert tables_main()([str(grid), "--out", str(tmp_path), "--resamples", "300", "--wandb", "none"]) == 0
     paper = pd.read_csv(tmp_path / "results.csv")
@@ -52,6 +53,7 @@ def test_grid_aggregates_into_tables_with_confidence_intervals(grid, tmp_path, c
     assert "tables written to" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_markdown_and_latex_are_well_formed(grid, tmp_path):
     tables_main()([str(grid), "--out", str(tmp_path), "--resamples", "50", "--wandb", "none"])
     for name in ("paper_table", "metrics_table", "deltas"):
@@ -85,6 +87,7 @@ def test_paired_bootstrap_is_paired_and_covers_the_truth():
     assert high - low < 0.002
 
 
+@pytest.mark.slow
 def test_empty_and_incomplete_sweeps_say_what_is_missing(grid, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert tables_main()([str(tmp_path / "empty"), "--out", str(tmp_path / "t"), "--wandb", "none"]) == 2

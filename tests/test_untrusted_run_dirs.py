@@ -73,6 +73,7 @@ def set_dog_path(source, path):
                                                             for r in rows])
 
 
+@pytest.mark.slow
 def test_merge_refuses_a_row_path_that_leaves_through_a_symlink(shards, tmp_path):
     """The exploit of issue 11: '..' after a symlink in the source reads the attacker's file there, and on the
     target side climbs out of the target, e.g. into a site-packages folder (a .pth file runs at every start)."""
@@ -248,6 +249,7 @@ def test_evaluate_refuses_tampered_run_dirs_before_writing(run_copy, tmp_path, c
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_evaluate_checks_metric_rows_before_wandb_writes_anything(run_copy, tmp_path):
     """With the default logger (W&B offline) too: the rows are checked before the logger opens its run."""
     (run_copy / "metrics.jsonl").write_text('[1, 2]\n')
@@ -288,6 +290,7 @@ def read_only(tmp_path):
     subprocess.run(["chmod", "-R", "u+w", str(tmp_path)], check=True)
 
 
+@pytest.mark.slow
 def test_rerun_evaluation_and_merge_in_a_read_only_run_dir_are_one_line_errors(base_run, tmp_path, read_only):
     run = read_only(base_run)
     rerun = run_cli("stas.run", *RUN_ARGS, f"hydra.run.dir={run}", cwd=tmp_path)
