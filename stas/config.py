@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from stas.errors import UserError
+from stas.errors import ConfigError  # defined in stas.errors, importable from here too
 
 from stas.backbones import CONF_DIR, DTYPES, FAMILIES, Backbone, backbone_from_config, runs_cfg
 from stas.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
@@ -32,10 +32,6 @@ WINDOW_UNITS = ("fraction", "steps")
 OFFLOAD_MODES = ("none", "model", "sequential")
 EVALUATORS = ("pixel", "dino", "clip", "vbench")
 VBENCH_MODES = ("custom_input", "vbench_standard")
-
-
-class ConfigError(UserError, ValueError):
-    """A config value that is not allowed; the message names the field, the value and what is allowed."""
 
 
 # ------------------------------------------------------------------------------------------------------- schemas

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stas.config import ConfigError
+from stas.errors import ConfigError
 
 # File names stay below 255 bytes with room for "-NNN.mp4" and the temporary suffix.
 MAX_STEM_BYTES = 230

@@ -18,8 +18,7 @@ from typing import Callable, Iterable, Iterator
 import yaml
 from omegaconf import OmegaConf
 
-from stas.config import ConfigError
-from stas.errors import UserError
+from stas.errors import ConfigError, UserError
 
 IDENTITY_FILE = "run_identity.yaml"
 MANIFEST_FILE = "items.jsonl"
