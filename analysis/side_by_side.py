@@ -14,7 +14,7 @@ from pathlib import Path
 
 from stas.errors import UserError
 from stas.generation import PARTIAL_DIR, generation_rows
-from stas.rundir import GENERATION_FIELDS, check_writable, checked_records, video_path
+from stas.rundir import check_writable, video_path
 from stas.tables import find_runs, run_label, varying_keys
 from stas.video import read_mp4, side_by_side, write_mp4
 
@@ -57,7 +57,6 @@ def compare(run_dirs: list[Path], out: Path, keys: list[str] | None, limit: int)
 def videos_by_prompt_and_seed(run_dir: Path) -> dict[tuple[str, int], dict]:
     """The run's generated videos keyed by what makes them comparable across runs: prompt text and seed (prompt
     indices differ between runs of different prompt lists)."""
-    checked_records(run_dir, "generation", GENERATION_FIELDS)
     return {(row["prompt"], row["seed"]): row for row in generation_rows(run_dir).values()}
 
 

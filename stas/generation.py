@@ -33,8 +33,10 @@ def generation_rows(run_dir: Path, keys: set[str] | None = None, whole_only: boo
     rows = {}
     for path in record_files(run_dir, "generation"):
         for row in checked_rows(path, GENERATION_FIELDS):
+            if keys is not None and row["key"] not in keys:
+                continue  # generation asks for one video before making it: only its row's path is resolved
             video = video_path(run_dir, row["path"], f"{path}, row with key {row['key']!r}")
-            if (keys is None or row["key"] in keys) and (not whole_only or is_whole(video, row)):
+            if not whole_only or is_whole(video, row):
                 rows[row["key"]] = row
     return rows
 
