@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from stas.errors import UserError
-from stas.ma_compare import compare
+from stas.ma.compare import compare
 
 
 def main(argv=None) -> int:

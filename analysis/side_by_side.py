@@ -15,7 +15,7 @@ from pathlib import Path
 from stas.errors import UserError
 from stas.generation import PARTIAL_DIR, generation_rows
 from stas.rundir import check_writable, video_path
-from stas.tables import find_runs, run_label, varying_keys
+from stas.results import find_runs, run_label, varying_keys
 from stas.video import read_mp4, side_by_side, write_mp4
 
 

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from stas.errors import UserError
 from stas.rundir import atomic_write_text, check_writable
-from stas.tables import delta_table, find_runs, metrics_table, missing_work, paper_table, to_latex, to_markdown
-from stas.tracking import RunLogger
+from stas.results import delta_table, find_runs, metrics_table, missing_work, paper_table, to_latex, to_markdown
+from stas.loggers import RunLogger
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
+from stas.backbones import FAMILIES, backbone_from_config
 from timing import at_least, sizes
 
 
@@ -35,7 +36,7 @@ class BenchModel:
 
     @property
     def text_dim(self) -> int:
-        return self.transformer["text_dim" if self.family == "wan21" else "text_embed_dim"]
+        return FAMILIES[self.family].text_dim_of(self.transformer)
 
 
 def _wan(layers, heads, head_dim, ffn_dim, text_dim, **extra) -> dict:
@@ -77,8 +78,6 @@ PRESETS = {
 
 
 def backbone_of(spec: BenchModel, name: str):
-    from stas.backbones import backbone_from_config
-
     return backbone_from_config(SimpleNamespace(name=f"bench_{name}", family=spec.family,
                                                 num_layers=spec.transformer["num_layers"],
                                                 hidden_dim=spec.hidden_dim))
@@ -89,10 +88,10 @@ def build_transformer(spec: BenchModel, name: str, device: torch.device, dtype: 
     import diffusers
 
     from stas.config import PlantConfig
-    from stas.tiny import plant_massive_activations
+    from stas.backbones.tiny import plant_massive_activations
 
     backbone = backbone_of(spec, name)
-    cls = diffusers.WanTransformer3DModel if spec.family == "wan21" else diffusers.CogVideoXTransformer3DModel
+    cls = getattr(diffusers, backbone.transformer_class)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: the 5B config would take minutes on the host
         transformer = cls(**spec.transformer)
@@ -121,7 +120,7 @@ class Inputs:
     uncond: torch.Tensor
     sigmas: list[float]
     timesteps: list[torch.Tensor]  # per step, on the device (made before timing: no host-to-device copy inside)
-    rotary: tuple | None = None
+    extra: dict  # the family's per-video transformer inputs (CogVideoX: its RoPE tables)
 
 
 def make_inputs(spec: BenchModel, backbone, transformer, device, dtype, steps: int, seed: int) -> Inputs:
@@ -139,14 +138,8 @@ def make_inputs(spec: BenchModel, backbone, transformer, device, dtype, steps: i
                     for _ in range(2))
     sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
     timesteps = [torch.full((1,), 1000.0 * sigma, device=device) for sigma in sigmas[:-1]]
-    rotary = None
-    if spec.family == "cogvideox":
-        from diffusers import CogVideoXPipeline
-
-        # The pipeline's own RoPE tables, from the parts of the pipeline it reads.
-        owner = SimpleNamespace(vae_scale_factor_spatial=backbone.spatial_compression, transformer=transformer)
-        rotary = CogVideoXPipeline._prepare_rotary_positional_embeddings(owner, height, width, latent_frames, device)
-    return Inputs(latents, cond, uncond, sigmas, timesteps, rotary)
+    extra = backbone.transformer_inputs(transformer, height, width, latent_frames, device)
+    return Inputs(latents, cond, uncond, sigmas, timesteps, extra)
 
 
 class Denoiser:
@@ -188,9 +181,8 @@ class Denoiser:
         return latents + (sigma_next - sigma) * noise
 
     def _call(self, hidden_states, timestep, text) -> torch.Tensor:
-        extra = {} if self.inputs.rotary is None else {"image_rotary_emb": self.inputs.rotary}
         output = self.transformer(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=text,
-                                  return_dict=False, **extra)[0]
+                                  return_dict=False, **self.inputs.extra)[0]
         return output.float()
 
 
@@ -218,10 +210,8 @@ def select_model(args, script: str) -> tuple[str, BenchModel, torch.device]:
     if args.layers is not None:
         spec = replace(spec, transformer={**spec.transformer, "num_layers": args.layers})
     if args.video is not None:
-        spec = replace(spec, video=args.video)
-        if spec.family == "cogvideox":
-            spec = replace(spec, transformer={**spec.transformer, "sample_frames": args.video[0],
-                                              "sample_height": args.video[1] // 8, "sample_width": args.video[2] // 8})
+        spec = replace(spec, video=args.video,
+                       transformer=FAMILIES[spec.family].transformer_config_for_video(spec.transformer, *args.video))
     if args.dtype is not None:
         spec = replace(spec, dtype=args.dtype)
     return name, spec, device

@@ -5,10 +5,10 @@
     python benchmarks/capture_overhead.py --device cuda --model wan21_1.3b    # full Wan2.1-1.3B config, bf16
 
 What runs: the transformers and denoising loop of steering_overhead.py (bench_models.py). The capture is the real
-stas.capture.MACapture with stas.analyze's defaults (every block and step, both CFG branches, per-token magnitudes
-of the middle block at its default profile steps), attached and begun as stas.ma_analysis does, and read back
+stas.ma.capture.MACapture with stas.analyze's defaults (every block and step, both CFG branches, per-token magnitudes
+of the middle block at its default profile steps), attached and begun as stas.ma.analysis does, and read back
 once after the run (the readback is part of the cost). Also reported: the capture buffers' bytes against the
-documented bound (stas.capture.capture_bytes) and, on CUDA, the extra peak memory of a captured run.
+documented bound (stas.ma.capture.capture_bytes) and, on CUDA, the extra peak memory of a captured run.
 
 The last line printed is `overhead_ratio=<median captured / median vanilla, whole run>` (target <= 1.05).
 """
@@ -60,8 +60,9 @@ def default_capture(backbone, steps: int):
     """stas.analyze's capture with the AnalysisConfig and SteerConfig defaults, for a run of `steps` steps."""
     from omegaconf import OmegaConf
 
-    from stas.capture import MACapture
-    from stas.config import AnalysisConfig, SteerConfig, analysis_selection
+    from stas.ma.capture import MACapture
+    from stas.config import AnalysisConfig, SteerConfig
+    from stas.core.selection import analysis_selection
 
     analysis, steer = OmegaConf.structured(AnalysisConfig), OmegaConf.structured(SteerConfig)
     selection = analysis_selection(analysis, backbone.num_layers, steps)
@@ -85,8 +86,8 @@ def measure(args) -> dict:
     rounds = args.rounds or (3 if args.quick else 7)
 
     from stas.backbones import DTYPES
-    from stas.capture import capture_bytes
-    from stas.layout import TokenLayout
+    from stas.ma.capture import capture_bytes
+    from stas.core.layout import TokenLayout
 
     dtype = DTYPES[spec.dtype]
     transformer, backbone = build_transformer(spec, name, device, dtype, args.seed)

@@ -56,7 +56,7 @@ def measure(args) -> dict:
     from stas.backbones import load_pipeline
     from stas.cli import compose_config
     from stas.config import ConfigError, validate
-    from stas.generation import pipeline_kwargs, run_items
+    from stas.generation import run_items
 
     video_rounds = args.video_rounds or (3 if args.quick else 9)
     generation_rounds = args.generation_rounds or (2 if args.quick else 5)
@@ -73,7 +73,7 @@ def measure(args) -> dict:
     items = run_items(cfg)
     pipe = load_pipeline(cfg.model, backbone)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = pipeline_kwargs(cfg.model, backbone)
+    kwargs = backbone.pipeline_kwargs(cfg.model)
 
     frames = {}
     per_video = interleave(per_video_cases(pipe, items[0], kwargs, backbone, cfg, frames), repeats=video_rounds)
@@ -102,7 +102,7 @@ def measure(args) -> dict:
 def per_video_cases(pipe, item, kwargs, backbone, cfg, frames: dict) -> dict:
     """One video: stas.generation.sample vs the pipeline call it wraps, written as a diffusers user writes it."""
     from stas.generation import sample
-    from stas.layout import TokenLayout
+    from stas.core.layout import TokenLayout
     from stas.video import to_uint8
 
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
@@ -119,9 +119,8 @@ def per_video_cases(pipe, item, kwargs, backbone, cfg, frames: dict) -> dict:
 
 def generation_cases(cfg, backbone, items, scratch: Path) -> dict:
     """Every video of the run: stas.run's task vs the same work done directly (pipeline build and mp4s on both)."""
-    from stas.generation import pipeline_kwargs
     from stas.run import run
-    from stas.tiny import build_tiny_pipeline
+    from stas.backbones.tiny import build_tiny_pipeline
     from stas.video import to_uint8, write_mp4
 
     runs = iter(range(10**9))
@@ -136,7 +135,7 @@ def generation_cases(cfg, backbone, items, scratch: Path) -> dict:
         out.mkdir()
         pipe = build_tiny_pipeline(cfg.model, backbone).to("cpu")
         pipe.set_progress_bar_config(disable=True)
-        kwargs = pipeline_kwargs(cfg.model, backbone)
+        kwargs = backbone.pipeline_kwargs(cfg.model)
         for item in items:
             generator = torch.Generator(device="cpu").manual_seed(item.seed)
             video = to_uint8(pipe(prompt=item.prompt, generator=generator, **kwargs).frames[0])

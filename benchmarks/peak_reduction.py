@@ -1,6 +1,6 @@
 """Channel peaks (largest |h| over the tokens, per channel): which reduction kernel is fastest on this device.
 
-stas.massive.channel_peaks, the one full read of the hidden states in the steering hook with auto-detected MA
+stas.core.massive.channel_peaks, the one full read of the hidden states in the steering hook with auto-detected MA
 channels, picks its kernel per device: on CUDA one fused reduction (infinity norm) that reads the tensor once, on
 CPU amax and amin (two passes). This script times those and the other exact candidates on a block output's shape.
 
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
 
 def measure(args) -> dict:
     from stas.backbones import DTYPES
-    from stas.massive import channel_peaks
+    from stas.core.massive import channel_peaks
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -60,7 +60,7 @@ def measure(args) -> dict:
     expected = channel_peaks(hidden, dim=1)
     for name, kernel in KERNELS.items():
         if not torch.equal(kernel(hidden), expected):
-            raise AssertionError(f"{name} disagrees with stas.massive.channel_peaks")
+            raise AssertionError(f"{name} disagrees with stas.core.massive.channel_peaks")
 
     def repeated(kernel):
         return lambda: [kernel(hidden) for _ in range(args.calls)]

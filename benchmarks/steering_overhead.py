@@ -6,7 +6,7 @@
     python benchmarks/steering_overhead.py --device cuda --model cogvideox5b   # full CogVideoX-5B config, bf16
 
 What runs: a random-init diffusers transformer of the chosen config with planted massive activations
-(stas.tiny.plant_massive_activations, so that auto-detection finds real channels), driven by the denoising loop of
+(stas.backbones.tiny.plant_massive_activations, so that auto-detection finds real channels), driven by the denoising loop of
 the pipelines without text encoder and VAE: CFG as the pipeline calls it (Wan: a cond call, then an uncond call per
 step; CogVideoX: one call on the batch [uncond, cond]), then a flow-matching Euler update. STAS is the real
 StasSteerer with the SteerConfig defaults (window [0, 0.4) of the steps, first_frame+boundary tokens, auto MA
@@ -66,7 +66,7 @@ def default_steerer(backbone):
     from omegaconf import OmegaConf
 
     from stas.config import SteerConfig
-    from stas.hooks import StasSteerer
+    from stas.methods import StasSteerer
 
     return StasSteerer(backbone, OmegaConf.structured(SteerConfig))
 
@@ -133,8 +133,8 @@ def measure(args) -> dict:
     name, spec, plan, device = resolve(args)
 
     from stas.backbones import DTYPES
-    from stas.config import window_steps
-    from stas.layout import TokenLayout
+    from stas.core.selection import window_steps
+    from stas.core.layout import TokenLayout
 
     dtype = DTYPES[spec.dtype]
     transformer, backbone = build_transformer(spec, name, device, dtype, args.seed)
@@ -194,7 +194,7 @@ def hook_and_block_cases(bench: Bench) -> dict:
     of an in-window step; the block's own forward hooks (planting, steering) are bypassed. Their ratio is the
     hook's share of the block's time, free of the noise of whole steps.
     """
-    from stas.hooks import LayerSteering
+    from stas.methods.stas import LayerSteering
 
     transformer, backbone, steerer = bench.denoiser.transformer, bench.denoiser.backbone, bench.steerer
     index = backbone.num_layers - 1

@@ -16,10 +16,10 @@ from pathlib import Path
 from stas.cli import hydra_entry
 from stas.config import validate
 from stas.generation import run_items
-from stas.ma_analysis import analyze as analyze_run
-from stas.ma_compare import compare
+from stas.ma.analysis import analyze as analyze_run
+from stas.ma.compare import compare
 from stas.rundir import check_writable
-from stas.tracking import RunLogger
+from stas.loggers import RunLogger
 
 
 def analyze(cfg, run_dir: Path) -> None:

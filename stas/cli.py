@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stas.backbones import CONF_DIR
 from stas.config import ConfigError, check_override, config_groups, register_configs
 from stas.errors import UserError
+from stas.paths import CONF_DIR
 from stas.rundir import check_writable
 
 # Registered on import too: a submitit job process unpickles the task function (importing this module) and then

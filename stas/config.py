@@ -18,17 +18,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from stas.errors import ConfigError  # defined in stas.errors, importable from here too
+from stas.errors import ConfigError, check_allowed, check_at_least  # ConfigError importable from here too
+from stas.paths import CONF_DIR, EXPERIMENTS_DIR, REPO_DIR
 
-from stas.backbones import CONF_DIR, DTYPES, FAMILIES, Backbone, backbone_from_config, runs_cfg
-from stas.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
-from stas.massive import CALIBRATION_KINDS, load_calibration
-from stas.steering import RULES_WITH_ALPHA, check_rule
+from stas.backbones import DTYPES, FAMILIES, Backbone, backbone_from_config
+from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
+from stas.core.massive import CALIBRATION_KINDS
+from stas.core.rules import RULES_WITH_ALPHA, check_rule
+from stas.core.selection import AnalysisSelection, analysis_selection, shard_of, steered_layers, window_steps
+from stas.methods.stas import steering_calibration
 
-EXPERIMENTS_DIR = CONF_DIR.parent / "experiments"
 BRANCHES = ("cond", "uncond", "both")
 DIMS_MODES = ("auto", "all", "calibrated", "calibrated_weak", "calibrated_non_ma")
-WINDOW_UNITS = ("fraction", "steps")
 OFFLOAD_MODES = ("none", "model", "sequential")
 EVALUATORS = ("pixel", "dino", "clip", "vbench")
 VBENCH_MODES = ("custom_input", "vbench_standard")
@@ -232,7 +233,7 @@ def path_safe(text: str) -> str:
 
 def repo_path(relative: str) -> str:
     """`${repo:experiments/x.yaml}`: a file shipped with stas, wherever the command runs from."""
-    return str(CONF_DIR.parent / relative)
+    return str(REPO_DIR / relative)
 
 
 def register_configs() -> None:
@@ -338,26 +339,16 @@ def _check_numbers(settings: DictConfig, unused: tuple[str, ...]) -> None:
     walk(OmegaConf.to_container(used, resolve=True), "")
 
 
-def _allowed(path: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{path}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
-
-
-def _at_least(path: str, value, minimum, what: str = "") -> None:
-    if value is None or value < minimum:
-        raise ConfigError(f"{path}={value!r} must be >= {minimum}{what}")
-
-
 def validate_model(model) -> Backbone:
-    _allowed("model.family", model.family, FAMILIES)
+    check_allowed("model.family", model.family, FAMILIES)
     if model.hub_id is None and model.tiny is None:
         raise ConfigError(f"model {model.name!r} needs model.hub_id (a real checkpoint) or model.tiny (a tiny twin)")
-    _allowed("model.dtype", model.dtype, DTYPES)
+    check_allowed("model.dtype", model.dtype, DTYPES)
     if model.vae_dtype is not None:
-        _allowed("model.vae_dtype", model.vae_dtype, DTYPES)
-    _allowed("model.cpu_offload", model.cpu_offload, OFFLOAD_MODES)
+        check_allowed("model.vae_dtype", model.vae_dtype, DTYPES)
+    check_allowed("model.cpu_offload", model.cpu_offload, OFFLOAD_MODES)
     _check_device("model.device", model.device)
-    _at_least("model.num_layers", model.num_layers, 1)
+    check_at_least("model.num_layers", model.num_layers, 1)
     backbone = backbone_from_config(model)
     problems = backbone.video_problems(model.height, model.width, model.num_frames)
     if problems:
@@ -385,52 +376,6 @@ def validate_model(model) -> Backbone:
     return backbone
 
 
-def select_indices(value, count: int, path: str, what: str = "block") -> list[int]:
-    """The indices 0..count-1 that a selection names: 'all', a list of indices, or a 'start:end' range."""
-    if value == "all" or value is None:
-        return list(range(count))
-    if isinstance(value, str):
-        try:
-            start, end = (int(x) if x else None for x in value.split(":"))
-        except ValueError:
-            raise ConfigError(f"{path}={value!r} is not allowed; allowed: all, a list of indices, 'start:end'")
-        indices = list(range(count))[slice(start, end)]
-        if not indices:
-            raise ConfigError(f"{path}={value!r} selects no {what} of {count}")
-        return indices
-    if isinstance(value, int):
-        value = [value]
-    indices = [int(x) for x in value]
-    if not indices:
-        raise ConfigError(f"{path}=[] selects nothing; give at least one {what} index (0..{count - 1}) or 'all'")
-    for index in indices:
-        if not 0 <= index < count:
-            raise ConfigError(f"{path} contains {index}; the model has {what}s 0..{count - 1}")
-    return sorted(set(indices))
-
-
-def steered_layers(layers, num_layers: int) -> list[int]:
-    """The block indices a `steer.layers` value names: 'all', a list of indices, or a 'start:end' range."""
-    return select_indices(layers, num_layers, "steer.layers")
-
-
-def window_steps(window, num_steps: int) -> range:
-    """The denoising step indices [start, end) of a steering window; fractions are rounded to steps."""
-    _allowed("steer.window.unit", window.unit, WINDOW_UNITS)
-    start, end = window.start, window.end
-    if not start < end:
-        raise ConfigError(f"steer.window start={start!r} must be < end={end!r}")
-    if window.unit == "fraction":
-        if not (0 <= start and end <= 1):
-            raise ConfigError(f"steer.window=[{start}, {end}) must lie within [0, 1] as fractions of the steps")
-        return range(round(start * num_steps), round(end * num_steps))
-    if start != int(start) or end != int(end) or start < 0 or end > num_steps:
-        raise ConfigError(
-            f"steer.window=[{start}, {end}) must be whole step indices within [0, {num_steps}] (model.steps={num_steps})"
-        )
-    return range(int(start), int(end))
-
-
 def validate_steer(steer, model, backbone: Backbone) -> None:
     if not steer.enabled:
         return
@@ -447,9 +392,9 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
         parse_targets(steer.targets)
     except LayoutError as err:
         raise ConfigError(f"steer.targets={steer.targets!r}: {err}") from None
-    _allowed("steer.boundary_unit", steer.boundary_unit, BOUNDARY_UNITS)
-    _allowed("steer.branches", steer.branches, BRANCHES)
-    if steer.branches == "uncond" and not runs_cfg(model.guidance_scale):
+    check_allowed("steer.boundary_unit", steer.boundary_unit, BOUNDARY_UNITS)
+    check_allowed("steer.branches", steer.branches, BRANCHES)
+    if steer.branches == "uncond" and not backbone.uses_cfg(model.guidance_scale):
         raise ConfigError(f"steer.branches=uncond, but model.guidance_scale={model.guidance_scale!r} runs no "
                           "classifier-free guidance, so there is no uncond branch: STAS would steer nothing")
     layout = TokenLayout(*backbone.latent_grid(model.height, model.width, model.num_frames))
@@ -465,10 +410,10 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
         window = steer.window
         raise ConfigError(f"steer.window=[{window.start}, {window.end}) ({window.unit}) of model.steps={model.steps} "
                           "contains no step: STAS would steer nothing; widen the window or raise model.steps")
-    _at_least("steer.max_dims", steer.max_dims, 1)
+    check_at_least("steer.max_dims", steer.max_dims, 1)
     dims = steer.dims
     if isinstance(dims, str):
-        _allowed("steer.dims", dims, DIMS_MODES)
+        check_allowed("steer.dims", dims, DIMS_MODES)
         calibration = steering_calibration(steer, model)
         if calibration is not None and not any(calibration.get(layer) for layer in layers):
             raise ConfigError(f"steer.calibration={steer.calibration!r}: lists no {CALIBRATION_KINDS[dims]} channel "
@@ -481,81 +426,32 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
             )
 
 
-def steering_calibration(steer, model) -> dict[int, list[int]] | None:
-    """The per-layer channels a calibrated `steer.dims` steers, read from steer.calibration and checked against the
-    model (blocks, channel range, types); None for the other dims."""
-    dims = steer.dims
-    if not (isinstance(dims, str) and dims.startswith("calibrated")):
-        return None
-    if not steer.calibration:
-        raise ConfigError(f"steer.dims={dims} needs steer.calibration=<path to ma_dims.yaml> (written by stas.analyze)")
-    if not Path(steer.calibration).is_file():
-        raise ConfigError(f"steer.calibration={steer.calibration!r}: no such file (run stas.analyze first)")
-    try:
-        return load_calibration(steer.calibration, dims, model)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"steer.calibration={steer.calibration!r}: {err}") from None
-
-
-@dataclass(frozen=True)
-class AnalysisSelection:
-    """The blocks and steps stas.analyze captures, and the (block, step) pairs whose per-token magnitudes it keeps."""
-
-    layers: tuple[int, ...]
-    steps: tuple[int, ...]
-    profile: tuple[tuple[int, int], ...]
-
-
-def analysis_selection(analysis, num_layers: int, num_steps: int) -> AnalysisSelection:
-    """Resolve and check the `analysis` selections against a model of `num_layers` blocks and `num_steps` steps."""
-    layers = select_indices(analysis.layers, num_layers, "analysis.layers")
-    steps = select_indices(analysis.steps, num_steps, "analysis.steps", what="step")
-    if analysis.profile_layers is None:
-        profile_layers = [layers[len(layers) // 2]]
-    else:
-        profile_layers = select_indices(analysis.profile_layers, num_layers, "analysis.profile_layers")
-    if analysis.profile_steps is None:
-        early = min(steps, key=lambda step: abs(step - round(0.1 * num_steps)))
-        profile_steps = sorted({steps[0], early})
-    else:
-        profile_steps = select_indices(analysis.profile_steps, num_steps, "analysis.profile_steps", what="step")
-    for path, chosen, captured in (("analysis.profile_layers", profile_layers, layers),
-                                   ("analysis.profile_steps", profile_steps, steps)):
-        outside = sorted(set(chosen) - set(captured))
-        if outside:
-            kind = path.split("_")[1]
-            raise ConfigError(f"{path} contains {outside}, which analysis.{kind} does not capture "
-                              f"(captured: {captured}); capture them or choose among them")
-    return AnalysisSelection(tuple(layers), tuple(steps),
-                             tuple((layer, step) for layer in profile_layers for step in profile_steps))
-
-
 def validate_analysis(analysis, model) -> AnalysisSelection:
     selection = analysis_selection(analysis, model.num_layers, model.steps)
     if not analysis.ratio > 0:
         raise ConfigError(f"analysis.ratio={analysis.ratio!r} must be > 0")
-    _at_least("analysis.max_dims", analysis.max_dims, 1)
+    check_at_least("analysis.max_dims", analysis.max_dims, 1)
     if not 0 < analysis.min_frequency <= 1:
         raise ConfigError(f"analysis.min_frequency={analysis.min_frequency!r} must lie in (0, 1]")
-    _at_least("analysis.weak", analysis.weak, 0)
-    _at_least("analysis.non_ma", analysis.non_ma, 0)
+    check_at_least("analysis.weak", analysis.weak, 0)
+    check_at_least("analysis.non_ma", analysis.non_ma, 0)
     for plot in analysis.plots:
-        _allowed("analysis.plots entry", plot, ANALYSIS_PLOTS)
+        check_allowed("analysis.plots entry", plot, ANALYSIS_PLOTS)
     return selection
 
 
 def validate_prompts(prompts) -> None:
-    _allowed("prompts.source", prompts.source, ("demo", "list", "file", "vbench"))
+    check_allowed("prompts.source", prompts.source, ("demo", "list", "file", "vbench"))
     if prompts.source == "file" and not prompts.path:
         raise ConfigError("prompts=file needs prompts.path=<text file, one prompt a line>")
-    _at_least("prompts.samples_per_prompt", prompts.samples_per_prompt, 1)
+    check_at_least("prompts.samples_per_prompt", prompts.samples_per_prompt, 1)
     if prompts.limit is not None:
-        _at_least("prompts.limit", prompts.limit, 1)
+        check_at_least("prompts.limit", prompts.limit, 1)
 
 
 def validate_logger(logger) -> None:
-    _allowed("logger.backend", logger.backend, ("wandb", "none"))
-    _allowed("logger.mode", logger.mode, ("offline", "online", "disabled"))
+    check_allowed("logger.backend", logger.backend, ("wandb", "none"))
+    check_allowed("logger.mode", logger.mode, ("offline", "online", "disabled"))
 
 
 def _check_device(path: str, device: str) -> None:
@@ -568,7 +464,7 @@ def validate_eval(evaluation) -> None:
     from stas.evaluation.scores import DIMENSIONS, NEED_STANDARD_PROMPTS
 
     for name in evaluation.evaluators:
-        _allowed("eval.evaluators", name, EVALUATORS)
+        check_allowed("eval.evaluators", name, EVALUATORS)
     if len(set(evaluation.evaluators)) != len(evaluation.evaluators):
         raise ConfigError(f"eval.evaluators={list(evaluation.evaluators)} names an evaluator twice")
     _check_device("eval.device", evaluation.device)
@@ -579,7 +475,7 @@ def validate_eval(evaluation) -> None:
     if "vbench" not in evaluation.evaluators:
         return
     vbench = evaluation.vbench
-    _allowed("eval.vbench.mode", vbench.mode, VBENCH_MODES)
+    check_allowed("eval.vbench.mode", vbench.mode, VBENCH_MODES)
     if not vbench.dimensions:
         raise ConfigError(f"eval.vbench.dimensions is empty; name at least one of: {', '.join(DIMENSIONS)}")
     for dimension in vbench.dimensions:
@@ -594,18 +490,7 @@ def validate_eval(evaluation) -> None:
     if vbench.full_info and not Path(vbench.full_info).is_file():
         raise ConfigError(f"eval.vbench.full_info={vbench.full_info!r}: no such file")
     if vbench.timeout is not None:
-        _at_least("eval.vbench.timeout", vbench.timeout, 1)
-
-
-def shard_of(shard) -> tuple[int, int]:
-    """(index, count) of this process's shard: shard.index and shard.count (unset: 0 and 1), never the environment."""
-    index = 0 if shard.index is None else shard.index
-    count = 1 if shard.count is None else shard.count
-    if count < 1:
-        raise ConfigError(f"shard.count={count!r} must be >= 1")
-    if not 0 <= index < count:
-        raise ConfigError(f"shard.index={index!r} must lie in [0, shard.count={count})")
-    return index, count
+        check_at_least("eval.vbench.timeout", vbench.timeout, 1)
 
 
 def _no_unknown_keys(node, schema, path: str = "") -> None:

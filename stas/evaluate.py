@@ -20,7 +20,7 @@ from stas.config import ConfigError, validate
 from stas.errors import UserError
 from stas.evaluation.runner import prepare_evaluation
 from stas.rundir import check_writable, describe_differences, differing_keys, identity, load_identity, read_yaml
-from stas.tracking import RunLogger
+from stas.loggers import RunLogger
 
 TOOL = "stas.evaluate"
 RUN_OVERRIDES = Path(".hydra") / "overrides.yaml"

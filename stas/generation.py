@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from stas.backbones import Backbone, load_pipeline, runs_cfg
-from stas.config import shard_of, steering_calibration
-from stas.hooks import StasSteerer
-from stas.layout import TokenLayout
+from stas.backbones import Backbone, load_pipeline
+from stas.core.selection import shard_of
+from stas.methods import StasSteerer, steering_calibration
+from stas.core.layout import TokenLayout
 from stas.prompts import Item, load_prompts, make_items, shard_items
 from stas.rundir import (GENERATION_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_rows, file_lock,
                          record_files, remove_leftovers, shard_file, video_path, writing)
@@ -66,23 +66,6 @@ def make_steerer(cfg, backbone: Backbone) -> StasSteerer | None:
     return StasSteerer(backbone, cfg.steer, steering_calibration(cfg.steer, cfg.model))
 
 
-def pipeline_kwargs(model_cfg, backbone: Backbone) -> dict:
-    """The sampling arguments of every pipeline call of a run (prompt and generator come per video)."""
-    kwargs = dict(
-        negative_prompt=model_cfg.negative_prompt,
-        height=model_cfg.height,
-        width=model_cfg.width,
-        num_frames=model_cfg.num_frames,
-        num_inference_steps=model_cfg.steps,
-        guidance_scale=model_cfg.guidance_scale,
-        max_sequence_length=model_cfg.max_sequence_length,
-        output_type="np",
-    )
-    if backbone.family == "cogvideox":
-        kwargs["use_dynamic_cfg"] = model_cfg.use_dynamic_cfg
-    return kwargs
-
-
 def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout):
     """One video's frames, (T, H, W, 3) uint8; the CPU generator makes it reproducible on any device."""
     return to_uint8(run_pipeline(pipe, item, kwargs, steerer, layout).frames[0])
@@ -91,15 +74,11 @@ def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: 
 def run_pipeline(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout):
     """The pipeline's output for one item (stas.analyze asks for output_type='latent' and reads its hooks)."""
     if steerer is not None:
-        steerer.begin(layout, kwargs["num_inference_steps"], do_cfg=uses_cfg(kwargs))
+        steerer.begin(layout, kwargs["num_inference_steps"],
+                      do_cfg=steerer.backbone.uses_cfg(kwargs["guidance_scale"]))
     generator = torch.Generator(device="cpu").manual_seed(item.seed)
     with torch.inference_mode():
         return pipe(prompt=item.prompt, generator=generator, **kwargs)
-
-
-def uses_cfg(kwargs: dict) -> bool:
-    """Whether the pipelines run classifier-free guidance for these sampling arguments."""
-    return runs_cfg(kwargs["guidance_scale"])
 
 
 @dataclass
@@ -140,7 +119,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
         pipe = load_pipeline(cfg.model, backbone)
         steerer = make_steerer(cfg, backbone)
         layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-        kwargs = pipeline_kwargs(cfg.model, backbone)
+        kwargs = backbone.pipeline_kwargs(cfg.model)
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
         with steerer.attach(pipe.transformer) if steerer is not None else nullcontext():
             for item in tqdm(todo, desc=f"videos (shard {index + 1}/{count})", disable=not cfg.progress):

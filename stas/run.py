@@ -16,7 +16,7 @@ from stas.config import validate
 from stas.evaluation import evaluate_run
 from stas.generation import generate, run_items
 from stas.rundir import check_writable, claim_run_dir
-from stas.tracking import RunLogger
+from stas.loggers import RunLogger
 
 
 def run(cfg, run_dir: Path) -> None:

@@ -23,12 +23,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stas.backbones import CONF_DIR
 from stas.cli import compose_config, override_key
 from stas.config import ConfigError, path_safe, validate
 from stas.errors import UserError
+from stas.paths import REPO_DIR
 
-REPO_DIR = CONF_DIR.parent
 SCRIPTS_DIR = REPO_DIR / "slurm"
 STAGES = ("generate", "evaluate", "merge")
 

@@ -1,4 +1,4 @@
-"""MA analysis (stas.capture, stas.ma_stats, stas.ma_plots, stas.ma_compare, stas.analyze) on the real tiny pipelines
+"""MA analysis (stas.ma.capture, stas.ma.stats, stas.ma.plots, stas.ma.compare, stas.analyze) on the real tiny pipelines
 with planted massive activations: it must find exactly the planted channels, hierarchy and period."""
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ import torch
 import yaml
 
 from stas.backbones import get_backbone, load_pipeline
-from stas.capture import LayerCapture, MACapture, capture_bytes
-from stas.config import ConfigError, analysis_selection, validate
+from stas.ma.capture import LayerCapture, MACapture, capture_bytes
+from stas.config import ConfigError, validate
+from stas.core.selection import analysis_selection
 from stas.errors import UserError
 from stas.generation import generate
-from stas.layout import TokenLayout
-from stas.ma_analysis import DIMS_FILE, STATS_FILE, SUMMARY_FILE, analyze
-from stas.ma_compare import compare
-from stas.ma_stats import SUMMARY_KEYS, VARIANT_KEYS, classify_channels, sequence_period, summarise
-from stas.massive import load_calibration
-from stas.tiny import planted_profile
-from stas.tracking import RunLogger
+from stas.core.layout import TokenLayout
+from stas.ma.analysis import DIMS_FILE, STATS_FILE, SUMMARY_FILE, analyze
+from stas.ma.compare import compare
+from stas.ma.stats import SUMMARY_KEYS, VARIANT_KEYS, classify_channels, sequence_period, summarise
+from stas.core.massive import load_calibration
+from stas.backbones.tiny import planted_profile
+from stas.loggers import RunLogger
 
 from conftest import REPO, compose
 
@@ -80,7 +81,7 @@ def test_finds_the_planted_channels_hierarchy_and_period(wan_run):
     # the planted profile fixes the ratios; the random residual stream moves them a little
     assert hierarchy["first_over_interior"] == pytest.approx(plant.first_frame / plant.interior, rel=0.1)
     assert hierarchy["boundary_over_interior"] == pytest.approx(plant.boundary / plant.interior, rel=0.1)
-    layout = TokenLayout.for_video("tiny_wan21", cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    layout = TokenLayout.for_video(get_backbone("tiny_wan21"), cfg.model.height, cfg.model.width, cfg.model.num_frames)
     assert [(p["layer"], p["step"]) for p in vanilla["profiles"]] == [(1, 0)]  # defaults: middle block; 10% of 4 = 0
     for profile in vanilla["profiles"]:
         assert profile["period"] == layout.tokens_per_frame and profile["period_is_frame"]
@@ -188,7 +189,7 @@ def test_memory_is_bounded_on_many_steps(tiny_pipelines, tmp_path):
     cfg = analysis_cfg("tiny_wan21", f"model.steps={steps}", "model.guidance_scale=1.0", "model.height=48",
                        "model.num_frames=9", "prompts.limit=1", "analysis.plots=[]")
     result = run_analysis(tmp_path, cfg, tiny_pipelines["tiny_wan21"][2])
-    layout = TokenLayout.for_video("tiny_wan21", 48, cfg.model.width, 9)
+    layout = TokenLayout.for_video(get_backbone("tiny_wan21"), 48, cfg.model.width, 9)
     profile_pairs = len(result.summary["results"]["vanilla"]["profiles"])
     bound = capture_bytes(layers=2, steps=steps, branches=1, hidden_dim=32, profile_pairs=profile_pairs,
                           tokens=layout.num_tokens)

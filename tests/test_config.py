@@ -2,7 +2,7 @@
 
 import pytest
 
-from stas.backbones import CONF_DIR
+from stas.paths import CONF_DIR
 from stas.config import EXPERIMENTS_DIR, ConfigError, validate
 
 from conftest import REPO, compose

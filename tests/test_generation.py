@@ -11,7 +11,7 @@ from stas.config import ConfigError
 from stas.generation import generate, run_items
 from stas.rundir import claim_run_dir
 from stas.run import run
-from stas.tracking import RunLogger
+from stas.loggers import RunLogger
 from stas.video import read_mp4
 
 from conftest import compose

@@ -55,8 +55,8 @@ def outputs_of(twin: str, case: str) -> dict:
     """sha256 of the frames and of the steering record that stas.generation's path gives for one case."""
     from stas.backbones import load_pipeline
     from stas.config import validate
-    from stas.generation import make_steerer, pipeline_kwargs, run_items, run_pipeline
-    from stas.layout import TokenLayout
+    from stas.generation import make_steerer, run_items, run_pipeline
+    from stas.core.layout import TokenLayout
 
     cfg = compose([f"model={twin}", "logger=none", *SIZE, *CASES[case]])
     backbone = validate(cfg)
@@ -64,7 +64,7 @@ def outputs_of(twin: str, case: str) -> dict:
     pipe.set_progress_bar_config(disable=True)
     steerer = make_steerer(cfg, backbone)
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-    kwargs = pipeline_kwargs(cfg.model, backbone)
+    kwargs = backbone.pipeline_kwargs(cfg.model)
     item = run_items(cfg)[0]
     if steerer is None:
         frames = run_pipeline(pipe, item, kwargs, None, layout).frames[0]

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from stas.generation import make_steerer, pipeline_kwargs, sample
-from stas.hooks import LayerSteering, StasSteerer
-from stas.layout import TokenLayout
-from stas.massive import massive_channel_mask
+from stas.generation import make_steerer, sample
+from stas.methods.stas import LayerSteering, StasSteerer
+from stas.core.layout import TokenLayout
+from stas.core.massive import massive_channel_mask
 from stas.prompts import Item
-from stas.steering import RULES, apply_rule
+from stas.core.rules import RULES, apply_rule
 
 from conftest import compose
 
@@ -27,7 +27,7 @@ def steer_cfg(name, *overrides):
 
 def run(pipelines, name, steerer):
     cfg, backbone, pipe = pipelines[name]
-    kwargs = dict(pipeline_kwargs(cfg.model, backbone), num_inference_steps=STEPS)
+    kwargs = dict(backbone.pipeline_kwargs(cfg.model), num_inference_steps=STEPS)
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
     if steerer is None:
         return sample(pipe, ITEM, kwargs, None, layout)
@@ -87,7 +87,7 @@ def test_batched_cfg_steers_only_the_configured_half(tiny_pipelines, branch):
         with steerer.attach(pipe.transformer):
             handle = backbone.blocks(pipe.transformer)[0].register_forward_hook(spy)
             layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-            kwargs = dict(pipeline_kwargs(cfg.model, backbone), num_inference_steps=STEPS)
+            kwargs = dict(backbone.pipeline_kwargs(cfg.model), num_inference_steps=STEPS)
             sample(pipe, ITEM, kwargs, steerer, layout)
     finally:
         handle.remove()
@@ -112,7 +112,7 @@ def test_in_place_hook_equals_apply_rule(tiny_pipelines, name, rule):
         with steerer.attach(pipe.transformer):
             h2 = block.register_forward_hook(lambda m, a, o: after.append(backbone.video_tokens(o).clone()))
             layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-            kwargs = dict(pipeline_kwargs(cfg.model, backbone), num_inference_steps=STEPS)
+            kwargs = dict(backbone.pipeline_kwargs(cfg.model), num_inference_steps=STEPS)
             sample(pipe, ITEM, kwargs, steerer, layout)
     finally:
         h1.remove()
@@ -190,7 +190,7 @@ def test_no_cfg_means_every_call_is_cond(tiny_pipelines):
     steerer = steerer_for(tiny_pipelines, "tiny_wan21", "steer.branches=uncond", "model.guidance_scale=1.0")
     cfg, backbone, pipe = tiny_pipelines["tiny_wan21"]
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-    kwargs = dict(pipeline_kwargs(cfg.model, backbone), num_inference_steps=STEPS, guidance_scale=1.0)
+    kwargs = dict(backbone.pipeline_kwargs(cfg.model), num_inference_steps=STEPS, guidance_scale=1.0)
     with steerer.attach(pipe.transformer):
         sample(pipe, ITEM, kwargs, steerer, layout)
     assert steerer.calls == Counter()  # no uncond branch exists without CFG

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from stas.config import load_group_option
-from stas.layout import LayoutError, TokenLayout
+from stas.backbones import get_backbone
+from stas.core.layout import LayoutError, TokenLayout
 
 REAL = {  # model: latent grid at its default size
     "wan21_1.3b": (21, 30, 52),
@@ -15,13 +16,13 @@ REAL = {  # model: latent grid at its default size
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_for_video_matches_the_published_token_counts(name):
     model = load_group_option("model", name)
-    layout = TokenLayout.for_video(name, model.height, model.width, model.num_frames)
+    layout = TokenLayout.for_video(get_backbone(name), model.height, model.width, model.num_frames)
     assert (layout.frames, layout.height, layout.width) == REAL[name]
     assert layout.num_tokens == REAL[name][0] * REAL[name][1] * REAL[name][2]
 
 
 def test_wan21_example_from_the_issue():
-    layout = TokenLayout.for_video("wan21_1.3b", 480, 832, 81)
+    layout = TokenLayout.for_video(get_backbone("wan21_1.3b"), 480, 832, 81)
     assert (layout.frames, layout.height, layout.width, layout.num_tokens) == (21, 30, 52, 32760)
 
 
@@ -47,7 +48,7 @@ def _expected(layout, width, unit):
 @pytest.mark.parametrize("unit,width", [("tokens", 1), ("tokens", 7), ("rows", 1), ("rows", 2)])
 def test_masks_of_the_real_backbones(name, unit, width):
     model = load_group_option("model", name)
-    layout = TokenLayout.for_video(name, model.height, model.width, model.num_frames)
+    layout = TokenLayout.for_video(get_backbone(name), model.height, model.width, model.num_frames)
     first, boundary, interior = _expected(layout, width, unit)
     assert torch.equal(layout.mask("first_frame"), first)
     assert torch.equal(layout.mask("boundary", width, unit), boundary)

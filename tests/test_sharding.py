@@ -104,7 +104,7 @@ def test_kill_and_resume_leaves_no_duplicate_or_corrupt_file(unsharded, tmp_path
 
 def test_only_explicit_shard_values_shard_a_run(monkeypatch):
     """Under a Slurm launcher the array variables number the sweep's cells: they must not shard each cell."""
-    from stas.config import shard_of
+    from stas.core.selection import shard_of
 
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from stas.massive import channel_peaks, massive_channel_mask, top_massive_channels
-from stas.steering import RULES, apply_rule
+from stas.core.massive import channel_peaks, massive_channel_mask, top_massive_channels
+from stas.core.rules import RULES, apply_rule
 
 
 def planted(batch=2, tokens=40, dim=16, seed=0):

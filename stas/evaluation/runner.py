@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from stas.backbones import backbone_from_config, resolve_device
-from stas.config import shard_of
+from stas.core.selection import shard_of
 from stas.errors import UserError
 from stas.evaluation.features import WeightsMissing, feature_settings, make_features
 from stas.evaluation.records import (AGGREGATE_FILE, METRICS_STAGE, Video, aggregate_metrics, error_row, metric_row,

@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from stas.capture import REGION_NAMES, CaptureReadout
-from stas.layout import TokenLayout
-from stas.massive import top_massive_channels
+from stas.ma.capture import REGION_NAMES, CaptureReadout
+from stas.core.layout import TokenLayout
+from stas.core.massive import top_massive_channels
 
 MEAN, MAX = 0, 1  # the two region statistics
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from stas.errors import UserError
-
-if TYPE_CHECKING:
-    from stas.backbones import Backbone
 
 REGIONS = ("first_frame", "boundary", "interior", "all")
 BOUNDARY_UNITS = ("tokens", "rows")
@@ -25,6 +22,12 @@ BOUNDARY_UNITS = ("tokens", "rows")
 
 class LayoutError(UserError, ValueError):
     """A target, unit or width that does not fit the token grid."""
+
+
+class MakesLatentGrid(Protocol):
+    """What TokenLayout.for_video needs of a backbone (stas.backbones.Backbone is one)."""
+
+    def latent_grid(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]: ...
 
 
 def parse_targets(target: str) -> tuple[str, ...]:
@@ -59,12 +62,10 @@ class TokenLayout:
         return self.frames * self.tokens_per_frame
 
     @classmethod
-    def for_video(cls, backbone: "Backbone | str", height: int, width: int, num_frames: int) -> "TokenLayout":
-        """The grid a backbone makes of a `num_frames` x `height` x `width` pixel video."""
-        from stas.backbones import get_backbone
-
-        spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
-        return cls(*spec.latent_grid(height, width, num_frames))
+    def for_video(cls, backbone: MakesLatentGrid, height: int, width: int, num_frames: int) -> "TokenLayout":
+        """The grid a backbone makes of a `num_frames` x `height` x `width` pixel video
+        (`stas.backbones.get_backbone(name)` gives the backbone of a model config's name)."""
+        return cls(*backbone.latent_grid(height, width, num_frames))
 
     def boundary_span(self, width: int, unit: str) -> int:
         """Number of tokens at each end of a frame that count as boundary."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from stas.massive import channel_peaks
+from stas.core.massive import channel_peaks
 
 RULES = ("max_scaled", "per_channel_max", "scale", "zero")
 RULES_WITH_ALPHA = ("max_scaled", "per_channel_max", "scale")

@@ -17,12 +17,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from stas.backbones import Backbone, load_pipeline
-from stas.capture import REGION_NAMES, STATS, MACapture
-from stas.config import analysis_selection
-from stas.generation import make_steerer, pipeline_kwargs, run_items, run_pipeline, uses_cfg
-from stas.layout import TokenLayout
-from stas.ma_plots import write_plots
-from stas.ma_stats import MAStats, calibration, summarise
+from stas.ma.capture import REGION_NAMES, STATS, MACapture
+from stas.core.selection import analysis_selection
+from stas.generation import make_steerer, run_items, run_pipeline
+from stas.core.layout import TokenLayout
+from stas.ma.plots import write_plots
+from stas.ma.stats import MAStats, calibration, summarise
 from stas.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 STATS_FILE = "ma_stats.pt"
@@ -60,7 +60,7 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
         pipe = load_pipeline(cfg.model, backbone)
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-    kwargs = {**pipeline_kwargs(cfg.model, backbone), "output_type": "latent"}  # activations only: skip the VAE
+    kwargs = {**backbone.pipeline_kwargs(cfg.model), "output_type": "latent"}  # activations only: skip the VAE
     capture = MACapture(backbone, selection, cfg.analysis.ratio, cfg.analysis.max_dims,
                         cfg.steer.boundary_width, cfg.steer.boundary_unit)
     variants = {"vanilla": None} if steerer is None else {"vanilla": None, "steered": steerer}
@@ -72,7 +72,7 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
                 stack.enter_context(variant_steerer.attach(pipe.transformer))
             stack.enter_context(capture.attach(pipe.transformer))  # after steering: it sees the steered outputs
             for item in tqdm(items, desc=f"prompts ({name})", disable=not cfg.progress):
-                capture.begin(layout, cfg.model.steps, uses_cfg(kwargs))
+                capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
                 run_pipeline(pipe, item, kwargs, variant_steerer, layout)
                 accumulated[name].add(capture.read())
     stats = {

@@ -14,9 +14,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from stas.errors import UserError
-from stas.ma_analysis import SUMMARY_FILE
-from stas.ma_plots import save_figure
-from stas.ma_stats import SUMMARY_KEYS
+from stas.ma.analysis import SUMMARY_FILE
+from stas.ma.plots import save_figure
+from stas.ma.stats import SUMMARY_KEYS
 from stas.rundir import atomic_write_json, atomic_write_text
 
 COMPARE_FILES = ("compare.md", "compare.json", "compare.png")

@@ -11,7 +11,7 @@ The hooks write into device buffers preallocated on the first call and never rea
 no synchronisation; `read()` copies all buffers back once after the pipeline call. No hidden state outlives its
 hook call: memory is bounded by `capture_bytes` (see docs/analysis.md).
 
-Usage (what stas.ma_analysis does for each prompt):
+Usage (what stas.ma.analysis does for each prompt):
 
     capture = MACapture(backbone, selection, ratio=10.0, max_dims=8, boundary_width=1, boundary_unit="rows")
     with capture.attach(pipe.transformer):     # after any steering hook, so it sees the steered outputs
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from stas.backbones import CFG_BRANCHES, Backbone
-from stas.config import AnalysisSelection
-from stas.hooks import BlockHooks
-from stas.layout import TokenLayout
-from stas.massive import channel_peaks, top_massive_channels
+from stas.core.selection import AnalysisSelection
+from stas.methods.hooks import BlockHooks
+from stas.core.layout import TokenLayout
+from stas.core.massive import channel_peaks, top_massive_channels
 
 REGION_NAMES = ("first_frame", "boundary", "interior")
 STATS = ("mean", "max")

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stas.tables import find_runs, paired_bootstrap, to_latex
+from stas.results import find_runs, paired_bootstrap, to_latex
 
 from conftest import REPO, run_cli
 

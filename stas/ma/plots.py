@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from stas.capture import REGION_NAMES
-from stas.layout import TokenLayout
-from stas.ma_stats import MEAN, region_table
+from stas.ma.capture import REGION_NAMES
+from stas.core.layout import TokenLayout
+from stas.ma.stats import MEAN, region_table
 from stas.rundir import atomic_write_bytes
 
 REGION_COLORS = {"first_frame": "tab:red", "boundary": "tab:orange", "interior": "tab:blue"}

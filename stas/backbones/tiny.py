@@ -14,8 +14,8 @@ import string
 
 import torch
 
-from stas.backbones import Backbone
-from stas.layout import TokenLayout
+from stas.backbones.base import Backbone
+from stas.core.layout import TokenLayout
 
 # A character-level tokenizer: every prompt maps to its own token sequence, with nothing to download.
 _VOCAB_CHARS = string.ascii_lowercase + string.digits + string.punctuation + " "
@@ -64,63 +64,12 @@ def build_tiny_pipeline(model_cfg, backbone: Backbone):
     torch.manual_seed(tiny.seed)
     tokenizer = build_tokenizer(model_cfg.max_sequence_length)
     text_encoder = build_text_encoder(tiny, len(tokenizer))
-    if backbone.family in ("wan21", "wan22"):
-        vae, transformer, scheduler = _wan_components(diffusers, tiny, backbone, model_cfg)
-        pipe = diffusers.WanPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler,
-            expand_timesteps=backbone.expand_timesteps,
-        )
-    else:
-        vae, transformer, scheduler = _cogvideox_components(diffusers, tiny, model_cfg)
-        pipe = diffusers.CogVideoXPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-        )
+    vae, transformer, scheduler = backbone.tiny_components(diffusers, tiny, model_cfg)
+    pipe = backbone.tiny_pipeline(diffusers, dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                                  transformer=transformer, scheduler=scheduler))
     if tiny.plant.enabled:
         plant_massive_activations(transformer, backbone, tiny.plant)
     return pipe
-
-
-def _wan_components(diffusers, tiny, backbone, model_cfg):
-    if backbone.family == "wan22":
-        # The Wan2.2 residual VAE: 48 latent channels, 2x2 pixel patchify before the 8x convolutional stack.
-        vae = diffusers.AutoencoderKLWan(
-            base_dim=tiny.vae_base_dim, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
-            latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-            scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True],
-        )
-        latent_channels = 48
-    else:
-        vae = diffusers.AutoencoderKLWan(
-            base_dim=tiny.vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-        )
-        latent_channels = 16
-    transformer = diffusers.WanTransformer3DModel(
-        patch_size=backbone.patch, num_attention_heads=tiny.num_heads, attention_head_dim=tiny.head_dim,
-        in_channels=latent_channels, out_channels=latent_channels, text_dim=tiny.text_dim, freq_dim=32,
-        ffn_dim=tiny.ffn_dim, num_layers=tiny.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    )
-    scheduler = diffusers.UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=model_cfg.flow_shift or 3.0
-    )
-    return vae, transformer, scheduler
-
-
-def _cogvideox_components(diffusers, tiny, model_cfg):
-    vae = diffusers.AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(tiny.vae_base_dim,) * 4, latent_channels=4,
-        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-    )
-    transformer = diffusers.CogVideoXTransformer3DModel(
-        num_attention_heads=tiny.num_heads, attention_head_dim=tiny.head_dim, in_channels=4, out_channels=4,
-        time_embed_dim=8, text_embed_dim=tiny.text_dim, num_layers=tiny.num_layers,
-        sample_height=model_cfg.height // 8, sample_width=model_cfg.width // 8, sample_frames=model_cfg.num_frames,
-        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=model_cfg.max_sequence_length,
-        use_rotary_positional_embeddings=True,
-    )
-    return vae, transformer, diffusers.CogVideoXDDIMScheduler()
 
 
 # --------------------------------------------------------------------------------------------- planted activations

@@ -1,0 +1,56 @@
+"""The interface every training-free method implements, and the registry of methods by name.
+
+A method acts on a diffusers transformer through hooks while the pipeline samples, the way diffusers' hooks do:
+
+    method = METHODS[name](backbone, cfg, ...)
+    with method.attach(pipe.transformer):           # hooks on; removed when the block ends
+        method.begin(layout, num_steps, do_cfg)     # before every pipeline call
+        pipe(...)
+        row["steering"] = method.record()           # what it did in that call (may read device counters)
+
+STAS (stas.methods.stas) is one; the guidance baselines of the field implement the same three calls.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import Callable, ClassVar
+
+import torch
+
+from stas.core.layout import TokenLayout
+
+# method name -> Method subclass, filled by @register_method in the method modules.
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
+    """Class decorator: make a Method subclass available as `name`."""
+
+    def register(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__name__}, {cls.__name__})")
+        cls.method_name = name
+        METHODS[name] = cls
+        return cls
+
+    return register
+
+
+class Method(ABC):
+    """A training-free method applied through hooks during sampling (see the module docstring)."""
+
+    method_name: ClassVar[str]
+
+    @abstractmethod
+    def attach(self, transformer: torch.nn.Module) -> AbstractContextManager:
+        """Register the method's hooks on `transformer` for the duration of a `with` block."""
+
+    @abstractmethod
+    def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
+        """Reset per-call state before a pipeline call of `num_steps` steps on a video of `layout`."""
+
+    @abstractmethod
+    def record(self) -> dict:
+        """What the method did in the last pipeline call (JSON-ready)."""

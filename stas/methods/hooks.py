@@ -1,0 +1,91 @@
+"""Thin adapters between the tensor math and a diffusers transformer: plain torch forward hooks.
+
+`DenoisingTracker` knows, for every transformer call, the denoising step and which rows of the batch are the cond
+and uncond CFG branches (two-pass CFG calls the transformer twice a step, batched CFG once on [uncond, cond]). It
+counts calls on the host, so it never reads a tensor. Block hooks read the tracker, never the other way round.
+Every method (stas.methods.stas) and the analysis capture (stas.ma.capture) hook the blocks through `BlockHooks`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+from stas.backbones import CFG_BRANCHES, Backbone
+from stas.core.layout import TokenLayout
+
+
+class DenoisingTracker:
+    """Counts transformer calls to know the current step and CFG call; `begin` before every pipeline call."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.layout: TokenLayout | None = None
+        self.num_steps = 0
+        self.do_cfg = True
+        self.calls = 0
+        self.step = -1
+        self.call_in_step = 0
+
+    def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
+        self.layout, self.num_steps, self.do_cfg = layout, num_steps, do_cfg
+        self.calls, self.step, self.call_in_step = 0, -1, 0
+
+    def on_transformer_call(self, module, args, kwargs) -> None:
+        if self.layout is None:
+            raise RuntimeError("call begin(layout, num_steps, do_cfg) before running the pipeline")
+        self.step, self.call_in_step = divmod(self.calls, self.backbone.calls_per_step(self.do_cfg))
+        self.calls += 1
+
+    def rows(self, branches: tuple[str, ...], batch: int) -> slice | None:
+        """Rows of the current call's batch that belong to `branches` (contiguous for one branch or both)."""
+        spans = [self.backbone.branch_rows(b, self.call_in_step, batch, self.do_cfg) for b in branches]
+        spans = [s for s in spans if s is not None]
+        if not spans:
+            return None
+        return slice(min(s.start for s in spans), max(s.stop for s in spans))
+
+    def check_tokens(self, num_tokens: int) -> None:
+        """Fail when a block output's video tokens do not match the layout given to begin()."""
+        if num_tokens != self.layout.num_tokens:
+            raise RuntimeError(
+                f"block output has {num_tokens} video tokens but the layout {self.layout} has "
+                f"{self.layout.num_tokens}: begin() was given another video size than the pipeline call"
+            )
+
+    def branches_of_call(self, batch: int) -> list[tuple[str, slice]]:
+        """Every CFG branch present in the current call, with its rows."""
+        found = [(b, self.backbone.branch_rows(b, self.call_in_step, batch, self.do_cfg)) for b in CFG_BRANCHES]
+        return [(b, rows) for b, rows in found if rows is not None]
+
+
+class BlockHooks:
+    """Attaches one tracker to a transformer and per-block output hooks; removes them all on close."""
+
+    def __init__(self, backbone: Backbone, tracker: DenoisingTracker | None = None):
+        self.backbone = backbone
+        self.tracker = tracker or DenoisingTracker(backbone)
+        self._handles: list = []
+
+    def attach(self, transformer: torch.nn.Module, block_hooks: dict[int, Callable]) -> "BlockHooks":
+        self._handles.append(transformer.register_forward_pre_hook(self.tracker.on_transformer_call, with_kwargs=True))
+        blocks = self.backbone.blocks(transformer)
+        for index, hook in block_hooks.items():
+            self._handles.append(blocks[index].register_forward_hook(hook))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def attached(self, transformer: torch.nn.Module, block_hooks: dict[int, Callable]):
+        """attach() for the duration of a `with` block."""
+        self.attach(transformer, block_hooks)
+        try:
+            yield self
+        finally:
+            self.remove()
