@@ -8,10 +8,8 @@ start-up, before any model is loaded, and raises `ConfigError` naming the field,
 from __future__ import annotations
 
 import math
-import shutil
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -26,13 +24,12 @@ from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_tar
 from stas.core.massive import CALIBRATION_KINDS
 from stas.core.rules import RULES_WITH_ALPHA, check_rule
 from stas.core.selection import AnalysisSelection, analysis_selection, shard_of, steered_layers, window_steps
+from stas.evaluation.schema import EVAL_BOUNDS, EvalConfig, validate_eval
 from stas.methods.stas import steering_calibration
 
 BRANCHES = ("cond", "uncond", "both")
 DIMS_MODES = ("auto", "all", "calibrated", "calibrated_weak", "calibrated_non_ma")
 OFFLOAD_MODES = ("none", "model", "sequential")
-EVALUATORS = ("pixel", "dino", "clip", "vbench")
-VBENCH_MODES = ("custom_input", "vbench_standard")
 
 
 # ------------------------------------------------------------------------------------------------------- schemas
@@ -144,39 +141,6 @@ class ShardConfig:
     # sweep's cells, not shards, so it is never read (the sbatch scripts pass shard.index/count explicitly).
     index: Optional[int] = None
     count: Optional[int] = None
-
-
-@dataclass
-class FeatureModelConfig:
-    checkpoint: Optional[str] = None  # a local weights file; default: the standard caches (docs/evaluation.md)
-    random_weights: bool = False  # tests only: the real architecture with seeded random weights
-
-
-@dataclass
-class PixelEvalConfig:
-    size: int = 32  # frames average-pooled to size x size before comparing them
-
-
-@dataclass
-class VBenchEvalConfig:
-    mode: str = "custom_input"  # custom_input | vbench_standard
-    dimensions: List[str] = field(default_factory=list)  # VBench dimension names, e.g. [temporal_flickering]
-    python: Optional[str] = None  # the interpreter that has vbench installed; default: this one
-    cache_dir: Optional[str] = None  # VBench's weights cache; default: $VBENCH_CACHE_DIR, else ~/.cache/vbench
-    full_info: Optional[str] = None  # default: the VBench_full_info.json shipped with vbench
-    timeout: Optional[int] = None  # seconds per dimension
-
-
-@dataclass
-class EvalConfig:
-    evaluators: List[str] = field(default_factory=list)  # pixel | dino | clip | vbench
-    device: str = "auto"
-    batch_size: int = 32  # frames per forward pass of dino / clip
-    temporal_compression: Optional[int] = None  # latent chunking of the chunk-aware metrics; default: the model's VAE
-    pixel: PixelEvalConfig = field(default_factory=PixelEvalConfig)
-    dino: FeatureModelConfig = field(default_factory=FeatureModelConfig)
-    clip: FeatureModelConfig = field(default_factory=FeatureModelConfig)
-    vbench: VBenchEvalConfig = field(default_factory=VBenchEvalConfig)
 
 
 ANALYSIS_PLOTS = ("tokens", "ratios", "channels", "profile")
@@ -299,9 +263,7 @@ NUMERIC_BOUNDS = {
     "model.tiny.plant.first_frame": Bounds(0, 100),
     "model.tiny.plant.boundary": Bounds(0, 100),
     "model.tiny.plant.interior": Bounds(0, 100),
-    "eval.batch_size": Bounds(1, 4096),
-    "eval.temporal_compression": Bounds(1, 64),
-    "eval.pixel.size": Bounds(1, 1024),
+    **{path: Bounds(low, high) for path, (low, high) in EVAL_BOUNDS.items()},  # each evaluator's (stas.evaluation)
     "logger.log_videos": Bounds(0, 100000),
 }
 PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
@@ -457,40 +419,6 @@ def validate_logger(logger) -> None:
 def _check_device(path: str, device: str) -> None:
     if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
         raise ConfigError(f"{path}={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
-
-
-def validate_eval(evaluation) -> None:
-    # Imported here: stas.evaluation imports this module.
-    from stas.evaluation.scores import DIMENSIONS, NEED_STANDARD_PROMPTS
-
-    for name in evaluation.evaluators:
-        check_allowed("eval.evaluators", name, EVALUATORS)
-    if len(set(evaluation.evaluators)) != len(evaluation.evaluators):
-        raise ConfigError(f"eval.evaluators={list(evaluation.evaluators)} names an evaluator twice")
-    _check_device("eval.device", evaluation.device)
-    for name in ("dino", "clip"):
-        checkpoint = evaluation[name].checkpoint
-        if name in evaluation.evaluators and checkpoint and not Path(checkpoint).expanduser().is_file():
-            raise ConfigError(f"eval.{name}.checkpoint={checkpoint!r}: no such file")
-    if "vbench" not in evaluation.evaluators:
-        return
-    vbench = evaluation.vbench
-    check_allowed("eval.vbench.mode", vbench.mode, VBENCH_MODES)
-    if not vbench.dimensions:
-        raise ConfigError(f"eval.vbench.dimensions is empty; name at least one of: {', '.join(DIMENSIONS)}")
-    for dimension in vbench.dimensions:
-        if dimension not in DIMENSIONS:
-            raise ConfigError(f"eval.vbench.dimensions contains {dimension!r}, which is not a VBench dimension; "
-                              f"allowed: {', '.join(DIMENSIONS)}")
-        if vbench.mode == "custom_input" and dimension in NEED_STANDARD_PROMPTS:
-            raise ConfigError(f"eval.vbench.dimensions contains {dimension!r}, which VBench scores only on its own "
-                              "prompts: use eval.vbench.mode=vbench_standard (with prompts=vbench)")
-    if vbench.python and not shutil.which(vbench.python):
-        raise ConfigError(f"eval.vbench.python={vbench.python!r}: no such executable")
-    if vbench.full_info and not Path(vbench.full_info).is_file():
-        raise ConfigError(f"eval.vbench.full_info={vbench.full_info!r}: no such file")
-    if vbench.timeout is not None:
-        check_at_least("eval.vbench.timeout", vbench.timeout, 1)
 
 
 def _no_unknown_keys(node, schema, path: str = "") -> None:

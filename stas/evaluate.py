@@ -18,6 +18,7 @@ from pathlib import Path
 from stas.cli import compose_config, fail, override_key
 from stas.config import ConfigError, validate
 from stas.errors import UserError
+from stas.evaluation.registry import evaluator_names
 from stas.evaluation.runner import prepare_evaluation
 from stas.rundir import check_writable, describe_differences, differing_keys, identity, load_identity, read_yaml
 from stas.loggers import RunLogger
@@ -62,7 +63,7 @@ def evaluate(run_dir: Path, overrides: list[str]):
     cfg = evaluation_config(run_dir, overrides)
     validate(cfg)
     if not cfg.eval.evaluators:
-        raise ConfigError("eval.evaluators is empty (eval=none): name at least one of pixel, dino, clip, vbench")
+        raise ConfigError(f"eval.evaluators is empty (eval=none): name at least one of {', '.join(evaluator_names())}")
     check_writable(run_dir)
     evaluation = prepare_evaluation(cfg, run_dir)
     with RunLogger(cfg, run_dir, job_type="evaluate") as logger:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stas.errors import UserError
+from stas.evaluation.base import EvaluatorUnavailable
 from stas.hub import hub_reachable
 
 DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -37,7 +37,7 @@ IMAGE_SIZE = 224
 DINO_PATCH = 16
 
 
-class WeightsMissing(UserError):
+class WeightsMissing(EvaluatorUnavailable):
     """A feature model's weights are neither configured nor cached, and cannot be downloaded."""
 
 
@@ -282,16 +282,6 @@ def pixel_features(size: int) -> Callable:
         return pooled - pooled.mean(dim=1, keepdim=True)
 
     return encode
-
-
-def feature_settings(name: str, eval_cfg) -> str:
-    """What an evaluator's values depend on besides the video; rows of other settings are scored again."""
-    if name == "pixel":
-        return f"pixel size {eval_cfg.pixel.size}"
-    options = eval_cfg[name]
-    if options.random_weights:
-        return "random weights"
-    return f"weights {options.checkpoint}" if options.checkpoint else "pretrained weights"
 
 
 @functools.lru_cache(maxsize=4)

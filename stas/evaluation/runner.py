@@ -1,9 +1,11 @@
 """Scoring a run directory: every video of this shard by every configured evaluator, cached per video.
 
-Evaluators: `pixel`, `dino`, `clip` (frame features in this process: VBench's consistency formula and the
-chunk-aware similarities) and `vbench` (the real VBench, one process per dimension). A video already scored by an
-evaluator is skipped, so re-running is cheap and idempotent; videos that failed (error rows) are tried again.
-An evaluator that cannot run here (weights or packages missing) is skipped with the reason, the others proceed.
+The evaluators are the registered ones named in eval.evaluators (stas.evaluation.base: the interface; the modules of
+stas/evaluation/evaluators/: pixel, dino, clip, vbench, ...); this module does what is the same for all of them. A
+video already scored by a scorer is skipped, so re-running is cheap and idempotent; videos that failed (error rows)
+are tried again. Each video is decoded once: video-level scorers score its frames there and then, set-level ones get
+the videos that decode, all at once, afterwards. A scorer that cannot run here (weights or packages missing) is
+skipped with the reason, the others proceed.
 """
 
 from __future__ import annotations
@@ -20,19 +22,14 @@ from tqdm.auto import tqdm
 from stas.backbones import backbone_from_config, resolve_device
 from stas.core.selection import shard_of
 from stas.errors import UserError
-from stas.evaluation.features import WeightsMissing, feature_settings, make_features
+from stas.evaluation.base import EvalContext, Evaluator, EvaluatorUnavailable, Measurements, Scorer
 from stas.evaluation.records import (AGGREGATE_FILE, METRICS_STAGE, Video, aggregate_metrics, error_row, metric_row,
                                      row_key, summary_values)
-from stas.evaluation.similarity import similarity_metrics
-from stas.evaluation.vbench import VBenchError, VBenchRunner
+from stas.evaluation.registry import evaluator_class
 from stas.prompts import shard_items
 from stas.rundir import (MANIFEST_FILE, METRIC_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_records,
                          read_manifest, shard_file, video_path)
 from stas.video import file_sha256, read_mp4
-
-VBENCH_LOGS = "vbench"
-SENTINEL_METRIC = "consistency"  # every successful frame-feature evaluation writes it
-FEATURE_ERROR = "error"  # the metric of a frame-feature evaluator's error row
 
 
 def read_video(path: Path) -> np.ndarray:
@@ -124,19 +121,20 @@ def _bump(table: dict[str, int], name: str) -> None:
     table[name] = table.get(name, 0) + 1
 
 
-def evaluate_run(cfg, run_dir: Path, logger=None) -> EvaluationSummary:
-    """Score this shard's videos of `run_dir` with `cfg.eval` and write rows (and, unsharded, metrics.json)."""
-    return prepare_evaluation(cfg, run_dir).run(logger)
+def evaluate_run(cfg, run_dir: Path, logger=None, shard: tuple[int, int] | None = None) -> EvaluationSummary:
+    """Score this shard's videos of `run_dir` with `cfg.eval` and write rows (and, unsharded, metrics.json).
+    `shard` (index, count): default cfg.shard's."""
+    return prepare_evaluation(cfg, run_dir, shard).run(logger)
 
 
-def prepare_evaluation(cfg, run_dir: Path) -> RunEvaluation:
+def prepare_evaluation(cfg, run_dir: Path, shard: tuple[int, int] | None = None) -> RunEvaluation:
     """This shard's evaluation, once the run's manifest and metric rows (untrusted input) are read and checked: a
     UserError comes before anything is written."""
-    index, count = shard_of(cfg.shard)
+    index, count = shard_of(cfg.shard) if shard is None else shard
     videos, not_generated = run_videos(run_dir, index, count)
     if not videos:
-        shard = f" (shard {index + 1}/{count})" if count > 1 else ""
-        raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run{shard}: "
+        which = f" (shard {index + 1}/{count})" if count > 1 else ""
+        raise UserError(f"{run_dir / VIDEOS_DIR} holds none of the {not_generated} video(s) of this run{which}: "
                         "generate them first (python -m stas.run)")
     return RunEvaluation(cfg, run_dir, videos, (index, count), not_generated)
 
@@ -144,7 +142,8 @@ def prepare_evaluation(cfg, run_dir: Path) -> RunEvaluation:
 class RunEvaluation:
     """The state of one evaluate_run: the rows file, what each scorer still has to do, the summary.
 
-    Scorers are the frame-feature evaluators by name (pixel, dino, clip) and VBench's dimensions as vbench/<dimension>.
+    Scorers (stas.evaluation.base.Scorer) are named like the summary names them: `pixel`, `dino`, `clip`,
+    `vbench/<dimension>`.
     """
 
     def __init__(self, cfg, run_dir: Path, videos: list[Video], shard: tuple[int, int], not_generated: int):
@@ -160,128 +159,108 @@ class RunEvaluation:
         self.summary = EvaluationSummary(run_dir, shard, len(videos), not_generated, self.records.path,
                                          run_dir / AGGREGATE_FILE if shard[1] == 1 else None)
         self.compression = self.options.temporal_compression or backbone_from_config(cfg.model).temporal_compression
-        self.device = resolve_device(self.options.device, "eval.device")
-        self.vbench = (VBenchRunner(self.options.vbench, self.options.device, run_dir / VBENCH_LOGS)
-                       if "vbench" in self.options.evaluators else None)
+        context = EvalContext(self.options, resolve_device(self.options.device, "eval.device"), self.compression,
+                              run_dir, shard, notes=self.summary.notes, skipped=self.summary.skipped)
+        # Video-level evaluators first (they score while the videos are decoded), then the set-level ones.
+        classes = sorted((evaluator_class(name) for name in self.options.evaluators), key=lambda cls: cls.batched)
+        self.evaluators: list[Evaluator] = [cls(context) for cls in classes]
+        self.scorers: dict[str, tuple[Evaluator, Scorer]] = {}  # scorer name: its evaluator and itself
         self.todo: dict[str, list[Video]] = {}  # scorer: the videos it still has to score
-        self.settings: dict[str, str] = {}  # frame-feature evaluator: what its values depend on, kept in its rows
-        self.extractors = {}
-        self.readable: dict[str, list[Video]] = defaultdict(list)  # VBench scorer: its videos that decode
+        self.readable: dict[str, list[Video]] = defaultdict(list)  # set-level scorer: its videos that decode
         self.seconds: dict[str, float] = defaultdict(float)
 
     def run(self, logger=None) -> EvaluationSummary:
         self.plan()
-        self.score_frames()
-        self.score_vbench()
+        self.score_decoded()
+        self.score_sets()
         return self.finish(logger)
 
-    def _is_scored(self, video: Video, evaluator: str, metric: str, settings: str | None = None) -> bool:
-        row = self.known.get(row_key({"video": video.name, "evaluator": evaluator, "metric": metric}))
-        return (row is not None and row.get("value") is not None and row.get("settings") == settings
+    def _is_scored(self, video: Video, scorer: Scorer) -> bool:
+        row = self.known.get(row_key({"video": video.name, "evaluator": scorer.evaluator,
+                                      "metric": scorer.done_metric}))
+        return (row is not None and row.get("value") is not None and row.get("settings") == scorer.settings
                 and row.get("video_sha256") == video.sha256)  # scored from these very bytes, not an older video
 
-    def _forget(self, video: Video, evaluator: str) -> None:
-        """Drop a video's rows of an evaluator before it is scored again (other settings, or an error before)."""
-        prefix = row_key({"video": video.name, "evaluator": evaluator, "metric": ""})
+    def _forget(self, video: Video, scorer: Scorer) -> None:
+        """Drop a video's rows of a scorer before it is scored again (other settings, or an error before)."""
+        prefix = row_key({"video": video.name, "evaluator": scorer.evaluator, "metric": ""})
         for rows in (self.records.rows, self.known):
-            for key in [key for key in rows if key.startswith(prefix)]:
+            for key in [key for key in rows if key.startswith(prefix) and scorer.owns(key[len(prefix):])]:
                 del rows[key]
 
     def _append(self, row: dict) -> None:
         self.records.append(row)
         self.known[row_key(row)] = row
 
+    def _write(self, scorer: Scorer, video: Video, measurements: Measurements) -> None:
+        self._forget(video, scorer)
+        for metric, (value, weight) in measurements.items():
+            row = metric_row(video, scorer.evaluator, metric, value, weight)
+            if scorer.settings is not None:
+                row["settings"] = scorer.settings
+            self._append(row)
+
+    def _error(self, scorer: Scorer, video: Video, error: str) -> None:
+        self._append(error_row(video, scorer.evaluator, scorer.error_metric, error))
+        _bump(self.summary.errors, scorer.name)
+
     def plan(self) -> None:
+        """Each evaluator's scorers and the videos they still have to score; then each scorer with work gets ready
+        (one that cannot run here is skipped with the reason)."""
         summary = self.summary
-        for name in (e for e in self.options.evaluators if e != "vbench"):
-            self.settings[name] = f"{feature_settings(name, self.options)}; temporal_compression {self.compression}"
-            self.todo[name] = [v for v in self.videos
-                               if not self._is_scored(v, name, SENTINEL_METRIC, self.settings[name])]
-            summary.cached[name] = len(self.videos) - len(self.todo[name])
-        if self.vbench is not None:
-            self._plan_vbench(list(self.options.vbench.dimensions))
+        for evaluator in self.evaluators:
+            for scorer in evaluator.scorers(self.videos):
+                members = self.videos if scorer.videos is None else list(scorer.videos)
+                self.scorers[scorer.name] = (evaluator, scorer)
+                self.todo[scorer.name] = [video for video in members if not self._is_scored(video, scorer)]
+                summary.cached[scorer.name] = len(members) - len(self.todo[scorer.name])
         summary.cached = {name: n for name, n in summary.cached.items() if n}
-        for name in [n for n, videos in self.todo.items() if videos and not n.startswith("vbench/")]:
+        for name in [name for name, videos in self.todo.items() if videos]:
+            evaluator, scorer = self.scorers[name]
             try:
-                self.extractors[name] = make_features(name, self.options, self.device)
-            except WeightsMissing as err:
+                evaluator.prepare(scorer)
+            except EvaluatorUnavailable as err:
                 summary.skipped[name] = str(err)
                 del self.todo[name]
-            else:
-                if self.extractors[name].note:
-                    summary.notes.append(f"{name}: {self.extractors[name].note}")
 
-    def _plan_vbench(self, dimensions: list[str]) -> None:
-        try:
-            problems = self.vbench.probe(dimensions)
-        except VBenchError as err:
-            problems = {dimension: str(err) for dimension in dimensions}
-        for dimension in dimensions:
-            name = f"vbench/{dimension}"
-            if problems[dimension]:
-                self.summary.skipped[name] = problems[dimension]
-                continue
-            members = self.videos
-            if self.options.vbench.mode == "vbench_standard":
-                suite = self.vbench.standard_videos(dimension)
-                members = [video for video in self.videos if video.name in suite]
-                if not members:
-                    self.summary.notes.append(
-                        f"{name}: none of this run's videos is in VBench's standard suite for this dimension "
-                        "(it scores {prompt}-{index}.mp4 of its own prompts: prompts=vbench)")
-                    continue
-            self.todo[name] = [v for v in members if not self._is_scored(v, "vbench", dimension)]
-            self.summary.cached[name] = len(members) - len(self.todo[name])
-
-    def score_frames(self) -> None:
-        """Decode each video once: frame-feature scorers score it here, VBench scorers get it only if it decodes."""
+    def score_decoded(self) -> None:
+        """Decode each video once: video-level scorers score it here, set-level ones get it only if it decodes."""
         pending = {name: {v.name for v in videos} for name, videos in self.todo.items()}
         to_read = [v for v in self.videos if any(v.name in names for names in pending.values())]
         for video in tqdm(to_read, desc="evaluating videos", disable=not self.cfg.progress or not to_read):
-            wanted = [name for name, names in pending.items() if video.name in names]
+            wanted = [self.scorers[name] for name, names in pending.items() if video.name in names]
             try:
                 frames = read_video(video.path)
             except ValueError as err:
-                for name in wanted:
-                    evaluator, metric = name.split("/") if name.startswith("vbench/") else (name, FEATURE_ERROR)
-                    self._append(error_row(video, evaluator, metric, str(err)))
-                    _bump(self.summary.errors, name)
+                for _, scorer in wanted:
+                    self._error(scorer, video, str(err))
                 continue
-            for name in wanted:
-                if name in self.extractors:
-                    self._score_features(name, video, frames)
-                else:
-                    self.readable[name].append(video)
+            for evaluator, scorer in wanted:
+                if evaluator.batched:
+                    self.readable[scorer.name].append(video)
+                    continue
+                start = time.perf_counter()
+                self._write(scorer, video, evaluator.score_video(scorer, video, frames))
+                self.seconds[scorer.name] += time.perf_counter() - start
+                _bump(self.summary.scored, scorer.name)
 
-    def _score_features(self, name: str, video: Video, frames: np.ndarray) -> None:
-        start = time.perf_counter()
-        features = self.extractors[name](frames)
-        self._forget(video, name)
-        for metric, (value, pairs) in similarity_metrics(features, self.compression).items():
-            self._append({**metric_row(video, name, metric, value, pairs), "settings": self.settings[name]})
-        self.seconds[name] += time.perf_counter() - start
-        _bump(self.summary.scored, name)
-
-    def score_vbench(self) -> None:
-        index, count = self.shard
+    def score_sets(self) -> None:
+        """Each set-level scorer on all of its videos that decode, at once."""
         for name, videos in self.readable.items():
-            dimension = name.split("/", 1)[1]
+            evaluator, scorer = self.scorers[name]
             start = time.perf_counter()
             try:
-                results = self.vbench.evaluate(dimension, videos, dimension if count == 1
-                                               else f"{dimension}-{index:03d}-of-{count:03d}")
-            except VBenchError as err:
-                self.summary.skipped[name] = f"VBench failed: {err}"
+                results = evaluator.score_videos(scorer, videos)
+            except EvaluatorUnavailable as err:
+                self.summary.skipped[name] = str(err)
                 continue
-            self.seconds[name] = time.perf_counter() - start
-            by_video = {result["video"]: result for result in results}
+            self.seconds[name] += time.perf_counter() - start
             for video in videos:
-                result = by_video.get(video.name)
-                if result is None:
-                    self._append(error_row(video, "vbench", dimension, "VBench returned no result for this video"))
-                    _bump(self.summary.errors, name)
+                result = results.get(video.name, f"{evaluator.name} returned no result for this video")
+                if isinstance(result, str):
+                    self._error(scorer, video, result)
                 else:
-                    self._append(metric_row(video, "vbench", dimension, result["value"], result["weight"]))
+                    self._write(scorer, video, result)
                     _bump(self.summary.scored, name)
 
     def finish(self, logger) -> EvaluationSummary:
