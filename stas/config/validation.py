@@ -1,231 +1,24 @@
-"""Structured configs: one dataclass schema per config group, registered in Hydra's ConfigStore.
+"""Checks of a composed config at start-up, before any model loads: ranges, finite numbers, cross-field rules.
 
-Command-line overrides are checked against these schemas before Hydra composes (`check_override`: a key that is not
-a field, a value of the wrong type); `validate` then checks values (ranges, finite numbers) and cross-field rules at
-start-up, before any model is loaded, and raises `ConfigError` naming the field, the value and what is allowed.
+Each failure raises `ConfigError` naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import math
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from dataclasses import dataclass, fields, is_dataclass
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ValidationError
-
-from stas.errors import ConfigError, check_allowed, check_at_least  # ConfigError importable from here too
-from stas.paths import CONF_DIR, EXPERIMENTS_DIR, REPO_DIR
+from omegaconf import DictConfig, OmegaConf
 
 from stas.backbones import DTYPES, FAMILIES, Backbone, backbone_from_config
+from stas.config.schema import ANALYSIS_PLOTS, BRANCHES, DIMS_MODES, OFFLOAD_MODES, StasConfig
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
 from stas.core.massive import CALIBRATION_KINDS
 from stas.core.rules import RULES_WITH_ALPHA, check_rule
 from stas.core.selection import AnalysisSelection, analysis_selection, shard_of, steered_layers, window_steps
-from stas.evaluation.schema import EVAL_BOUNDS, EvalConfig, validate_eval
+from stas.errors import ConfigError, check_allowed, check_at_least
+from stas.evaluation.schema import EVAL_BOUNDS, validate_eval
 from stas.methods.stas import steering_calibration
-
-BRANCHES = ("cond", "uncond", "both")
-DIMS_MODES = ("auto", "all", "calibrated", "calibrated_weak", "calibrated_non_ma")
-OFFLOAD_MODES = ("none", "model", "sequential")
-
-
-# ------------------------------------------------------------------------------------------------------- schemas
-
-
-@dataclass
-class PlantConfig:
-    enabled: bool = True
-    channels: List[int] = field(default_factory=lambda: [5, 17, 26])
-    magnitudes: List[float] = field(default_factory=lambda: [60.0, -45.0, 30.0])
-    first_frame: float = 1.0
-    boundary: float = 0.5
-    interior: float = 0.1
-    boundary_width: int = 1
-    boundary_unit: str = "rows"
-    layers: Optional[List[int]] = None
-
-
-@dataclass
-class TinyConfig:
-    seed: int = 0
-    num_layers: int = 2
-    num_heads: int = 2
-    head_dim: int = 16
-    ffn_dim: int = 64
-    text_dim: int = 32
-    vae_base_dim: int = 3
-    plant: PlantConfig = field(default_factory=PlantConfig)
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    family: str = MISSING
-    hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
-    revision: Optional[str] = None
-    tiny: Optional[TinyConfig] = None
-    num_layers: int = MISSING
-    hidden_dim: int = MISSING
-    height: int = MISSING
-    width: int = MISSING
-    num_frames: int = MISSING
-    steps: int = MISSING
-    guidance_scale: float = MISSING
-    flow_shift: Optional[float] = None
-    use_dynamic_cfg: bool = False
-    fps: int = MISSING
-    negative_prompt: str = ""
-    max_sequence_length: int = 226
-    dtype: str = "bfloat16"
-    vae_dtype: Optional[str] = None
-    device: str = "auto"
-    cpu_offload: str = "none"
-    vae_tiling: bool = False
-    vae_slicing: bool = False
-
-
-@dataclass
-class WindowConfig:
-    start: float = 0.0
-    end: float = 0.4
-    unit: str = "fraction"  # fraction of the number of steps, or step indices; the window is [start, end)
-
-
-@dataclass
-class SteerConfig:
-    name: str = "stas"
-    enabled: bool = True
-    rule: str = "max_scaled"
-    alpha: float = 1.0
-    strength: float = 1.0
-    targets: str = "first_frame+boundary"
-    boundary_width: int = 1
-    boundary_unit: str = "rows"
-    dims: Any = "auto"  # auto | all | calibrated | calibrated_weak | calibrated_non_ma | [channel, ...]
-    ratio: float = 10.0
-    max_dims: int = 4
-    calibration: Optional[str] = None  # ma_dims.yaml written by stas.analyze
-    layers: Any = "all"  # all | [index, ...] | "start:end"
-    window: WindowConfig = field(default_factory=WindowConfig)
-    branches: str = "both"
-
-
-@dataclass
-class PromptsConfig:
-    source: str = "demo"  # demo | list | file | vbench
-    prompts: List[str] = field(default_factory=list)
-    path: Optional[str] = None
-    samples_per_prompt: int = 1
-    limit: Optional[int] = None
-    vbench_dimensions: Optional[List[str]] = None
-
-
-@dataclass
-class LoggerConfig:
-    backend: str = "wandb"  # wandb | none
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "stas"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    log_videos: int = 4
-    init_timeout: int = 120
-
-
-@dataclass
-class ShardConfig:
-    # Only what is given here shards a run (None: 0 of 1): under a Slurm launcher $SLURM_ARRAY_TASK_ID numbers the
-    # sweep's cells, not shards, so it is never read (the sbatch scripts pass shard.index/count explicitly).
-    index: Optional[int] = None
-    count: Optional[int] = None
-
-
-ANALYSIS_PLOTS = ("tokens", "ratios", "channels", "profile")
-
-
-@dataclass
-class AnalysisConfig:
-    """What stas.analyze captures, detects, calibrates and plots (see docs/analysis.md)."""
-
-    layers: Any = "all"  # blocks captured: all | [index, ...] | "start:end"
-    steps: Any = "all"  # denoising steps captured: all | [index, ...] | "start:end"
-    # (block, step) pairs whose per-token MA magnitude is kept (S floats each): the sequence plot, within-frame
-    # profile and period. None: the middle captured block; the first captured step and the one nearest 10% of steps.
-    profile_layers: Any = None
-    profile_steps: Any = None
-    ratio: float = 10.0  # a channel is massive when its peak |value| exceeds ratio x the median channel peak
-    max_dims: int = 8  # channels ranked per hidden state (the massive ones among them are kept)
-    min_frequency: float = 0.5  # calibration: massive in at least this fraction of a block's observations
-    weak: int = 4  # calibration: the next-ranked channels that do not qualify, per block
-    non_ma: int = 4  # calibration: ordinary channels nearest the median peak, per block
-    plots: List[str] = field(default_factory=lambda: list(ANALYSIS_PLOTS))
-    compare: List[str] = field(default_factory=list)  # analysis run directories to put side by side (no sampling)
-
-
-@dataclass
-class StasConfig:
-    model: ModelConfig = MISSING
-    steer: SteerConfig = MISSING
-    prompts: PromptsConfig = MISSING
-    eval: EvalConfig = MISSING
-    logger: LoggerConfig = MISSING
-    shard: ShardConfig = field(default_factory=ShardConfig)
-    experiment: Optional[str] = None
-    name: str = "default"  # experiment name: W&B group, output folder
-    seed: int = 0
-    progress: bool = True
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-
-
-SCHEMAS = {
-    "model": ModelConfig,
-    "steer": SteerConfig,
-    "prompts": PromptsConfig,
-    "eval": EvalConfig,
-    "logger": LoggerConfig,
-    "analysis": AnalysisConfig,
-}
-
-
-def path_safe(text: str) -> str:
-    """A sweep's override_dirname as one directory name: a group override such as steer/window=late has a '/'."""
-    return str(text).replace("/", ".")
-
-
-def repo_path(relative: str) -> str:
-    """`${repo:experiments/x.yaml}`: a file shipped with stas, wherever the command runs from."""
-    return str(REPO_DIR / relative)
-
-
-def register_configs() -> None:
-    """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass)."""
-    for name, resolver in (("path_safe", path_safe), ("repo", repo_path)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
-    store = ConfigStore.instance()
-    store.store(name="stas_schema", node=StasConfig)
-    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
-        # Experiments live in experiments/ (one file each, `# @package _global_`); registering them here makes
-        # them the `experiment` group without a second copy under conf/.
-        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
-
-
-def load_group_option(group: str, name: str) -> DictConfig:
-    """One option of a config group, merged onto its schema (used outside Hydra, e.g. by get_backbone)."""
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
-        raise ConfigError(f"{group}={name!r} is not an option; available: {options}")
-    node = OmegaConf.load(path)
-    node.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node)
-
-
-# ---------------------------------------------------------------------------------------------------- validation
-
 
 SEED_MAX = 2**63 - 1  # int64, what torch.Generator, numpy and W&B all hold exactly
 
@@ -429,13 +222,13 @@ def _no_unknown_keys(node, schema, path: str = "") -> None:
             continue
         where = f"{path}.{key}" if path else key
         if key not in known:
-            raise ConfigError(_not_a_field(where, known))
+            raise ConfigError(not_a_field(where, known))
         value = OmegaConf.get_type(node, key)
         if is_dataclass(value) and isinstance(node[key], DictConfig):
             _no_unknown_keys(node[key], value, where)
 
 
-def _not_a_field(path: str, known) -> str:
+def not_a_field(path: str, known) -> str:
     parent = path.rpartition(".")[0]
     return f"{path} is not a field of {parent or 'the config'}; fields: {', '.join(sorted(known))}"
 
@@ -461,52 +254,3 @@ def validate(cfg) -> Backbone:
     return backbone
 
 
-# ---------------------------------------------------------------------------------------- command-line overrides
-
-TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def config_groups() -> set[str]:
-    """The config groups of conf/ ('steer/window' for nested ones) and `experiment`: an override of one chooses an
-    option, which Hydra checks (it also knows the options of added search paths)."""
-    folders = (path.relative_to(CONF_DIR).as_posix() for path in CONF_DIR.rglob("*") if path.is_dir())
-    return {"experiment", *folders}
-
-
-def check_override(key: str, values: list | None, groups: set[str]) -> None:
-    """Refuse, naming the field, an override of a key the schema does not have or a value its field cannot hold.
-
-    Hydra would answer a typo with "Could not override ... To append to your config use +key" (and accept `+key`
-    silently), and a wrong type with a multi-line merge error. `values` are the override's parsed values (every value
-    of a sweep; None when they are not known before composing, e.g. interval sweeps).
-    """
-    if key in groups or "/" in key:
-        return
-    schema, parts = StasConfig, key.split(".")
-    for depth, name in enumerate(parts):
-        known = {f.name for f in fields(schema)}
-        if name not in known:
-            raise ConfigError(_not_a_field(".".join(parts[: depth + 1]), known))
-        kind = _field_kind(schema, name)
-        if depth < len(parts) - 1:
-            if not is_dataclass(kind):
-                return  # a key inside a list or Any field: its value is checked after composing
-            schema = kind
-    if kind not in TYPE_NAMES:
-        return
-    for value in values or []:
-        if isinstance(value, str) and "${" in value:
-            continue  # an interpolation: resolved, then checked, after composing
-        try:
-            OmegaConf.structured(schema)[name] = value
-        except ValidationError:
-            bounds = NUMERIC_BOUNDS.get(key)
-            raise ConfigError(f"{key}={value!r} must be {TYPE_NAMES[kind]}{f' in {bounds}' if bounds else ''}") from None
-
-
-def _field_kind(schema, name: str):
-    """The type of a schema field, without Optional."""
-    hint = typing.get_type_hints(schema)[name]
-    if typing.get_origin(hint) is typing.Union:
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint

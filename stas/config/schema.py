@@ -1,0 +1,208 @@
+"""The config schemas: one dataclass per config group, merged under Hydra's composition (`register_configs`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from stas.errors import ConfigError
+from stas.evaluation.schema import EvalConfig
+from stas.paths import CONF_DIR, EXPERIMENTS_DIR, REPO_DIR
+
+BRANCHES = ("cond", "uncond", "both")
+DIMS_MODES = ("auto", "all", "calibrated", "calibrated_weak", "calibrated_non_ma")
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+@dataclass
+class PlantConfig:
+    enabled: bool = True
+    channels: List[int] = field(default_factory=lambda: [5, 17, 26])
+    magnitudes: List[float] = field(default_factory=lambda: [60.0, -45.0, 30.0])
+    first_frame: float = 1.0
+    boundary: float = 0.5
+    interior: float = 0.1
+    boundary_width: int = 1
+    boundary_unit: str = "rows"
+    layers: Optional[List[int]] = None
+
+
+@dataclass
+class TinyConfig:
+    seed: int = 0
+    num_layers: int = 2
+    num_heads: int = 2
+    head_dim: int = 16
+    ffn_dim: int = 64
+    text_dim: int = 32
+    vae_base_dim: int = 3
+    plant: PlantConfig = field(default_factory=PlantConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = MISSING
+    hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
+    revision: Optional[str] = None
+    tiny: Optional[TinyConfig] = None
+    num_layers: int = MISSING
+    hidden_dim: int = MISSING
+    height: int = MISSING
+    width: int = MISSING
+    num_frames: int = MISSING
+    steps: int = MISSING
+    guidance_scale: float = MISSING
+    flow_shift: Optional[float] = None
+    use_dynamic_cfg: bool = False
+    fps: int = MISSING
+    negative_prompt: str = ""
+    max_sequence_length: int = 226
+    dtype: str = "bfloat16"
+    vae_dtype: Optional[str] = None
+    device: str = "auto"
+    cpu_offload: str = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+
+
+@dataclass
+class WindowConfig:
+    start: float = 0.0
+    end: float = 0.4
+    unit: str = "fraction"  # fraction of the number of steps, or step indices; the window is [start, end)
+
+
+@dataclass
+class SteerConfig:
+    name: str = "stas"
+    enabled: bool = True
+    rule: str = "max_scaled"
+    alpha: float = 1.0
+    strength: float = 1.0
+    targets: str = "first_frame+boundary"
+    boundary_width: int = 1
+    boundary_unit: str = "rows"
+    dims: Any = "auto"  # auto | all | calibrated | calibrated_weak | calibrated_non_ma | [channel, ...]
+    ratio: float = 10.0
+    max_dims: int = 4
+    calibration: Optional[str] = None  # ma_dims.yaml written by stas.analyze
+    layers: Any = "all"  # all | [index, ...] | "start:end"
+    window: WindowConfig = field(default_factory=WindowConfig)
+    branches: str = "both"
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "demo"  # demo | list | file | vbench
+    prompts: List[str] = field(default_factory=list)
+    path: Optional[str] = None
+    samples_per_prompt: int = 1
+    limit: Optional[int] = None
+    vbench_dimensions: Optional[List[str]] = None
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "stas"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    log_videos: int = 4
+    init_timeout: int = 120
+
+
+@dataclass
+class ShardConfig:
+    # Only what is given here shards a run (None: 0 of 1): under a Slurm launcher $SLURM_ARRAY_TASK_ID numbers the
+    # sweep's cells, not shards, so it is never read (the sbatch scripts pass shard.index/count explicitly).
+    index: Optional[int] = None
+    count: Optional[int] = None
+
+
+ANALYSIS_PLOTS = ("tokens", "ratios", "channels", "profile")
+
+
+@dataclass
+class AnalysisConfig:
+    """What stas.analyze captures, detects, calibrates and plots (see docs/analysis.md)."""
+
+    layers: Any = "all"  # blocks captured: all | [index, ...] | "start:end"
+    steps: Any = "all"  # denoising steps captured: all | [index, ...] | "start:end"
+    # (block, step) pairs whose per-token MA magnitude is kept (S floats each): the sequence plot, within-frame
+    # profile and period. None: the middle captured block; the first captured step and the one nearest 10% of steps.
+    profile_layers: Any = None
+    profile_steps: Any = None
+    ratio: float = 10.0  # a channel is massive when its peak |value| exceeds ratio x the median channel peak
+    max_dims: int = 8  # channels ranked per hidden state (the massive ones among them are kept)
+    min_frequency: float = 0.5  # calibration: massive in at least this fraction of a block's observations
+    weak: int = 4  # calibration: the next-ranked channels that do not qualify, per block
+    non_ma: int = 4  # calibration: ordinary channels nearest the median peak, per block
+    plots: List[str] = field(default_factory=lambda: list(ANALYSIS_PLOTS))
+    compare: List[str] = field(default_factory=list)  # analysis run directories to put side by side (no sampling)
+
+
+@dataclass
+class StasConfig:
+    model: ModelConfig = MISSING
+    steer: SteerConfig = MISSING
+    prompts: PromptsConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    experiment: Optional[str] = None
+    name: str = "default"  # experiment name: W&B group, output folder
+    seed: int = 0
+    progress: bool = True
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+
+SCHEMAS = {
+    "model": ModelConfig,
+    "steer": SteerConfig,
+    "prompts": PromptsConfig,
+    "eval": EvalConfig,
+    "logger": LoggerConfig,
+    "analysis": AnalysisConfig,
+}
+
+
+def path_safe(text: str) -> str:
+    """A sweep's override_dirname as one directory name: a group override such as steer/window=late has a '/'."""
+    return str(text).replace("/", ".")
+
+
+def repo_path(relative: str) -> str:
+    """`${repo:experiments/x.yaml}`: a file shipped with stas, wherever the command runs from."""
+    return str(REPO_DIR / relative)
+
+
+def register_configs() -> None:
+    """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass)."""
+    for name, resolver in (("path_safe", path_safe), ("repo", repo_path)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+    store = ConfigStore.instance()
+    store.store(name="stas_schema", node=StasConfig)
+    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        # Experiments live in experiments/ (one file each, `# @package _global_`); registering them here makes
+        # them the `experiment` group without a second copy under conf/.
+        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def load_group_option(group: str, name: str) -> DictConfig:
+    """One option of a config group, merged onto its schema (used outside Hydra, e.g. by get_backbone)."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+        raise ConfigError(f"{group}={name!r} is not an option; available: {options}")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), node)
+
+
