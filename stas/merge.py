@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stas.errors import UserError
+from stas.evaluation import aggregate_metrics
 from stas.generation import generation_rows
 from stas.rundir import (
     MANIFEST_FILE,
@@ -104,8 +105,6 @@ def merge(target: Path, sources: list[Path] = ()) -> MergeReport:
     rows = sorted((row for _, row in found.values()), key=lambda row: order[row["key"]])
     atomic_write_jsonl(target / "generation.jsonl", rows)
     if metric_rows:
-        from stas.evaluation import aggregate_metrics
-
         atomic_write_jsonl(target / "metrics.jsonl", metric_rows)
         atomic_write_json(target / "metrics.json", aggregate_metrics(metric_rows))
     report = MergeReport(target, len(manifest), len(rows), len(copies),

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from stas.errors import UserError
+from stas.evaluation.scores import vbench_scores
+from stas.generation import generation_rows
 from stas.rundir import (IDENTITY_FILE, MANIFEST_FILE, METRIC_FIELDS, checked_records, flatten,
                          load_identity, read_manifest)
 
@@ -114,8 +116,6 @@ def _vbench_dims(per_prompt) -> dict[str, dict[str, float]]:
 
 
 def composite_scores(dimension_means: dict[str, float]) -> dict[str, float]:
-    from stas.evaluation import vbench_scores
-
     scores = vbench_scores(dimension_means)
     return {name: scores[name] for name in COMPOSITES if scores.get(name) is not None}
 
@@ -218,8 +218,6 @@ def _delta_record(run, keys, metric, delta, low, high, prompts) -> dict:
 
 def missing_work(run: Run) -> list[str]:
     """What a run still lacks: videos of its manifest not generated, generated videos without metrics."""
-    from stas.generation import generation_rows
-
     manifest = read_manifest(run.path) if (run.path / MANIFEST_FILE).exists() else []
     generated = generation_rows(run.path)  # checks every row (untrusted input)
     problems = []

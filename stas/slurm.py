@@ -27,6 +27,7 @@ from stas.cli import compose_config, override_key
 from stas.config import ConfigError, path_safe, validate
 from stas.errors import UserError
 from stas.paths import REPO_DIR
+from stas.rundir import atomic_write_text
 
 SCRIPTS_DIR = REPO_DIR / "slurm"
 STAGES = ("generate", "evaluate", "merge")
@@ -153,8 +154,6 @@ def commands(cells: list[Cell], base, shards: int) -> list[tuple[str, list[str],
 
 def write_cell_files(cell: Cell, launcher) -> None:
     """What the sbatch scripts read: the cell's overrides (one a line) and the environment setup."""
-    from stas.rundir import atomic_write_text
-
     slurm_dir = cell.run_dir / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(slurm_dir / "overrides.txt", "\n".join(task_overrides(cell.overrides)) + "\n")
