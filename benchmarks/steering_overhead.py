@@ -210,7 +210,9 @@ def hook_and_block_cases(bench: Bench) -> dict:
         output = block.forward(*args, **kwargs)
     hook = LayerSteering(steerer, index, steerer.channels[index])
     steerer.begin(bench.layout, bench.steps, do_cfg=True)
-    steerer.tracker.on_transformer_call(transformer, (), {})  # the step's first transformer call
+    # The step's first transformer call; the pre-hook reads the call's batch and device from its latents, for which
+    # the block's input hidden states stand in.
+    steerer.tracker.on_transformer_call(transformer, (), {"hidden_states": kwargs.get("hidden_states", args[0])})
 
     def run_block():
         with torch.inference_mode():

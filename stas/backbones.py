@@ -162,6 +162,7 @@ def get_backbone(name: str) -> Backbone:
 # ---------------------------------------------------------------------------------------------------------- loading
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPILE_MODES = ("none", "regional", "full")
 
 
 def resolve_device(device: str, field: str = "model.device") -> torch.device:
@@ -182,6 +183,8 @@ def load_pipeline(model_cfg, backbone: Backbone):
     else:
         pipe = _from_pretrained(model_cfg, backbone)
     check_pipeline_matches(pipe, backbone)
+    # Before offloading: accelerate's offload hooks then wrap the compiled code instead of being traced into it.
+    compile_transformer(pipe.transformer, model_cfg.compile)
     if model_cfg.vae_tiling:
         pipe.vae.enable_tiling()
     if model_cfg.vae_slicing:
@@ -194,6 +197,31 @@ def load_pipeline(model_cfg, backbone: Backbone):
         pipe.to(device)
     pipe.set_progress_bar_config(leave=False, desc="denoising steps")
     return pipe
+
+
+def compile_transformer(transformer: torch.nn.Module, mode: str, **options) -> None:
+    """torch.compile a diffusers transformer in place: `mode` none, regional or full (model.compile).
+
+    regional: diffusers' `compile_repeated_blocks` (the transformer blocks, one graph shared by all of them: the
+    recommended mode, compiling in seconds rather than minutes). full: the transformer's `forward`, blocks included.
+    Both leave the transformer's own forward pre-hooks eager, on purpose: stas's hooks (stas.hooks, stas.capture,
+    the tiny twins' planter) count the denoising calls and write their per-call device state there, outside the
+    graph; `transformer.compile()` would compile `_call_impl`, those pre-hooks with it, and a host counter inside a
+    graph recompiles at every call. The block hooks are traced into the graphs (they read nothing that changes
+    from call to call on the host). `options` go to torch.compile."""
+    if mode not in COMPILE_MODES:
+        raise BackboneError(f"model.compile={mode!r} is not allowed; allowed: {', '.join(COMPILE_MODES)}")
+    if mode == "regional":
+        if not getattr(transformer, "_repeated_blocks", None):
+            import diffusers
+
+            raise BackboneError(
+                f"model.compile=regional needs diffusers' regional compilation, and {type(transformer).__name__} "
+                f"declares no `_repeated_blocks` in diffusers {diffusers.__version__}: use model.compile=full"
+            )
+        transformer.compile_repeated_blocks(**options)
+    elif mode == "full":
+        transformer.forward = torch.compile(transformer.forward, **options)
 
 
 def check_pipeline_matches(pipe, backbone: Backbone) -> None:

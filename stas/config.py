@@ -20,7 +20,7 @@ from omegaconf.errors import ValidationError
 
 from stas.errors import ConfigError  # defined in stas.errors, importable from here too
 
-from stas.backbones import CONF_DIR, DTYPES, FAMILIES, Backbone, backbone_from_config, runs_cfg
+from stas.backbones import COMPILE_MODES, CONF_DIR, DTYPES, FAMILIES, Backbone, backbone_from_config, runs_cfg
 from stas.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
 from stas.massive import CALIBRATION_KINDS, load_calibration
 from stas.steering import RULES_WITH_ALPHA, check_rule
@@ -87,6 +87,7 @@ class ModelConfig:
     cpu_offload: str = "none"
     vae_tiling: bool = False
     vae_slicing: bool = False
+    compile: str = "none"  # none | regional (the blocks, diffusers' compile_repeated_blocks) | full (forward)
 
 
 @dataclass
@@ -356,6 +357,11 @@ def validate_model(model) -> Backbone:
     if model.vae_dtype is not None:
         _allowed("model.vae_dtype", model.vae_dtype, DTYPES)
     _allowed("model.cpu_offload", model.cpu_offload, OFFLOAD_MODES)
+    _allowed("model.compile", model.compile, COMPILE_MODES)
+    if model.compile != "none" and model.cpu_offload == "sequential":
+        raise ConfigError(f"model.compile={model.compile} cannot be combined with model.cpu_offload=sequential (its "
+                          "hooks move every layer's weights inside the compiled code); use model.cpu_offload=model "
+                          "or model.compile=none")
     _check_device("model.device", model.device)
     _at_least("model.num_layers", model.num_layers, 1)
     backbone = backbone_from_config(model)
