@@ -224,6 +224,21 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, **options) -> N
         transformer.forward = torch.compile(transformer.forward, **options)
 
 
+def compile_counts() -> dict:
+    """torch.compile's totals in this process so far (since the last torch._dynamo.reset()): graphs compiled,
+    recompiles (compiles of a frame after its first: a guard failed, e.g. a host value read in traced code changed)
+    and graph breaks. Compare two readings to see what a run added; on any device."""
+    from torch._dynamo import convert_frame
+    from torch._dynamo.utils import counters
+
+    per_frame = getattr(convert_frame, "FRAME_COMPILE_COUNTER", {})  # compiles per frame (dynamo internals)
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "recompiles": sum(max(0, count - 1) for count in per_frame.values()),
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
 def check_pipeline_matches(pipe, backbone: Backbone) -> None:
     """Fail early when a loaded pipeline contradicts its backbone description (wrong family or sizes)."""
     transformer = pipe.transformer
