@@ -169,10 +169,12 @@ class MACapture:
         self.profile_mask: torch.Tensor | None = None  # (layer slot, step slot) -> whether it is a profile pair
         self._region_masks: dict = {}
         self._hooked: list[LayerCapture] = []
+        self._placed = False  # the attached hooks' slots and the profile table are on the state's device
 
     @contextmanager
     def attach(self, transformer):
         self._hooked = [LayerCapture(self, layer) for layer in self.selection.layers]
+        self._placed = False
         try:
             with self.hooks.attached(transformer, dict(zip(self.selection.layers, self._hooked))):
                 yield self
@@ -183,7 +185,7 @@ class MACapture:
         self.tracker.begin(layout, num_steps, do_cfg)
         self.layout = layout
         self.branches = CFG_BRANCHES if do_cfg else ("cond",)
-        self.buffers = None  # allocated by the first hook call, on the device the blocks run on
+        self.buffers = None  # allocated by the pre-hook of the first transformer call, on its device
 
     def _on_call(self) -> None:
         """The transformer pre-hook's part (eager, outside any compiled region): the buffers on the call's device,
@@ -197,7 +199,10 @@ class MACapture:
         rows = tuple(span for _, span in found)
         if self.state is None or (self.state.device, self.state.rows) != (device, rows):
             self.state = CaptureState(device, rows)
+            self._placed = False
+        if not self._placed:  # before any (compiled) hook reads them
             self._place(device)
+            self._placed = True
         self.state.set(self.step_slot.get(tracker.step), [self.branches.index(name) for name, _ in found])
 
     def _place(self, device) -> None:

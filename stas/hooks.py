@@ -211,6 +211,7 @@ class LayerSteering:
             return None
         if state.rows is None:  # no call of this run has a steered branch (e.g. uncond without CFG)
             return None
+        gate = state.gate if torch.compiler.is_compiling() else None  # eager hooks run in steered calls only
         hidden = steerer.backbone.video_tokens(output)
         if hidden.shape[1] != state.num_tokens:
             steerer.tracker.check_tokens(hidden.shape[1])
@@ -222,7 +223,9 @@ class LayerSteering:
             peaks = channel_peaks(steered, dim=1)  # the one full read of the hidden states
             channels, is_massive = top_massive_channels(peaks.amax(dim=0), params.ratio, params.max_dims)
             peaks = peaks[:, channels]
-            massive = is_massive.sum() * state.gate  # stays on the device: record() reads the totals once
+            massive = is_massive.sum()  # stays on the device: record() reads the totals once
+            if gate is not None:
+                massive = massive * gate
             state.massive_seen.add_(massive)
             state.values_steered.add_(massive * values_per_channel)
         else:
@@ -231,7 +234,7 @@ class LayerSteering:
                 channels = self.device_channels = self.channels.to(hidden.device)
             peaks = channel_peaks(steered[:, :, channels], dim=1)  # reads only the steered channels
             is_massive = None  # the steered values of fixed channels are counted on the host by the pre-hook
-        steer_tokens_(steered, token_index, channels, is_massive, peaks, params, gate=state.gate)
+        steer_tokens_(steered, token_index, channels, is_massive, peaks, params, gate=gate)
         return None
 
 
@@ -273,11 +276,13 @@ class StasSteerer:
         self.calls: Counter = Counter()
         self.state: CallState | None = None  # per-call device state, (re)made by the pre-hook for each device
         self._hooked: dict[int, LayerSteering] = {}
+        self._placed = False  # the attached hooks' channels are on the state's device
         self._fixed_values = 0  # values steered at fixed channels, counted on the host
 
     @contextmanager
     def attach(self, transformer):
         self._hooked = {layer: LayerSteering(self, layer, self.channels[layer]) for layer in self.hooked_layers}
+        self._placed = False
         try:
             with self.hooks.attached(transformer, self._hooked):
                 yield self
@@ -303,6 +308,12 @@ class StasSteerer:
         state = self.state
         if state is None or state.key != (device, batch, tracker.layout.num_tokens, tracker.do_cfg):
             state = self.state = self._new_state(device, batch)
+            self._placed = False
+        if not self._placed:  # fixed channels on the device, before any (compiled) hook reads them
+            for hook in self._hooked.values():
+                if hook.channels is not None:
+                    hook.device_channels = hook.channels.to(device)
+            self._placed = True
         rows = tracker.rows(self.branches, batch)
         active = tracker.step in self.steps and rows is not None
         state.set(active)
@@ -323,9 +334,6 @@ class StasSteerer:
         if previous is not None:  # a new device or batch within a run: carry the totals over
             state.massive_seen.add_(previous.massive_seen.to(device))
             state.values_steered.add_(previous.values_steered.to(device))
-        for hook in self._hooked.values():
-            if hook.channels is not None:
-                hook.device_channels = hook.channels.to(device)
         return state
 
     def token_index_on(self, device) -> torch.Tensor:
