@@ -170,6 +170,7 @@ class MACapture:
         self._region_masks: dict = {}
         self._hooked: list[LayerCapture] = []
         self._placed = False  # the attached hooks' slots and the profile table are on the state's device
+        self._on_device: dict = {}  # device -> (layer slots, profile table, profile mask) there, made once
 
     @contextmanager
     def attach(self, transformer):
@@ -206,19 +207,21 @@ class MACapture:
         self.state.set(self.step_slot.get(tracker.step), [self.branches.index(name) for name, _ in found])
 
     def _place(self, device) -> None:
-        """The per-block slots and the profile table on `device` (once per device)."""
+        """The attached hooks' slots and the profile table on `device` (made once per device)."""
+        if device not in self._on_device:
+            sel = self.selection
+            with torch.inference_mode(False):
+                slots = [torch.tensor([slot]).to(device) for slot in range(len(sel.layers))]
+                table = profile = None
+                if sel.profile:
+                    table = torch.zeros(len(sel.layers), len(sel.steps), dtype=torch.long)
+                    for (layer, step), slot in self.profile_slot.items():
+                        table[sel.layers.index(layer), self.step_slot[step]] = slot + 1
+                    table, profile = (table - 1).clamp(min=0).to(device), (table > 0).to(device)
+            self._on_device[device] = slots, table, profile
+        slots, self.profile_table, self.profile_mask = self._on_device[device]
         for hook in self._hooked:
-            hook.slot = hook.slot.to(device)
-        sel = self.selection
-        if not sel.profile:
-            self.profile_table = self.profile_mask = None
-            return
-        table = torch.zeros(len(sel.layers), len(sel.steps), dtype=torch.long)
-        for (layer, step), slot in self.profile_slot.items():
-            table[sel.layers.index(layer), self.step_slot[step]] = slot + 1
-        with torch.inference_mode(False):
-            self.profile_table = (table - 1).clamp(min=0).to(device)
-            self.profile_mask = (table > 0).to(device)
+            hook.slot = slots[hook.layer_slot]
 
     def buffers_for(self, hidden: torch.Tensor) -> dict:
         if hidden.shape[1] != self.layout.num_tokens:

@@ -277,6 +277,7 @@ class StasSteerer:
         self.state: CallState | None = None  # per-call device state, (re)made by the pre-hook for each device
         self._hooked: dict[int, LayerSteering] = {}
         self._placed = False  # the attached hooks' channels are on the state's device
+        self._device_channels: dict = {}  # (layer, device) -> fixed channels there, copied once
         self._fixed_values = 0  # values steered at fixed channels, counted on the host
 
     @contextmanager
@@ -310,9 +311,11 @@ class StasSteerer:
             state = self.state = self._new_state(device, batch)
             self._placed = False
         if not self._placed:  # fixed channels on the device, before any (compiled) hook reads them
-            for hook in self._hooked.values():
+            for layer, hook in self._hooked.items():
                 if hook.channels is not None:
-                    hook.device_channels = hook.channels.to(device)
+                    if (layer, device) not in self._device_channels:
+                        self._device_channels[(layer, device)] = hook.channels.to(device)
+                    hook.device_channels = self._device_channels[(layer, device)]
             self._placed = True
         rows = tracker.rows(self.branches, batch)
         active = tracker.step in self.steps and rows is not None
