@@ -233,6 +233,8 @@ def hook_and_block_cases(bench: Bench, compile_mode: str = "none") -> dict:
     with torch.inference_mode():
         output = block.forward(*args, **kwargs)
     hook = LayerSteering(steerer, index, steerer.channels[index])
+    if hook.channels is not None:  # fixed channels: on the device before the hook runs (compiled or not)
+        hook.device_channels = hook.channels.to(bench.device)
     steerer.begin(bench.layout, bench.steps, do_cfg=True)
     # The step's first transformer call; the pre-hook reads the call's batch and device from its latents, for which
     # the block's input hidden states stand in.

@@ -48,7 +48,7 @@ class DenoisingTracker:
         self.calls = 0
         self.step = -1
         self.call_in_step = 0
-        self.latents: torch.Tensor | None = None  # the current call's input (its batch and device), never read
+        self.latents: torch.Tensor | None = None  # the call's input while the listeners run (its batch, device)
         # Called after every count with no arguments: they prepare the hooks' per-call state, outside any graph.
         self.listeners: list[Callable[[], None]] = []
 
@@ -348,10 +348,6 @@ class StasSteerer:
                 self.params.targets, self.params.boundary_width, self.params.boundary_unit, device=device
             )
         return self._token_index[key]
-
-    def token_index(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.tracker.check_tokens(hidden.shape[1])
-        return self.token_index_on(hidden.device)
 
     def _branch_name(self, rows: slice, batch: int) -> str:
         names = [name for name, span in self.tracker.branches_of_call(batch)
