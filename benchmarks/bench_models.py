@@ -155,8 +155,10 @@ class Denoiser:
         self.extra_scale = extra_scale
 
     def run(self, steps: range, extra_pass: bool = False) -> torch.Tensor:
-        latents = self.inputs.latents
         with torch.inference_mode():
+            # An inference tensor, like the latents of every later step (and the pipelines' own): a compiled
+            # transformer would otherwise compile a second variant for the first step's input.
+            latents = self.inputs.latents.clone()
             for step in steps:
                 latents = self.step(latents, step, extra_pass)
         return latents

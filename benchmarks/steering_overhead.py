@@ -4,6 +4,7 @@
     python benchmarks/steering_overhead.py --quick              # smoke run: small model, 3 rounds, under a minute
     python benchmarks/steering_overhead.py --device cuda --model wan21_1.3b    # full Wan2.1-1.3B config, bf16
     python benchmarks/steering_overhead.py --device cuda --model cogvideox5b   # full CogVideoX-5B config, bf16
+    python benchmarks/steering_overhead.py --compile regional   # compiled vanilla vs compiled STAS (also: full)
 
 What runs: a random-init diffusers transformer of the chosen config with planted massive activations
 (stas.backbones.tiny.plant_massive_activations, so that auto-detection finds real channels), driven by the denoising loop of
@@ -18,6 +19,12 @@ Measured, each as interleaved rounds (benchmarks/timing.py):
   whole run   a whole sampling run of --steps steps with the default window: vanilla CFG vs CFG + STAS.
 On CUDA the steered calls run under torch.cuda.set_sync_debug_mode("error"): a host-device synchronisation in
 the steering hook (or anywhere in the steered step) raises instead of passing silently.
+
+--compile regional|full compiles the transformer as model.compile does (stas.backbones.compile_transformer), so
+both sides are compiled: vanilla CFG and CFG + STAS each run once untimed first (every graph compiles then), and
+the report gives torch.compile's graphs, recompiles and graph breaks of that warm-up and of the timed rounds
+after it (which should add none). Hook vs block then times the block's forward and the hook each compiled, as
+regional compilation runs them (full compilation traces both into one graph).
 
 The last line printed is `overhead_ratio=<median steered / median vanilla, in-window step>`.
 """
@@ -112,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window-rounds", type=at_least(1), help="timed rounds of the in-window step")
     parser.add_argument("--run-rounds", type=at_least(1), help="timed rounds of the whole run")
     parser.add_argument("--hook-rounds", type=at_least(1), help="timed rounds of the hook-vs-block comparison")
+    parser.add_argument("--compile", choices=["none", "regional", "full"], default="none",
+                        help="torch.compile the transformer as model.compile does (default: none, eager)")
     return parser.parse_args(argv)
 
 
@@ -132,12 +141,13 @@ def main(argv=None) -> dict:
 def measure(args) -> dict:
     name, spec, plan, device = resolve(args)
 
-    from stas.backbones import DTYPES
-    from stas.core.selection import window_steps
+    from stas.backbones import DTYPES, compile_counts, compile_transformer
     from stas.core.layout import TokenLayout
+    from stas.core.selection import window_steps
 
     dtype = DTYPES[spec.dtype]
     transformer, backbone = build_transformer(spec, name, device, dtype, args.seed)
+    compile_transformer(transformer, args.compile)
     inputs = make_inputs(spec, backbone, transformer, device, dtype, plan.steps, args.seed)
     layout = TokenLayout.for_video(backbone, spec.video[1], spec.video[2], spec.video[0])
     steerer = default_steerer(backbone)
@@ -147,8 +157,13 @@ def measure(args) -> dict:
     bench = Bench(Denoiser(transformer, backbone, inputs, dtype), steerer, layout, device, plan.steps)
     synchronize = device_synchronizer(device)
 
-    # Lazy caches (token indices, planted biases, CUDA kernels and allocator) fill here, outside the sync check.
+    # Lazy caches (token indices, planted biases, CUDA kernels and allocator) and every compiled graph fill here,
+    # outside the sync check and the timings.
+    compiled_before = compile_counts()
     bench.steered(range(1), check_sync=False)
+    bench.vanilla(range(1))
+    bench.vanilla(range(1), extra_pass=True)
+    compiled_warm = compile_counts()
     one_step, all_steps = range(1), range(plan.steps)
     in_window = interleave({
         "vanilla": lambda: bench.vanilla(one_step),
@@ -162,13 +177,16 @@ def measure(args) -> dict:
         "stas": lambda: bench.steered(all_steps),
     }, repeats=plan.run_rounds, warmup=0, synchronize=synchronize)
     record_whole_run = steerer.record()
-    hook_vs_block = interleave(hook_and_block_cases(bench), repeats=plan.hook_rounds, warmup=1,
+    compiled_after = compile_counts()
+    hook_vs_block = interleave(hook_and_block_cases(bench, args.compile), repeats=plan.hook_rounds, warmup=1,
                                synchronize=synchronize)
 
     result = {
         "benchmark": "steering_overhead",
         "machine": machine(device),
         "model": model_record(name, spec, backbone, layout, device),
+        "compile": {"mode": args.compile, "warmup": _added(compiled_before, compiled_warm),
+                    "timed_rounds": _added(compiled_warm, compiled_after)},
         "steer": {"window_steps": [window.start, window.stop], "of_steps": plan.steps,
                   "record_in_window_step": record_in_window, "record_whole_run": record_whole_run,
                   "steering_changed_latents": changed},
@@ -187,12 +205,18 @@ def measure(args) -> dict:
     return result
 
 
-def hook_and_block_cases(bench: Bench) -> dict:
+def _added(before: dict, after: dict) -> dict:
+    """What torch.compile did between two readings of compile_counts: graphs, recompiles, graph breaks."""
+    return {key: after[key] - before[key] for key in before}
+
+
+def hook_and_block_cases(bench: Bench, compile_mode: str = "none") -> dict:
     """The steering hook alone vs the forward of the block it follows, on that block's real inputs and output.
 
     Both run on the last block (whose input carries the planted MAs of all blocks before it), in the first call
     of an in-window step; the block's own forward hooks (planting, steering) are bypassed. Their ratio is the
-    hook's share of the block's time, free of the noise of whole steps.
+    hook's share of the block's time, free of the noise of whole steps. Compiled (`compile_mode` other than none),
+    each is compiled on its own and run once before timing.
     """
     from stas.methods.stas import LayerSteering
 
@@ -209,17 +233,28 @@ def hook_and_block_cases(bench: Bench) -> dict:
     with torch.inference_mode():
         output = block.forward(*args, **kwargs)
     hook = LayerSteering(steerer, index, steerer.channels[index])
+    if hook.channels is not None:  # fixed channels: on the device before the hook runs (compiled or not)
+        hook.device_channels = hook.channels.to(bench.device)
     steerer.begin(bench.layout, bench.steps, do_cfg=True)
-    steerer.tracker.on_transformer_call(transformer, (), {})  # the step's first transformer call
+    # The step's first transformer call; the pre-hook reads the call's batch and device from its latents, for which
+    # the block's input hidden states stand in.
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    steerer.tracker.on_transformer_call(transformer, (), {"hidden_states": hidden})
+
+    forward, steer = block.forward, hook
+    if compile_mode != "none":
+        forward, steer = torch.compile(block.forward), torch.compile(hook)
 
     def run_block():
         with torch.inference_mode():
-            block.forward(*args, **kwargs)
+            forward(*args, **kwargs)
 
-    def run_hook():
-        with torch.inference_mode(), no_sync_allowed(bench.device):
-            hook(block, args, output)
+    def run_hook(check_sync: bool = True):
+        with torch.inference_mode(), no_sync_allowed(bench.device) if check_sync else nullcontext():
+            steer(block, args, output)
 
+    run_block()
+    run_hook(check_sync=False)  # compiles here, outside the sync check
     return {"block": run_block, "hook": run_hook}
 
 
@@ -227,9 +262,13 @@ def report(result: dict, in_window: dict, whole_run: dict, hook_vs_block: dict, 
     model, steer, ratios = result["model"], result["steer"], result["ratios"]
     record = steer["record_in_window_step"]
     cpu_time = device.type == "cpu"
+    compiled = result["compile"]
     lines = [
         f"steering overhead: {describe(model)}",
         f"  machine: {json.dumps(result['machine'])}",
+        f"  torch.compile: {compiled['mode']}" + ("" if compiled["mode"] == "none" else
+            f"; warm-up (one untimed vanilla, STAS and extra-pass step): {_counts(compiled['warmup'])}; timed rounds "
+            f"after it: {_counts(compiled['timed_rounds'])}"),
         f"  STAS (SteerConfig defaults): window steps [{steer['window_steps'][0]}, {steer['window_steps'][1]}) of "
         f"{steer['of_steps']}, {record['tokens']} of {model['tokens']} tokens; per step {record['hook_calls']} "
         f"hook calls ({len(record['layers'])} blocks, branches {', '.join(record['branches'])}); auto-detected MA "
@@ -248,7 +287,8 @@ def report(result: dict, in_window: dict, whole_run: dict, hook_vs_block: dict, 
               baseline=whole_run["vanilla"], cpu_time=cpu_time),
         "",
         f"hook vs block: the steering hook alone vs the forward of the block it follows (last block, first call "
-        f"of a step), {len(hook_vs_block['block'].seconds)} interleaved rounds",
+        f"of a step{', each compiled' if compiled['mode'] != 'none' else ''}), "
+        f"{len(hook_vs_block['block'].seconds)} interleaved rounds",
         table([("block forward", hook_vs_block["block"]), ("steering hook", hook_vs_block["hook"])],
               baseline=hook_vs_block["block"], cpu_time=cpu_time),
         "",
@@ -257,6 +297,10 @@ def report(result: dict, in_window: dict, whole_run: dict, hook_vs_block: dict, 
         f"  hook_share_of_block={ratios['hook_share_of_block']['median']:.5f}",
     ]
     return "\n".join(lines)
+
+
+def _counts(counts: dict) -> str:
+    return f"{counts['graphs']} graphs, {counts['recompiles']} recompiles, {counts['graph_breaks']} graph breaks"
 
 
 if __name__ == "__main__":

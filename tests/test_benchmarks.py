@@ -64,6 +64,23 @@ def test_steering_overhead_quick(tmp_path, capsys, model, dtype, calls_per_step)
     assert steer["steering_changed_latents"] is True
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model, mode", [("tiny_wan21", "regional"), ("tiny_cogvideox", "full")])
+def test_steering_overhead_compiled(tmp_path, capsys, model, mode):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    out = tmp_path / "steering.json"
+    steering_overhead.main(["--quick", "--model", model, "--compile", mode, "--threads", "1", "--json", str(out)])
+    torch._dynamo.reset()
+    assert f"torch.compile: {mode}; warm-up" in capsys.readouterr().out
+    compiled = json.loads(out.read_text())["compile"]
+    assert compiled["mode"] == mode
+    assert compiled["warmup"]["graphs"] > 0 and compiled["warmup"]["graph_breaks"] == 0
+    # Compiled once, vanilla and STAS alike: the timed rounds ran compiled code only.
+    assert compiled["timed_rounds"] == {"graphs": 0, "recompiles": 0, "graph_breaks": 0}
+
+
 def test_steering_overhead_rejects_a_window_too_short_to_steer(capsys):
     with pytest.raises(SystemExit, match="window is empty"):
         steering_overhead.main(["--quick", "--model", "tiny_wan21", "--steps", "1"])

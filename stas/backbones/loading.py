@@ -7,6 +7,7 @@ import os
 import torch
 
 from stas.backbones.base import DTYPES, Backbone, BackboneError
+from stas.backbones.compile import compile_transformer
 from stas.backbones.tiny import build_tiny_pipeline
 from stas.hub import hub_reachable
 
@@ -26,6 +27,8 @@ def load_pipeline(model_cfg, backbone: Backbone):
     else:
         pipe = _from_pretrained(model_cfg, backbone)
     check_pipeline_matches(pipe, backbone)
+    # Before offloading: accelerate's offload hooks then wrap the compiled code instead of being traced into it.
+    compile_transformer(pipe.transformer, model_cfg.compile)
     if model_cfg.vae_tiling:
         pipe.vae.enable_tiling()
     if model_cfg.vae_slicing:

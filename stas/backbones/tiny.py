@@ -11,6 +11,7 @@ profile are in the model config (`model.tiny.plant`).
 from __future__ import annotations
 
 import string
+from types import SimpleNamespace
 
 import torch
 
@@ -84,31 +85,39 @@ def planted_profile(layout: TokenLayout, plant) -> torch.Tensor:
 
 
 class MassiveActivationPlanter:
-    """Adds planted massive activations to chosen blocks of a tiny transformer (see the module docstring)."""
+    """Adds planted massive activations to chosen blocks of a tiny transformer (see the module docstring).
+
+    The transformer's pre-hook (eager, outside any compiled region) reads the token grid of the call and puts the
+    per-token bias on the call's device; the block hooks only add it, so compiled blocks see one graph."""
 
     def __init__(self, backbone: Backbone, plant):
         self.backbone = backbone
-        self.plant = plant
+        # The plant config as plain values: hooks never read an OmegaConf node.
+        self.plant = SimpleNamespace(interior=float(plant.interior), boundary=float(plant.boundary),
+                                     first_frame=float(plant.first_frame), boundary_width=int(plant.boundary_width),
+                                     boundary_unit=str(plant.boundary_unit))
         self.channels = torch.tensor(list(plant.channels), dtype=torch.long)
         self.magnitudes = torch.tensor(list(plant.magnitudes), dtype=torch.float32)
         self.layout: TokenLayout | None = None
+        self.bias: torch.Tensor | None = None  # (S, channels) float32 on the call's device
+        self.device_channels: torch.Tensor | None = None
         self._bias_cache: dict = {}
 
     def read_grid(self, transformer, args, kwargs):
         latents = kwargs.get("hidden_states", args[0] if args else None)
         self.layout = TokenLayout(*self.backbone.grid_of_latents(latents))
+        key = (self.layout, latents.device)
+        if key not in self._bias_cache:
+            profile = planted_profile(self.layout, self.plant)
+            with torch.inference_mode(False):  # kept across calls, inside inference_mode or not
+                self._bias_cache[key] = ((profile[:, None] * self.magnitudes[None, :]).to(latents.device),
+                                         self.channels.to(latents.device))
+        self.bias, self.device_channels = self._bias_cache[key]
 
     def add(self, block, args, output):
         hidden = self.backbone.video_tokens(output)
-        key = (self.layout, hidden.device, hidden.dtype)
-        if key not in self._bias_cache:
-            profile = planted_profile(self.layout, self.plant)
-            self._bias_cache[key] = (
-                (profile[:, None] * self.magnitudes[None, :]).to(hidden.device, hidden.dtype),
-                self.channels.to(hidden.device),
-            )
-        bias, channels = self._bias_cache[key]
-        hidden.index_add_(-1, channels, bias.expand(hidden.shape[0], -1, -1))
+        bias = self.bias.to(hidden.dtype)  # a no-op in float32
+        hidden.index_add_(-1, self.device_channels, bias.expand(hidden.shape[0], -1, -1))
         return output
 
 

@@ -67,6 +67,7 @@ class ModelConfig:
     cpu_offload: str = "none"
     vae_tiling: bool = False
     vae_slicing: bool = False
+    compile: str = "none"  # none | regional (the blocks, diffusers' compile_repeated_blocks) | full (forward)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from stas.backbones import DTYPES, FAMILIES, Backbone, backbone_from_config
+from stas.backbones import COMPILE_MODES, DTYPES, FAMILIES, Backbone, backbone_from_config
 from stas.config.schema import ANALYSIS_PLOTS, BRANCHES, DIMS_MODES, OFFLOAD_MODES, StasConfig
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
 from stas.core.massive import CALIBRATION_KINDS
@@ -102,6 +102,11 @@ def validate_model(model) -> Backbone:
     if model.vae_dtype is not None:
         check_allowed("model.vae_dtype", model.vae_dtype, DTYPES)
     check_allowed("model.cpu_offload", model.cpu_offload, OFFLOAD_MODES)
+    check_allowed("model.compile", model.compile, COMPILE_MODES)
+    if model.compile != "none" and model.cpu_offload == "sequential":
+        raise ConfigError(f"model.compile={model.compile} cannot be combined with model.cpu_offload=sequential (its "
+                          "hooks move every layer's weights inside the compiled code); use model.cpu_offload=model "
+                          "or model.compile=none")
     _check_device("model.device", model.device)
     check_at_least("model.num_layers", model.num_layers, 1)
     backbone = backbone_from_config(model)

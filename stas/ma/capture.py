@@ -11,6 +11,10 @@ The hooks write into device buffers preallocated on the first call and never rea
 no synchronisation; `read()` copies all buffers back once after the pipeline call. No hidden state outlives its
 hook call: memory is bounded by `capture_bytes` (see docs/analysis.md).
 
+Compile-friendly as the steering hooks are (stas.methods.stas): the transformer's pre-hook (eager) allocates the
+buffers and writes which slot this call fills (step, CFG branch) into small device tensors; the block hooks index
+the buffers with them and write through a gate, so a compiled block sees the same graph at every step.
+
 Usage (what stas.ma.analysis does for each prompt):
 
     capture = MACapture(backbone, selection, ratio=10.0, max_dims=8, boundary_width=1, boundary_unit="rows")
@@ -28,10 +32,10 @@ from dataclasses import dataclass
 import torch
 
 from stas.backbones import CFG_BRANCHES, Backbone
-from stas.core.selection import AnalysisSelection
-from stas.methods.hooks import BlockHooks
 from stas.core.layout import TokenLayout
 from stas.core.massive import channel_peaks, top_massive_channels
+from stas.core.selection import AnalysisSelection
+from stas.methods.hooks import BlockHooks, persistent_tensor
 
 REGION_NAMES = ("first_frame", "boundary", "interior")
 STATS = ("mean", "max")
@@ -79,27 +83,66 @@ class LayerCapture:
     def __init__(self, capture: "MACapture", layer: int):
         self.capture = capture
         self.layer_slot = capture.selection.layers.index(layer)
-        self.profile_slots = {step: capture.profile_slot[(layer, step)]
-                              for layer_, step in capture.selection.profile if layer_ == layer}
+        # The slot as a device tensor (placed by the pre-hook): the same graph serves every block. Slots are
+        # 1-element tensors, not 0-d ones: indexing with a 0-d tensor reads it on the host.
+        self.slot = torch.tensor([self.layer_slot])
 
     def __call__(self, block, args, output):
         capture = self.capture
-        step = capture.tracker.step
-        step_slot = capture.step_slot.get(step)
-        if step_slot is None:
+        state = capture.state
+        # Eager: a step that is not captured costs a host check. Traced: always computed, written through the gate.
+        if not torch.compiler.is_compiling() and (state is None or not state.active):
             return None
         hidden = capture.backbone.video_tokens(output)
         buffers = capture.buffers_for(hidden)
-        profile_slot = self.profile_slots.get(step)
-        for branch, rows in capture.tracker.branches_of_call(hidden.shape[0]):
-            branch_slot = capture.branches.index(branch)
+        layer = self.slot
+        if layer.device != hidden.device:  # eager only: the pre-hook places it for compiled runs
+            layer = self.slot = self.slot.to(hidden.device)
+        step, gate = state.step_slot, state.gate
+        if capture.profile_table is not None:
+            profile = capture.profile_table[layer, step]
+            profile_gate = capture.profile_mask[layer, step].squeeze(0) & gate
+        for rows, branch in state.branches:
             peaks, regions, tokens = reduce_hidden(hidden[rows], buffers["region_masks"], buffers["region_sizes"],
                                                    capture.ratio, capture.max_dims)
-            buffers["peaks"][self.layer_slot, step_slot, branch_slot] = peaks
-            buffers["regions"][self.layer_slot, step_slot, branch_slot] = regions
-            if profile_slot is not None:
-                buffers["tokens"][profile_slot, branch_slot] = tokens
+            _write(buffers["peaks"], (layer, step, branch), peaks, gate)
+            _write(buffers["regions"], (layer, step, branch), regions, gate)
+            if capture.profile_table is not None:
+                _write(buffers["tokens"], (profile, branch), tokens, profile_gate)
         return None
+
+
+def _write(buffer: torch.Tensor, index: tuple, value: torch.Tensor, gate: torch.Tensor) -> None:
+    """buffer[index] = value where `gate` (0-d bool) is True; the slot keeps its value otherwise. `index` holds
+    1-element index tensors (advanced indexing: no host read)."""
+    buffer[index] = torch.where(gate, value, buffer[index])
+
+
+class CaptureState:
+    """The capture hooks' per-call state on the device, written by the transformer pre-hook (eager) only:
+    `gate` (0-d bool, this call's step is captured), `step_slot` (1-element long), and per CFG branch of the call its
+    batch rows (the same in every call) and its buffer slot (1-element long). `active` mirrors `gate` on the host."""
+
+    def __init__(self, device: torch.device, rows: tuple[slice, ...]):
+        self.device, self.rows = device, rows
+        self.gate = persistent_tensor((), dtype=torch.bool, device=device)
+        self.step_slot = persistent_tensor(1, dtype=torch.long, device=device)
+        self.branches = tuple((span, persistent_tensor(1, dtype=torch.long, device=device)) for span in rows)
+        self.active = False
+        self._host = {"step": 0, "branches": [0] * len(rows)}  # what the device tensors hold now
+
+    def set(self, step_slot: int | None, branch_slots: list[int]) -> None:
+        active = step_slot is not None
+        if active != self.active:
+            self.gate.fill_(active)  # kernel launches with host scalars: no synchronisation
+            self.active = active
+        if active and step_slot != self._host["step"]:
+            self.step_slot.fill_(step_slot)
+            self._host["step"] = step_slot
+        for index, ((_, tensor), slot) in enumerate(zip(self.branches, branch_slots)):
+            if slot != self._host["branches"][index]:
+                tensor.fill_(slot)
+                self._host["branches"][index] = slot
 
 
 class MACapture:
@@ -117,35 +160,84 @@ class MACapture:
         self.profile_slot = {pair: slot for slot, pair in enumerate(selection.profile)}
         self.hooks = BlockHooks(backbone)
         self.tracker = self.hooks.tracker
+        self.tracker.listeners.append(self._on_call)
         self.branches: tuple[str, ...] = CFG_BRANCHES
         self.layout: TokenLayout | None = None
         self.buffers: dict | None = None
+        self.state: CaptureState | None = None
+        self.profile_table: torch.Tensor | None = None  # (layer slot, step slot) -> profile slot, on the device
+        self.profile_mask: torch.Tensor | None = None  # (layer slot, step slot) -> whether it is a profile pair
         self._region_masks: dict = {}
+        self._hooked: list[LayerCapture] = []
+        self._placed = False  # the attached hooks' slots and the profile table are on the state's device
+        self._on_device: dict = {}  # device -> (layer slots, profile table, profile mask) there, made once
 
     @contextmanager
     def attach(self, transformer):
-        with self.hooks.attached(transformer, {layer: LayerCapture(self, layer) for layer in self.selection.layers}):
-            yield self
+        self._hooked = [LayerCapture(self, layer) for layer in self.selection.layers]
+        self._placed = False
+        try:
+            with self.hooks.attached(transformer, dict(zip(self.selection.layers, self._hooked))):
+                yield self
+        finally:
+            self._hooked = []
 
     def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
         self.tracker.begin(layout, num_steps, do_cfg)
         self.layout = layout
         self.branches = CFG_BRANCHES if do_cfg else ("cond",)
-        self.buffers = None  # allocated by the first hook call, on the device the blocks run on
+        self.buffers = None  # allocated by the pre-hook of the first transformer call, on its device
+
+    def _on_call(self) -> None:
+        """The transformer pre-hook's part (eager, outside any compiled region): the buffers on the call's device,
+        and which step and branch slots this call fills."""
+        tracker = self.tracker
+        latents = tracker.call_latents()
+        batch, device = latents.shape[0], latents.device
+        if self.buffers is None or self.buffers["peaks"].device != device:
+            self.buffers = self._allocate(device)
+        found = tracker.branches_of_call(batch)
+        rows = tuple(span for _, span in found)
+        if self.state is None or (self.state.device, self.state.rows) != (device, rows):
+            self.state = CaptureState(device, rows)
+            self._placed = False
+        if not self._placed:  # before any (compiled) hook reads them
+            self._place(device)
+            self._placed = True
+        self.state.set(self.step_slot.get(tracker.step), [self.branches.index(name) for name, _ in found])
+
+    def _place(self, device) -> None:
+        """The attached hooks' slots and the profile table on `device` (made once per device)."""
+        if device not in self._on_device:
+            sel = self.selection
+            with torch.inference_mode(False):
+                slots = [torch.tensor([slot]).to(device) for slot in range(len(sel.layers))]
+                table = profile = None
+                if sel.profile:
+                    table = torch.zeros(len(sel.layers), len(sel.steps), dtype=torch.long)
+                    for (layer, step), slot in self.profile_slot.items():
+                        table[sel.layers.index(layer), self.step_slot[step]] = slot + 1
+                    table, profile = (table - 1).clamp(min=0).to(device), (table > 0).to(device)
+            self._on_device[device] = slots, table, profile
+        slots, self.profile_table, self.profile_mask = self._on_device[device]
+        for hook in self._hooked:
+            hook.slot = slots[hook.layer_slot]
 
     def buffers_for(self, hidden: torch.Tensor) -> dict:
-        self.tracker.check_tokens(hidden.shape[1])
-        if self.buffers is None:
+        if hidden.shape[1] != self.layout.num_tokens:
+            self.tracker.check_tokens(hidden.shape[1])
+        if self.buffers is None:  # eager, hooks called without the pre-hook (tests)
             self.buffers = self._allocate(hidden.device)
         return self.buffers
 
     def _allocate(self, device) -> dict:
         sel, branches, layout = self.selection, len(self.branches), self.layout
-        key = (layout, device)
+        key = (layout, torch.device(device))
         if key not in self._region_masks:
-            masks = torch.stack([layout.mask(region, self.boundary_width, self.boundary_unit)
-                                 for region in REGION_NAMES]).float()
-            self._region_masks[key] = masks.to(device), masks.sum(dim=1).to(device)
+            with torch.inference_mode(False):  # kept across pipeline calls, inside inference_mode or not
+                masks = torch.stack([layout.mask(region, self.boundary_width, self.boundary_unit)
+                                     for region in REGION_NAMES]).float()
+                self._region_masks[key] = masks.to(device), masks.sum(dim=1).to(device)
         masks, sizes = self._region_masks[key]
         nan = dict(fill_value=torch.nan, dtype=torch.float32, device=device)
         return {

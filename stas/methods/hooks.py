@@ -4,6 +4,14 @@
 and uncond CFG branches (two-pass CFG calls the transformer twice a step, batched CFG once on [uncond, cond]). It
 counts calls on the host, so it never reads a tensor. Block hooks read the tracker, never the other way round.
 Every method (stas.methods.stas) and the analysis capture (stas.ma.capture) hook the blocks through `BlockHooks`.
+
+torch.compile (model.compile=regional|full): the block hooks are traced into the compiled graphs, so nothing they
+read may change from call to call on the host. Everything that does (is this call's step in the window, which CFG
+branch it is) is decided by the transformer's pre-hook, which always runs eagerly (regional compilation compiles
+the blocks, full compilation the transformer's `forward`, never its hooks), and handed to the block hooks as small
+device tensors updated in place (stas.methods.stas.CallState). The config is read once into plain Python values (stas.methods.stas.SteerParams).
+In eager mode a hook outside the window still returns after a Python check; traced, it always computes and the
+per-call gate selects (`torch.where`), so one graph serves every step and branch.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ class DenoisingTracker:
         self.calls = 0
         self.step = -1
         self.call_in_step = 0
+        self.latents: torch.Tensor | None = None  # the call's input while the listeners run (its batch, device)
+        # Called after every count with no arguments: they prepare the hooks' per-call state, outside any graph.
+        self.listeners: list[Callable[[], None]] = []
 
     def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
         self.layout, self.num_steps, self.do_cfg = layout, num_steps, do_cfg
@@ -38,14 +49,40 @@ class DenoisingTracker:
             raise RuntimeError("call begin(layout, num_steps, do_cfg) before running the pipeline")
         self.step, self.call_in_step = divmod(self.calls, self.backbone.calls_per_step(self.do_cfg))
         self.calls += 1
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        self.latents = latents if isinstance(latents, torch.Tensor) else None
+        try:
+            for listener in self.listeners:
+                listener()
+        finally:
+            self.latents = None
 
-    def rows(self, branches: tuple[str, ...], batch: int) -> slice | None:
-        """Rows of the current call's batch that belong to `branches` (contiguous for one branch or both)."""
-        spans = [self.backbone.branch_rows(b, self.call_in_step, batch, self.do_cfg) for b in branches]
+    def call_latents(self) -> torch.Tensor:
+        """The current transformer call's latents (hidden_states): its batch size and device."""
+        if self.latents is None:
+            raise RuntimeError("the transformer was called without a hidden_states tensor: the hooks cannot tell "
+                               "the batch and device of the call")
+        return self.latents
+
+    def rows(self, branches: tuple[str, ...], batch: int, call_in_step: int | None = None) -> slice | None:
+        """Rows of the current call's batch (or of call `call_in_step` of a step) that belong to `branches`
+        (contiguous for one branch or both)."""
+        call = self.call_in_step if call_in_step is None else call_in_step
+        spans = [self.backbone.branch_rows(b, call, batch, self.do_cfg) for b in branches]
         spans = [s for s in spans if s is not None]
         if not spans:
             return None
         return slice(min(s.start for s in spans), max(s.stop for s in spans))
+
+    def steered_rows(self, branches: tuple[str, ...], batch: int) -> slice | None:
+        """The rows `branches` occupy in every call of a step that has them: the same in all such calls (two-pass
+        CFG: the whole batch of the branch's call; batched CFG: a fixed half), so a traced hook can slice them
+        statically and leave the calls without them to the per-call gate. None: no call has them."""
+        found = {(rows.start, rows.stop) for call in range(self.backbone.calls_per_step(self.do_cfg))
+                 if (rows := self.rows(branches, batch, call)) is not None}
+        if len(found) > 1:  # no family does this: a hook would need per-call rows
+            raise RuntimeError(f"branches {branches} occupy different rows in different calls of a step: {found}")
+        return slice(*found.pop()) if found else None
 
     def check_tokens(self, num_tokens: int) -> None:
         """Fail when a block output's video tokens do not match the layout given to begin()."""
@@ -89,3 +126,10 @@ class BlockHooks:
             yield self
         finally:
             self.remove()
+
+
+def persistent_tensor(*args, **kwargs) -> torch.Tensor:
+    """torch.zeros(...) that is never an inference tensor, so that it may be updated in place in and outside
+    torch.inference_mode() alike, and compiled graphs always see the same kind of input."""
+    with torch.inference_mode(False):
+        return torch.zeros(*args, **kwargs)

@@ -8,13 +8,16 @@ Usage (what stas.generation does for each video):
         steerer.record()          # what was steered
 
 After the `with` block the hooks are gone and the transformer computes exactly what it computed before.
-The rule itself is pure tensor math in stas.core.rules; this module decides where and when it runs.
+The rule itself is pure tensor math in stas.core.rules; this module decides where and when it runs. Under
+torch.compile the per-call decisions reach the traced hooks as device tensors (`CallState`), and the config as plain
+values (`SteerParams`): see stas.methods.hooks.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +29,53 @@ from stas.core.rules import check_rule, reference_magnitude, steered_values
 from stas.core.selection import steered_layers, window_steps
 from stas.errors import ConfigError
 from stas.methods.base import Method, register_method
-from stas.methods.hooks import BlockHooks
+from stas.methods.hooks import BlockHooks, persistent_tensor
+
+
+@dataclass(frozen=True)
+class SteerParams:
+    """What the steering hooks read of a `steer` config, as plain Python values read once (a hook never reads an
+    OmegaConf node: in a compiled region that would break the graph)."""
+
+    rule: str
+    alpha: float
+    strength: float
+    ratio: float
+    max_dims: int
+    targets: str
+    boundary_width: int
+    boundary_unit: str
+
+    @classmethod
+    def of(cls, cfg) -> "SteerParams":
+        return cls(str(cfg.rule), float(cfg.alpha), float(cfg.strength), float(cfg.ratio), int(cfg.max_dims),
+                   str(cfg.targets), int(cfg.boundary_width), str(cfg.boundary_unit))
+
+
+class CallState:
+    """The steering hooks' per-call state on the device, written by the transformer pre-hook (eager) only.
+
+    `gate` (0-d bool): this call steers (its step is in the window and it has a steered branch). `rows`: the batch
+    rows of the steered branches (the same in every call that has them), `token_index` the steered tokens, the
+    counters the detected MA channels and steered values. `active` mirrors `gate` on the host for eager hooks."""
+
+    def __init__(self, key: tuple, rows: slice | None, token_index: torch.Tensor):
+        self.key = key  # (device, batch, tokens, CFG): what the state was made for
+        device, _, self.num_tokens, _ = key
+        self.rows, self.token_index = rows, token_index
+        self.gate = persistent_tensor((), dtype=torch.bool, device=device)
+        self.massive_seen = persistent_tensor((), dtype=torch.long, device=device)
+        self.values_steered = persistent_tensor((), dtype=torch.long, device=device)
+        self.active = False
+
+    def set(self, active: bool) -> None:
+        if active != self.active:
+            self.gate.fill_(active)  # a kernel launch with a host scalar: no synchronisation
+            self.active = active
+
+    def reset_counts(self) -> None:
+        self.massive_seen.zero_()
+        self.values_steered.zero_()
 
 
 class LayerSteering:
@@ -36,54 +85,56 @@ class LayerSteering:
         self.steerer = steerer
         self.layer = layer
         self.channels = channels  # None: detect the massive channels on every call
-        self._device_channels: dict = {}
+        self.device_channels = channels  # `channels` on the device of the calls, placed by the pre-hook
 
     def __call__(self, block, args, output):
         steerer = self.steerer
-        tracker = steerer.tracker
-        if tracker.step not in steerer.steps:
+        state = steerer.state
+        # Eager: outside the window or for an unsteered branch, a host check and nothing else. Traced: the same
+        # graph for every call, the gate selects (no host value that changes between calls is read here).
+        if not torch.compiler.is_compiling() and (state is None or not state.active):
             return None
+        if state.rows is None:  # no call of this run has a steered branch (e.g. uncond without CFG)
+            return None
+        gate = state.gate if torch.compiler.is_compiling() else None  # eager hooks run in steered calls only
         hidden = steerer.backbone.video_tokens(output)
-        rows = tracker.rows(steerer.branches, hidden.shape[0])
-        if rows is None:
-            return None
-        token_index = steerer.token_index(hidden)
-        steered = hidden[rows]  # a view: steering it writes into the block output
+        if hidden.shape[1] != state.num_tokens:
+            steerer.tracker.check_tokens(hidden.shape[1])
+        params = steerer.params
+        token_index = state.token_index
+        steered = hidden[state.rows]  # a view: steering it writes into the block output
         values_per_channel = steered.shape[0] * token_index.shape[0]
         if self.channels is None:
             peaks = channel_peaks(steered, dim=1)  # the one full read of the hidden states
-            channels, is_massive = top_massive_channels(peaks.amax(dim=0), steerer.cfg.ratio, steerer.cfg.max_dims)
+            channels, is_massive = top_massive_channels(peaks.amax(dim=0), params.ratio, params.max_dims)
             peaks = peaks[:, channels]
             massive = is_massive.sum()  # stays on the device: record() reads the totals once
-            steerer.count(massive, massive * values_per_channel)
+            if gate is not None:
+                massive = massive * gate
+            state.massive_seen.add_(massive)
+            state.values_steered.add_(massive * values_per_channel)
         else:
-            channels = self._on(hidden.device)
+            channels = self.device_channels
+            if channels.device != hidden.device:  # eager only: the pre-hook places them for compiled runs
+                channels = self.device_channels = self.channels.to(hidden.device)
             peaks = channel_peaks(steered[:, :, channels], dim=1)  # reads only the steered channels
-            is_massive = None
-            steerer.count(None, channels.shape[0] * values_per_channel)
-        steer_tokens_(steered, token_index, channels, is_massive, peaks, steerer.cfg)
-        steerer.calls[(self.layer, tracker.step, self._branch_name(rows, hidden.shape[0]))] += 1
+            is_massive = None  # the steered values of fixed channels are counted on the host by the pre-hook
+        steer_tokens_(steered, token_index, channels, is_massive, peaks, params, gate=gate)
         return None
 
-    def _on(self, device) -> torch.Tensor:
-        if device not in self._device_channels:
-            self._device_channels[device] = self.channels.to(device)
-        return self._device_channels[device]
 
-    def _branch_name(self, rows: slice, batch: int) -> str:
-        names = [name for name, span in self.steerer.tracker.branches_of_call(batch)
-                 if span.start >= rows.start and span.stop <= rows.stop]
-        return "+".join(names)
-
-
-def steer_tokens_(hidden, token_index, channels, is_massive, peaks, cfg) -> None:
-    """Apply the rule in place at hidden[:, token_index, channels] (B, T, k); `peaks` (B, k) over all tokens."""
+def steer_tokens_(hidden, token_index, channels, is_massive, peaks, cfg, gate=None) -> None:
+    """Apply the rule in place at hidden[:, token_index, channels] (B, T, k); `peaks` (B, k) over all tokens.
+    `cfg` has rule, alpha and strength; with a 0-d bool `gate`, nothing changes where it is False."""
     index = (slice(None), token_index[:, None], channels[None, :])
     values = hidden[index]
     steered = is_massive if is_massive is not None else torch.ones_like(peaks[0], dtype=torch.bool)
     new = steered_values(values, reference_magnitude(peaks, steered, cfg.rule), cfg.rule, cfg.alpha, cfg.strength)
     if is_massive is not None:
-        new = torch.where(is_massive, new, values)
+        steered = is_massive if gate is None else is_massive & gate
+        new = torch.where(steered, new, values)
+    elif gate is not None:
+        new = torch.where(gate, new, values)
     hidden[index] = new
 
 
@@ -95,50 +146,108 @@ class StasSteerer(Method):
         check_rule(cfg.rule, cfg.alpha, cfg.strength)
         self.backbone = backbone
         self.cfg = cfg
+        self.params = SteerParams.of(cfg)
         self.layers = steered_layers(cfg.layers, backbone.num_layers)
         self.branches = CFG_BRANCHES if cfg.branches == "both" else (cfg.branches,)
         self.channels = {layer: _fixed_channels(cfg, backbone, calibration, layer) for layer in self.layers}
+        # A layer whose calibrated channel list is empty has nothing to steer and gets no hook.
+        self.hooked_layers = [layer for layer, channels in self.channels.items() if channels is None or len(channels)]
         self.hooks = BlockHooks(backbone)
         self.tracker = self.hooks.tracker
+        self.tracker.listeners.append(self._on_call)
         self.steps: range = range(0)
         self._token_index: dict = {}
         self.calls: Counter = Counter()
-        # Totals of the last pipeline call: device tensors once a detected count is added, read only by record().
-        self.massive_channels_seen: torch.Tensor | int = 0
-        self.values_steered: torch.Tensor | int = 0
+        self.state: CallState | None = None  # per-call device state, (re)made by the pre-hook for each device
+        self._hooked: dict[int, LayerSteering] = {}
+        self._placed = False  # the attached hooks' channels are on the state's device
+        self._device_channels: dict = {}  # (layer, device) -> fixed channels there, copied once
+        self._fixed_values = 0  # values steered at fixed channels, counted on the host
 
     @contextmanager
     def attach(self, transformer):
-        # A layer whose calibrated channel list is empty has nothing to steer and gets no hook.
-        hooks = {
-            layer: LayerSteering(self, layer, channels)
-            for layer, channels in self.channels.items()
-            if channels is None or len(channels)
-        }
-        with self.hooks.attached(transformer, hooks):
-            yield self
+        self._hooked = {layer: LayerSteering(self, layer, self.channels[layer]) for layer in self.hooked_layers}
+        self._placed = False
+        try:
+            with self.hooks.attached(transformer, self._hooked):
+                yield self
+        finally:
+            self._hooked = {}
 
     def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
         self.tracker.begin(layout, num_steps, do_cfg)
         self.steps = window_steps(self.cfg.window, num_steps)
         self.calls = Counter()
-        self.massive_channels_seen = self.values_steered = 0
+        self._fixed_values = 0
+        if self.state is not None:
+            self.state.reset_counts()
 
-    def count(self, massive_channels: torch.Tensor | None, values: torch.Tensor | int) -> None:
-        """Add one hook call's detected MA channels (None: fixed channels) and steered values, without a sync."""
-        if massive_channels is not None:
-            self.massive_channels_seen = self.massive_channels_seen + massive_channels
-        self.values_steered = self.values_steered + values
+    def _on_call(self) -> None:
+        """The transformer pre-hook's part (eager, outside any compiled region): this call's state, on its device,
+        and the host-side accounting of what the block hooks will steer."""
+        tracker = self.tracker
+        latents = tracker.call_latents()
+        batch, device = latents.shape[0], latents.device
+        state = self.state
+        if state is None or state.key != (device, batch, tracker.layout.num_tokens, tracker.do_cfg):
+            state = self.state = self._new_state(device, batch)
+            self._placed = False
+        if not self._placed:  # fixed channels on the device, before any (compiled) hook reads them
+            for layer, hook in self._hooked.items():
+                if hook.channels is not None:
+                    if (layer, device) not in self._device_channels:
+                        self._device_channels[(layer, device)] = hook.channels.to(device)
+                    hook.device_channels = self._device_channels[(layer, device)]
+            self._placed = True
+        rows = tracker.rows(self.branches, batch)
+        active = tracker.step in self.steps and rows is not None
+        state.set(active)
+        if not active:
+            return
+        branch = self._branch_name(rows, batch)
+        values_per_channel = (rows.stop - rows.start) * state.token_index.shape[0]
+        for layer in self.hooked_layers:  # every hooked block runs once per transformer call
+            self.calls[(layer, tracker.step, branch)] += 1
+            if self.channels[layer] is not None:
+                self._fixed_values += self.channels[layer].shape[0] * values_per_channel
 
-    def token_index(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _new_state(self, device: torch.device, batch: int) -> CallState:
+        previous = self.state
+        tracker = self.tracker
+        state = CallState((device, batch, tracker.layout.num_tokens, tracker.do_cfg),
+                          tracker.steered_rows(self.branches, batch), self.token_index_on(device))
+        if previous is not None:  # a new device or batch within a run: carry the totals over
+            state.massive_seen.add_(previous.massive_seen.to(device))
+            state.values_steered.add_(previous.values_steered.to(device))
+        return state
+
+    def token_index_on(self, device) -> torch.Tensor:
+        """The steered tokens' indices for the current layout, on `device` (built once per layout and device)."""
         layout = self.tracker.layout
-        self.tracker.check_tokens(hidden.shape[1])
-        key = (layout, hidden.device)
+        key = (layout, torch.device(device))
         if key not in self._token_index:
             self._token_index[key] = layout.indices(
-                self.cfg.targets, self.cfg.boundary_width, self.cfg.boundary_unit, device=hidden.device
+                self.params.targets, self.params.boundary_width, self.params.boundary_unit, device=device
             )
         return self._token_index[key]
+
+    def _branch_name(self, rows: slice, batch: int) -> str:
+        names = [name for name, span in self.tracker.branches_of_call(batch)
+                 if span.start >= rows.start and span.stop <= rows.stop]
+        return "+".join(names)
+
+    @property
+    def massive_channels_seen(self) -> torch.Tensor | int:
+        """MA channels detected over the last pipeline call's hook calls (a device tensor: read by record())."""
+        return 0 if self.state is None else self.state.massive_seen
+
+    @property
+    def values_steered(self) -> torch.Tensor | int:
+        """(batch row, token, channel) entries steered in the last pipeline call: detected channels on the device,
+        fixed channels on the host."""
+        if self.state is None or self.cfg.dims != "auto":
+            return self._fixed_values
+        return self.state.values_steered + self._fixed_values
 
     def record(self) -> dict:
         """What was steered in the last pipeline call (reads the device counters: call it after the call)."""

@@ -176,8 +176,8 @@ def test_capture_hook_never_synchronises(tiny_pipelines):
     selection = analysis_selection(cfg.analysis, backbone.num_layers, cfg.model.steps)
     capture = MACapture(backbone, selection, 10.0, 8, 1, "rows")
     capture.begin(layout, num_steps=cfg.model.steps, do_cfg=True)
-    capture.tracker.on_transformer_call(None, (), {})
     hidden = torch.empty(2, layout.num_tokens, backbone.hidden_dim, device="meta")  # batched [uncond, cond]
+    capture.tracker.on_transformer_call(None, (), {"hidden_states": hidden})  # the call's batch and device
     text = torch.empty(2, 7, backbone.hidden_dim, device="meta")
     assert LayerCapture(capture, 1)(None, (), (hidden, text)) is None
     assert capture.buffers["peaks"].device.type == "meta"

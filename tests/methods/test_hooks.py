@@ -136,9 +136,9 @@ def test_steering_hook_never_synchronises(tiny_pipelines, dims):
     steerer = StasSteerer(backbone, steer_cfg("tiny_wan21", override).steer)
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
     steerer.begin(layout, num_steps=STEPS, do_cfg=True)
-    steerer.tracker.on_transformer_call(None, (), {})
-    hook = LayerSteering(steerer, 0, steerer.channels[0].to("meta") if steerer.channels[0] is not None else None)
     hidden = torch.empty(1, layout.num_tokens, backbone.hidden_dim, device="meta")
+    steerer.tracker.on_transformer_call(None, (), {"hidden_states": hidden})  # the call's batch and device
+    hook = LayerSteering(steerer, 0, steerer.channels[0].to("meta") if steerer.channels[0] is not None else None)
     assert hook(None, (), hidden) is None
     assert steerer.calls[(0, 0, "cond")] == 1
     if dims == "auto":  # counted on the device: only record() reads it
