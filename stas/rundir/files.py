@@ -161,6 +161,10 @@ class _Loader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style='"' if any(c in value for c in "\x85\u2028\u2029") else None))
+
+
 def yaml_text(data) -> str:
     """YAML that reads back exactly as `data` (prompts may hold any character), Unicode left readable."""
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
