@@ -83,8 +83,13 @@ def recorded() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
+# The quick tier (-m "not slow") checks vanilla and STAS on every twin; the full suite every case.
+QUICK_CASES = ("none", "stas")
+
+
 @pytest.mark.parametrize("twin", TWINS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [case if case in QUICK_CASES else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in CASES])
 def test_frames_bit_identical_to_golden(twin, case):
     golden = recorded()
     if golden["machine"] != machine():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -183,8 +184,11 @@ def repo_path(relative: str) -> str:
     return str(REPO_DIR / relative)
 
 
+@functools.cache
 def register_configs() -> None:
-    """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass)."""
+    """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass).
+    Once per process: ConfigStore keeps what is stored, and loading every experiment again costs a quarter second
+    per composed config."""
     for name, resolver in (("path_safe", path_safe), ("repo", repo_path)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
