@@ -8,6 +8,7 @@ import torch
 
 from stas.backbones.base import DTYPES, Backbone, BackboneError
 from stas.backbones.compile import compile_transformer
+from stas.backbones.memory import place_pipeline
 from stas.backbones.tiny import build_tiny_pipeline
 from stas.hub import hub_reachable
 
@@ -27,18 +28,14 @@ def load_pipeline(model_cfg, backbone: Backbone):
     else:
         pipe = _from_pretrained(model_cfg, backbone)
     check_pipeline_matches(pipe, backbone)
-    # Before offloading: accelerate's offload hooks then wrap the compiled code instead of being traced into it.
+    # Before the memory options: accelerate's offload hooks then wrap the compiled code instead of being traced into
+    # it; diffusers' group offloading runs its onload/offload outside the graphs (torch.compiler.disable).
     compile_transformer(pipe.transformer, model_cfg.compile)
     if model_cfg.vae_tiling:
         pipe.vae.enable_tiling()
     if model_cfg.vae_slicing:
         pipe.vae.enable_slicing()
-    if model_cfg.cpu_offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif model_cfg.cpu_offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    place_pipeline(pipe, model_cfg, device)  # layerwise casting, group / CPU offloading
     pipe.set_progress_bar_config(leave=False, desc="denoising steps")
     return pipe
 

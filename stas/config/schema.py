@@ -69,6 +69,9 @@ class ModelConfig:
     vae_tiling: bool = False
     vae_slicing: bool = False
     compile: str = "none"  # none | regional (the blocks, diffusers' compile_repeated_blocks) | full (forward)
+    group_offload: str = "none"  # none | block_level | leaf_level (diffusers' group offloading of the transformer)
+    group_offload_blocks: int = 1  # transformer blocks per group with group_offload=block_level
+    layerwise_casting: str = "none"  # none | float8_e4m3fn | float8_e5m2: the transformer's weights' storage dtype
 
 
 @dataclass

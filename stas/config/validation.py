@@ -10,7 +10,8 @@ from dataclasses import dataclass, fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from stas.backbones import COMPILE_MODES, DTYPES, FAMILIES, Backbone, backbone_from_config
+from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
+                            backbone_from_config)
 from stas.config.schema import ANALYSIS_PLOTS, BRANCHES, DIMS_MODES, OFFLOAD_MODES, StasConfig
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
 from stas.core.massive import CALIBRATION_KINDS
@@ -48,6 +49,7 @@ NUMERIC_BOUNDS = {
     "model.flow_shift": Bounds(0.01, 100),  # far below the published 1-12 the schedule collapses (black video)
     "model.fps": Bounds(1, 240),
     "model.max_sequence_length": Bounds(1, 4096),
+    "model.group_offload_blocks": Bounds(1, 4096),
     "model.tiny.seed": Bounds(0, SEED_MAX),
     "steer.strength": Bounds(0, 1, low_open=True),  # 0 would leave every value as it is
     "steer.ratio": Bounds(0, 10000),
@@ -107,6 +109,7 @@ def validate_model(model) -> Backbone:
         raise ConfigError(f"model.compile={model.compile} cannot be combined with model.cpu_offload=sequential (its "
                           "hooks move every layer's weights inside the compiled code); use model.cpu_offload=model "
                           "or model.compile=none")
+    _check_memory_options(model)
     _check_device("model.device", model.device)
     check_at_least("model.num_layers", model.num_layers, 1)
     backbone = backbone_from_config(model)
@@ -134,6 +137,36 @@ def validate_model(model) -> Backbone:
             if len(plant.channels) != len(plant.magnitudes):
                 raise ConfigError("model.tiny.plant.channels and model.tiny.plant.magnitudes must have equal length")
     return backbone
+
+
+def _check_memory_options(model) -> None:
+    """model.group_offload and model.layerwise_casting, and the combinations that cannot work."""
+    check_allowed("model.group_offload", model.group_offload, GROUP_OFFLOAD_MODES)
+    check_allowed("model.layerwise_casting", model.layerwise_casting, LAYERWISE_CASTING_DTYPES)
+    if model.group_offload != "none" and model.cpu_offload != "none":
+        # diffusers refuses it too: both move the transformer's weights between CPU and device, each its own way
+        raise ConfigError(f"model.group_offload={model.group_offload} cannot be combined with model.cpu_offload="
+                          f"{model.cpu_offload} (both move the transformer's weights); set one of them to none")
+    # Measured on the tiny Wan twin with dynamo's counters: under model.compile=regional, block_level group offloading
+    # breaks each compiled block's graph once (diffusers runs its onload/offload outside graphs) and recompiles nothing
+    # (tests/backbones/test_offload.py); leaf-level and casting hooks split the graphs at every layer and recompile.
+    # model.compile=full with block_level: a graph break at every group, the transformer's graph in dozens of pieces.
+    if model.compile == "full" and model.group_offload != "none":
+        raise ConfigError(f"model.compile=full cannot be combined with model.group_offload={model.group_offload} (its "
+                          "onload/offload between groups split the transformer's graph); use model.compile=regional "
+                          "with model.group_offload=block_level, or model.compile=none")
+    if model.compile != "none" and model.group_offload == "leaf_level":
+        raise ConfigError(f"model.compile={model.compile} cannot be combined with model.group_offload=leaf_level (its "
+                          "hooks on every layer split the compiled graphs and recompile); use "
+                          "model.group_offload=block_level or model.compile=none")
+    if model.compile != "none" and model.layerwise_casting != "none":
+        raise ConfigError(f"model.compile={model.compile} cannot be combined with model.layerwise_casting="
+                          f"{model.layerwise_casting} (its casting hooks on every layer split the compiled graphs and "
+                          "recompile); use model.compile=none")
+    if model.layerwise_casting != "none" and model.cpu_offload == "sequential":
+        raise ConfigError(f"model.layerwise_casting={model.layerwise_casting} cannot be combined with "
+                          "model.cpu_offload=sequential (accelerate's hooks and diffusers' casting hooks both replace "
+                          "each layer's weights); use model.group_offload=leaf_level for the same memory")
 
 
 def validate_steer(steer, model, backbone: Backbone) -> None:

@@ -19,7 +19,8 @@ HYDRA_DIR = ".hydra"
 HELD_HYDRA_DIR = f"{HYDRA_DIR}/held"
 # Keys that change where or how fast a run goes, not what it produces.
 NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "experiment", "name",
-                "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing", "model.compile")
+                "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing", "model.compile",
+                "model.group_offload", "model.group_offload_blocks")
 
 
 def identity(cfg) -> dict:
