@@ -8,6 +8,8 @@ from stas.backbones.loading import check_pipeline_matches, load_pipeline, resolv
 from stas.backbones.registry import available_models, backbone_from_config, get_backbone
 
 __all__ = [
-    "CFG_BRANCHES", "COMPILE_MODES", "GROUP_OFFLOAD_MODES", "LAYERWISE_CASTING_DTYPES", "compile_counts", "compile_transformer", "DTYPES", "FAMILIES", "Backbone", "BackboneError", "register_family", "check_pipeline_matches",
-    "load_pipeline", "resolve_device", "available_models", "backbone_from_config", "get_backbone",
+    "CFG_BRANCHES", "COMPILE_MODES", "GROUP_OFFLOAD_MODES", "LAYERWISE_CASTING_DTYPES", "compile_counts",
+    "compile_transformer", "DTYPES", "FAMILIES", "Backbone", "BackboneError", "register_family",
+    "check_pipeline_matches", "load_pipeline", "resolve_device", "available_models", "backbone_from_config",
+    "get_backbone",
 ]
