@@ -67,12 +67,12 @@ def test_steering_overhead_quick(tmp_path, capsys, model, dtype, calls_per_step)
 @pytest.mark.slow
 @pytest.mark.parametrize("model, mode", [("tiny_wan21", "regional"), ("tiny_cogvideox", "full")])
 def test_steering_overhead_compiled(tmp_path, capsys, model, mode):
-    import torch._dynamo
+    from stas.backbones import reset_compiler
 
-    torch._dynamo.reset()
+    reset_compiler()
     out = tmp_path / "steering.json"
     steering_overhead.main(["--quick", "--model", model, "--compile", mode, "--threads", "1", "--json", str(out)])
-    torch._dynamo.reset()
+    reset_compiler()
     assert f"torch.compile: {mode}; warm-up" in capsys.readouterr().out
     compiled = json.loads(out.read_text())["compile"]
     assert compiled["mode"] == mode

@@ -34,8 +34,17 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, **options) -> N
         transformer.forward = torch.compile(transformer.forward, **options)
 
 
+def reset_compiler() -> None:
+    """torch._dynamo.reset() and dynamo's counters, which reset() keeps: compile_counts() then starts from zero, as
+    in a fresh process (tests use this between cases)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
 def compile_counts() -> dict:
-    """torch.compile's totals in this process so far (since the last torch._dynamo.reset()): graphs compiled,
+    """torch.compile's totals in this process so far (since the last reset_compiler()): graphs compiled,
     recompiles (compiles of a frame after its first: a guard failed, e.g. a host value read in traced code changed)
     and graph breaks. Compare two readings to see what a run added; on any device."""
     from torch._dynamo import convert_frame

@@ -175,12 +175,10 @@ def test_group_offloading_is_not_identity_and_casting_is():
 def test_compiled_blocks_with_block_level_offloading_equal_eager():
     """model.compile=regional + group_offload=block_level: diffusers' onload/offload run outside the graphs (one
     graph break a group); after the warm-up call nothing compiles again, and STAS's frames and record are eager's."""
-    import torch._dynamo
-
-    from stas.backbones import compile_counts
+    from stas.backbones import compile_counts, reset_compiler
 
     eager = generate("tiny_wan21")
-    torch._dynamo.reset()
+    reset_compiler()
     try:
         cfg, backbone, pipe, layout = build("tiny_wan21", "model.compile=regional", "model.group_offload=block_level")
         steerer, kwargs = make_steerer(cfg, backbone), backbone.pipeline_kwargs(cfg.model)
@@ -190,7 +188,7 @@ def test_compiled_blocks_with_block_level_offloading_equal_eager():
                 frames = np.asarray(run_pipeline(pipe, ITEM, kwargs, steerer, layout).frames[0])
                 results.append((frames, steerer.record(), compile_counts()))
     finally:
-        torch._dynamo.reset()
+        reset_compiler()
     (_, _, warm), (_, _, second) = results
     assert warm["graphs"] > 0 and warm["recompiles"] == 0 and second == warm, (warm, second)
     for frames, record, _ in results:

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from stas.backbones import BackboneError, compile_counts, compile_transformer, load_pipeline
+from stas.backbones import BackboneError, compile_counts, compile_transformer, load_pipeline, reset_compiler
 from stas.config import ConfigError, validate
 from stas.core.layout import TokenLayout
 from stas.core.selection import analysis_selection
@@ -40,9 +40,9 @@ ATOL = 1e-4  # frames are in [0, 1]; compiled vs eager differ by ~1e-6 (Wan) to 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Every test starts from an empty compile cache and zeroed counters, and leaves none behind."""
-    torch._dynamo.reset()
+    reset_compiler()
     yield
-    torch._dynamo.reset()
+    reset_compiler()
 
 
 def build(model: str, compile_mode: str, *overrides: str):
@@ -180,7 +180,7 @@ def test_the_recompile_check_catches_a_host_step_counter():
         hooks.tracker.begin(layout, STEPS, do_cfg=True)
         run_pipeline(pipe, ITEM, kwargs, None, layout)
     assert compile_counts()["recompiles"] >= 1
-    torch._dynamo.reset()
+    reset_compiler()
     with hooks.attached(pipe.transformer, {0: HostStepHook(hooks.tracker)}):
         hooks.tracker.begin(layout, STEPS, do_cfg=True)
         with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(Exception, match="[Rr]ecompil"):
