@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # docs/architecture.md: a module may import its own layer and the layers below, never one above.
 LAYERS = (
-    ("stas.errors", "stas.paths", "stas.hub"),
+    ("stas.errors", "stas.paths", "stas.hub", "stas.registry"),
     ("stas.core",),
     ("stas.backbones", "stas.rundir", "stas.prompts", "stas.video"),
     ("stas.methods",),

@@ -10,11 +10,12 @@ An instance adds one model's name and sizes (from its conf/model/*.yaml).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
 from stas.errors import UserError
+from stas.registry import registrar
 
 CFG_BRANCHES = ("cond", "uncond")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -27,17 +28,8 @@ class BackboneError(UserError, RuntimeError):
     """A backbone that cannot be described or loaded; the message says what to do."""
 
 
-def register_family(name: str) -> Callable[[type["Backbone"]], type["Backbone"]]:
-    """Class decorator: make a Backbone subclass the family `name` of model configs (`model.family=name`)."""
-
-    def register(cls: type[Backbone]) -> type[Backbone]:
-        if name in FAMILIES:
-            raise ValueError(f"backbone family {name!r} is registered twice ({FAMILIES[name].__name__}, {cls.__name__})")
-        cls.family = name
-        FAMILIES[name] = cls
-        return cls
-
-    return register
+# Class decorator: `@register_family("wan21")` makes a Backbone subclass the family of `model.family=wan21`.
+register_family = registrar(FAMILIES, "backbone family", "family")
 
 
 @dataclass(frozen=True)

@@ -15,27 +15,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
 from stas.core.layout import TokenLayout
+from stas.registry import registrar
 
 # method name -> Method subclass, filled by @register_method in the method modules.
 METHODS: dict[str, type["Method"]] = {}
 
 
-def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
-    """Class decorator: make a Method subclass available as `name`."""
-
-    def register(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__name__}, {cls.__name__})")
-        cls.method_name = name
-        METHODS[name] = cls
-        return cls
-
-    return register
+# Class decorator: `@register_method("stas")` makes a Method subclass available as "stas".
+register_method = registrar(METHODS, "method", "method_name")
 
 
 class Method(ABC):
