@@ -65,6 +65,30 @@ def load_identity(run_dir: Path) -> dict:
     return data
 
 
+def hydra_job(run_dir: Path) -> tuple[dict[str, str] | None, int | None]:
+    """What Hydra recorded of how the run was composed: the config-group choices (hydra.runtime.choices, e.g.
+    {"steer": "stas", "steer/window": "all"}; groups chose nothing left out) and the multirun job number
+    (hydra.job.num; None outside a multirun). Read from .hydra/held/hydra.yaml (the run's own copy) or
+    .hydra/hydra.yaml; (None, None) when neither exists, a UserError naming the file when it is not Hydra's shape."""
+    for relative in (f"{HELD_HYDRA_DIR}/hydra.yaml", f"{HYDRA_DIR}/hydra.yaml"):
+        path = own_file(run_dir, relative)
+        if path.is_file():
+            break
+    else:
+        return None, None
+    data = read_yaml(path)
+    hydra = data.get("hydra") if isinstance(data, dict) else None
+    hydra = hydra if isinstance(hydra, dict) else {}
+    runtime = hydra.get("runtime") if isinstance(hydra.get("runtime"), dict) else {}
+    choices = runtime.get("choices")
+    if not isinstance(choices, dict) or not all(isinstance(key, str) and (value is None or isinstance(value, str))
+                                                for key, value in choices.items()):
+        raise UserError(f"{path} has no hydra.runtime.choices mapping of config groups to options: is it the "
+                        "hydra.yaml Hydra writes?")
+    num = hydra["job"].get("num") if isinstance(hydra.get("job"), dict) else None
+    return {key: value for key, value in choices.items() if value is not None}, num if type(num) is int else None
+
+
 def claim_run_dir(run_dir: Path, cfg, manifest: list[dict]) -> None:
     """Record the run's identity and item manifest, or check that the run that recorded them had the same ones
     (same config, same prompts): outputs of different experiments never mix.

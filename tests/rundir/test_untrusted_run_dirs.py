@@ -348,6 +348,8 @@ def retype_identity(run, group, key, value):
      "run_identity.yaml: steer.enabled='false' is not of the type stas.run writes (bool)"),
     (lambda run: retype_identity(run, "model", "name", ["x", {"y": 1}]),
      "run_identity.yaml: model.name=['x', {'y': 1}] is not of the type stas.run writes (str)"),
+    (lambda run: (run / ".hydra" / "held" / "hydra.yaml").write_text("hydra: {runtime: {choices: [steer]}}\n"),
+     "hydra.yaml has no hydra.runtime.choices mapping of config groups to options"),
 ])
 def test_tables_refuse_malformed_runs(run_copy, tmp_path, capsys, tamper, message):
     tamper(run_copy)
