@@ -15,7 +15,7 @@ from pathlib import Path
 from stas.errors import UserError
 from stas.generation import PARTIAL_DIR, generation_rows
 from stas.rundir import check_writable, video_path
-from stas.results import find_runs, run_label, varying_keys
+from stas.results import find_runs, run_labels
 from stas.video import read_mp4, side_by_side, write_mp4
 
 
@@ -25,8 +25,7 @@ def compare(run_dirs: list[Path], out: Path, keys: list[str] | None, limit: int)
     runs = [find_runs([d])[0] for d in run_dirs]
     if len(runs) < 2:
         raise UserError("give at least two run directories to compare")
-    varying = varying_keys(runs)
-    labels = [f"{run.model} {run_label(run, varying)}" for run in runs]
+    labels = [f"{run.model} {label}" for run, label in zip(runs, run_labels(runs))]
     videos = [videos_by_prompt_and_seed(run.path) for run in runs]
     common = [pair for pair in videos[0] if all(pair in other for other in videos[1:])]
     if keys:

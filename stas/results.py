@@ -1,15 +1,18 @@
-"""Paper-style tables from run directories, with paired bootstrap confidence intervals for STAS vs vanilla.
+"""Paper-style tables from run directories: STAS vs vanilla deltas with bootstrap intervals, sign-flip p-values,
+a multiple-comparison correction and effect sizes.
 
 A *run* is a directory with `run_identity.yaml` (written by stas.run) and, once evaluated, `metrics.jsonl` rows
-(video, prompt, seed, evaluator, metric, value). A run's value for a metric is the mean over its videos (for VBench
-dimensions this equals VBench's own aggregate: every video of a run has the same frame count). Deltas pair each
-steered run with the vanilla run of identical config but `steer`, over the prompts both evaluated, and resample
-prompts (same resample on both sides) for a percentile 95% interval; composite VBench scores resample every
-dimension's prompts and recompute the score in each replicate.
+(video, prompt, seed, evaluator, metric, value). A run's value for a metric is the mean over its prompts of the mean
+over each prompt's samples (for VBench dimensions this equals VBench's own aggregate when every prompt has the same
+number of samples). Deltas pair each steered run with the vanilla run of identical config but `steer`, over the
+prompts both evaluated; the statistics are those of stas.evaluation.significance (docs/evaluation.md, "Statistics of
+the deltas"). Rows keep the sweep's order (vanilla first within a model) and name what a sweep varied by the option
+chosen (`window=all`), from the Hydra choices the run recorded.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +20,11 @@ import numpy as np
 import pandas as pd
 
 from stas.errors import UserError
-from stas.evaluation.scores import vbench_scores
+from stas.evaluation.scores import DIMENSIONS, QUALITY_DIMENSIONS, SEMANTIC_DIMENSIONS, vbench_scores
+from stas.evaluation.significance import CORRECTIONS, adjust_pvalues, compare_paired
+from stas.evaluation.significance import paired_bootstrap  # noqa: F401  (re-exported: stas.results.paired_bootstrap)
 from stas.generation import generation_rows
-from stas.rundir import (IDENTITY_FILE, MANIFEST_FILE, METRIC_FIELDS, checked_records, flatten,
+from stas.rundir import (IDENTITY_FILE, MANIFEST_FILE, METRIC_FIELDS, checked_records, flatten, hydra_job,
                          load_identity, read_manifest)
 
 # The paper's Table 1: column title -> VBench dimension, or the composite score.
@@ -32,9 +37,19 @@ PAPER_COLUMNS = {
     "Semantic Score": "semantic_score",
     "Total Score": "total_score",
 }
-COMPOSITES = ("quality_score", "semantic_score", "total_score")
+COMPOSITES = {"quality_score": QUALITY_DIMENSIONS, "semantic_score": SEMANTIC_DIMENSIONS, "total_score": DIMENSIONS}
+COMPOSITE_KINDS = {"quality_score": "quality", "semantic_score": "semantic", "total_score": "VBench"}
 STAS_PRESETS = ("stas", "stas_paper")
 IDENTITY_KEYS = {"model.name": str, "model.fps": int, "steer.enabled": bool, "steer.name": str}  # what tables read
+# Units: VBench dimensions and scores in percent (as VBench and the paper print them), every other metric on its
+# evaluator's own scale ("raw": a cosine similarity for pixel, dino and clip).
+PERCENT, RAW = "%", "raw"
+DELTA_COLUMNS = ["model", "method", "metric", "unit", "n_pairs", "delta", "ci_low", "ci_high", "effect_size_dz",
+                 "p_value", "p_adjusted", "correction", "alpha", "significant", "verdict"]
+TOO_FEW = "n too small"
+HOW_TO_EVALUATE = ("Evaluate with `python -m stas.evaluate RUN_DIR eval=vbench_standard` (all 16 dimensions, the "
+                   "paper's protocol; the semantic dimensions need runs made with prompts=vbench), or name the "
+                   "missing dimensions in eval.vbench.dimensions.")
 
 
 @dataclass
@@ -42,6 +57,8 @@ class Run:
     path: Path
     identity: dict
     metrics: list[dict] = field(default_factory=list)
+    choices: dict[str, str] | None = None  # Hydra's config-group choices, when the run recorded them
+    job: int | None = None  # Hydra's multirun job number
 
     @property
     def model(self) -> str:
@@ -70,29 +87,58 @@ class Run:
         return {key: {p: float(np.mean(v)) for p, v in prompts.items()} for key, prompts in sums.items()}
 
 
+def _natural(text: str) -> tuple:
+    """'job10' after 'job9': digit runs compare as numbers (re.split alternates text and digits, so types line up)."""
+    return tuple(int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r"(\d+)", text)))
+
+
 def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run under the given run or sweep directories, with its metric rows (merged and shard files)."""
-    runs = []
+    """Every run under the given run or sweep directories, with its metric rows (merged and shard files), in sweep
+    order: the paths as given; below each, sweep folders in natural order, their runs by Hydra job number (then
+    natural order of the folder name, so that 10 comes after 9)."""
+    runs, seen = [], set()
     for path in map(Path, paths):
         if not path.is_dir():
             raise UserError(f"{path} is not a directory")
-        found = [path] if (path / IDENTITY_FILE).is_file() else sorted(p.parent for p in path.rglob(IDENTITY_FILE))
+        found = [path] if (path / IDENTITY_FILE).is_file() else [p.parent for p in path.rglob(IDENTITY_FILE)]
         if not found:
             raise UserError(f"{path} holds no run (no {IDENTITY_FILE} below it): is it a stas.run output directory?")
+        below = []
         for run_dir in found:
-            identity = load_identity(run_dir)
-            flat = flatten(identity)
-            lacking = [key for key in IDENTITY_KEYS if key not in flat]
-            if lacking:
-                raise UserError(f"{run_dir / IDENTITY_FILE} lacks {', '.join(lacking)}: is it a stas.run identity?")
-            for key, kind in IDENTITY_KEYS.items():
-                if not isinstance(flat[key], kind) or (kind is int and isinstance(flat[key], bool)):
-                    raise UserError(f"{run_dir / IDENTITY_FILE}: {key}={flat[key]!r} is not of the type stas.run "
-                                    f"writes ({kind.__name__})")
-            rows = {(row["video"], row["evaluator"], row["metric"]): row
-                    for row in checked_records(run_dir, "metrics", METRIC_FIELDS)}
-            runs.append(Run(run_dir, identity, list(rows.values())))
+            if run_dir.resolve() in seen:
+                continue
+            seen.add(run_dir.resolve())
+            choices, job = hydra_job(run_dir)
+            below.append(Run(run_dir, _checked_identity(run_dir), _metric_rows(run_dir), choices, job))
+        runs += sorted(below, key=lambda run: (
+            tuple(map(_natural, run.path.relative_to(path).parent.parts)),
+            (0, run.job) if run.job is not None else (1, 0), _natural(run.path.name)))
     return runs
+
+
+def _checked_identity(run_dir: Path) -> dict:
+    identity = load_identity(run_dir)
+    flat = flatten(identity)
+    lacking = [key for key in IDENTITY_KEYS if key not in flat]
+    if lacking:
+        raise UserError(f"{run_dir / IDENTITY_FILE} lacks {', '.join(lacking)}: is it a stas.run identity?")
+    for key, kind in IDENTITY_KEYS.items():
+        if not isinstance(flat[key], kind) or (kind is int and isinstance(flat[key], bool)):
+            raise UserError(f"{run_dir / IDENTITY_FILE}: {key}={flat[key]!r} is not of the type stas.run "
+                            f"writes ({kind.__name__})")
+    return identity
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    rows = {(row["video"], row["evaluator"], row["metric"]): row
+            for row in checked_records(run_dir, "metrics", METRIC_FIELDS)}
+    return list(rows.values())
+
+
+def table_order(runs: list[Run]) -> list[Run]:
+    """Rows in sweep order: models in the order first found, the vanilla runs first within a model."""
+    models = list(dict.fromkeys(run.model for run in runs))
+    return sorted(runs, key=lambda run: (models.index(run.model), run.steered))
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
@@ -102,13 +148,53 @@ def varying_keys(runs: list[Run]) -> list[str]:
     return sorted(k for k in keys if len({repr(f.get(k)) for f in flat}) > 1)
 
 
-def run_label(run: Run, keys: list[str]) -> str:
-    """The method column of a run: Vanilla / +STAS, plus the swept non-model settings that set it apart."""
-    flat = flatten(run.identity)
-    extra = [f"{k.split('.', 1)[1] if k.startswith('steer.') else k}={flat.get(k)}" for k in keys
-             if not k.startswith("model.") and k not in ("steer.enabled", "steer.name")
-             and (run.steered or not k.startswith("steer."))]
-    return run.method + (f" ({', '.join(extra)})" if extra else "")
+def run_labels(runs: list[Run]) -> list[str]:
+    """The method column of each run: Vanilla / +STAS / +<preset>, plus what the sweep varied between runs of a model.
+
+    A varying identity key is named by the config-group option that set it when the runs recorded their Hydra choices
+    and the option decides the key's value in all of them (`window=all`, not `window.end=1.0, window.start=0.0`),
+    else as key=value (`alpha=0.5`, `guidance_scale=3.0`). steer keys count among steered runs only. Nothing the
+    Model column or the method name already says is repeated (the model option, the steer preset)."""
+    flats = [flatten(run.identity) for run in runs]
+    choices = [{"model": flat["model.name"], "steer": flat["steer.name"], **(run.choices or {})}
+               for run, flat in zip(runs, flats)]
+    parts: list[dict[str, str]] = [{} for _ in runs]
+    for key in varying_keys(runs):
+        if key in ("steer.enabled", "steer.name"):
+            continue
+        among = [i for i, run in enumerate(runs) if run.steered or not key.startswith("steer.")]
+        if len({repr(flats[i].get(key)) for i in among}) < 2:
+            continue
+        group = _deciding_group(key, [flats[i].get(key) for i in among], [choices[i] for i in among])
+        for i in among:
+            name = group or key
+            parts[i][name] = f"{_short(name)}={choices[i][group] if group else flats[i].get(key)}"
+    for i, run in enumerate(runs):
+        parts[i].pop("model", None)
+        steered = [j for j, other in enumerate(runs) if other.steered and other.method == run.method]
+        if len({choices[j].get("steer") for j in steered}) <= 1:  # the preset name already tells it
+            parts[i].pop("steer", None)
+    return [run.method + (f" ({', '.join(part[k] for k in sorted(part))})" if part else "")
+            for run, part in zip(runs, parts)]
+
+
+def _deciding_group(key: str, values: list, choices: list[dict]) -> str | None:
+    """The deepest config group above `key` that every run chose an option of and whose option decides the value."""
+    groups = sorted({g for c in choices for g in c if not g.startswith("hydra/")}, key=lambda g: -g.count("/"))
+    for group in groups:
+        if not key.startswith(group.replace("/", ".") + ".") or any(group not in c for c in choices):
+            continue
+        decided: dict = {}
+        if all(decided.setdefault(c[group], repr(v)) == repr(v) for c, v in zip(choices, values)):
+            return group
+    return None
+
+
+def _short(name: str) -> str:
+    for prefix in ("steer.", "steer/", "model."):
+        if name.startswith(prefix) and name != prefix[:-1]:
+            return name[len(prefix):]
+    return name
 
 
 def _vbench_dims(per_prompt) -> dict[str, dict[str, float]]:
@@ -131,25 +217,51 @@ def run_values(run: Run) -> dict[str, float]:
     return values
 
 
+def unit_of(metric: str) -> str:
+    """'%' for VBench dimensions ('vbench/...') and composite scores, 'raw' for every other metric."""
+    return PERCENT if metric.startswith("vbench/") or metric in COMPOSITES else RAW
+
+
 def paper_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per backbone x method, the paper's Table 1 columns (percent; NaN where not evaluated)."""
-    keys = varying_keys(runs)
+    """One row per backbone x method in sweep order, the paper's Table 1 columns in percent (NaN where not evaluated;
+    paper_table_notes says why)."""
+    labels = dict(zip(map(id, runs), run_labels(runs)))
     records = []
-    for run in runs:
+    for run in table_order(runs):
         values = run_values(run)
-        record = {"Model": run.model, "Method": run_label(run, keys)}
+        record = {"Model": run.model, "Method": labels[id(run)]}
         for title, name in PAPER_COLUMNS.items():
-            record[title] = values.get(name if name in COMPOSITES else f"vbench/{name}", np.nan)
+            record[f"{title} ({PERCENT})"] = values.get(name if name in COMPOSITES else f"vbench/{name}", np.nan)
         records.append(record)
-    return pd.DataFrame.from_records(records).sort_values(["Model", "Method"], kind="stable").reset_index(drop=True)
+    return pd.DataFrame.from_records(records, columns=["Model", "Method", *(f"{t} ({PERCENT})" for t in PAPER_COLUMNS)])
+
+
+def paper_table_notes(runs: list[Run]) -> list[str]:
+    """Why cells of the paper table are empty: for each column some run lacks, the VBench dimensions it needs and
+    which are missing; then how to get them. Empty when every cell has a value."""
+    have = [{m for (e, m) in run.per_prompt() if e == "vbench"} for run in runs]
+    labels = run_labels(runs)
+    notes = []
+    for title, name in PAPER_COLUMNS.items():
+        needs = COMPOSITES.get(name, (name,))
+        lacking = [i for i, dims in enumerate(have) if not set(needs) <= dims]
+        if not lacking:
+            continue
+        missing = [d for d in needs if any(d not in have[i] for i in lacking)]
+        who = ("every run" if len(lacking) == len(runs)
+               else ", ".join(f"{runs[i].model} {labels[i]}" for i in lacking))
+        notes.append(f"{title} ({PERCENT}): VBench's {name} is missing in {who}." if len(needs) == 1 else
+                     f"{title} ({PERCENT}) needs all {len(needs)} {COMPOSITE_KINDS[name]} dimensions; missing in "
+                     f"{who}: {', '.join(missing)}.")
+    return notes + [HOW_TO_EVALUATE] if notes else []
 
 
 def metrics_table(runs: list[Run]) -> pd.DataFrame:
-    """Every metric of every run, one row per run (the ablation table and the chunk-aware similarity columns)."""
-    keys = varying_keys(runs)
-    records = [{"Model": run.model, "Method": run_label(run, keys), **run_values(run)} for run in runs]
-    frame = pd.DataFrame.from_records(records)
-    return frame.sort_values(["Model", "Method"], kind="stable").reset_index(drop=True)
+    """Every metric of every run, one row per run in sweep order, the unit in each column name ('%' or 'raw')."""
+    labels = dict(zip(map(id, runs), run_labels(runs)))
+    records = [{"Model": run.model, "Method": labels[id(run)],
+                **{f"{k} ({unit_of(k)})": v for k, v in run_values(run).items()}} for run in table_order(runs)]
+    return pd.DataFrame.from_records(records)
 
 
 def vanilla_partner(run: Run, runs: list[Run]) -> Run | None:
@@ -161,59 +273,72 @@ def vanilla_partner(run: Run, runs: list[Run]) -> Run | None:
     return None
 
 
-def paired_bootstrap(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], statistic, resamples: int,
-                     seed: int) -> tuple[float, float, float, int]:
-    """Delta statistic(b) - statistic(a) and its percentile 95% interval, resampling the prompts each metric shares.
+def delta_table(runs: list[Run], resamples: int = 2000, seed: int = 0, *, permutations: int = 10000,
+                min_pairs: int = 6, correction: str = "holm", alpha: float = 0.05) -> pd.DataFrame:
+    """Steered minus vanilla per metric and composite score, one row each (columns DELTA_COLUMNS, units in `unit`).
 
-    `a`, `b`: {metric: {prompt: value}}; `statistic`: {metric: mean} -> float. Returns (delta, low, high, prompts).
-    """
-    shared = {m: sorted(set(a[m]) & set(b[m])) for m in a if m in b}
-    shared = {m: p for m, p in shared.items() if p}
-    if not shared:
-        return np.nan, np.nan, np.nan, 0
-    arrays = {m: (np.array([a[m][p] for p in ps]), np.array([b[m][p] for p in ps])) for m, ps in shared.items()}
-    delta = statistic({m: y.mean() for m, (_, y) in arrays.items()}) - statistic({m: x.mean() for m, (x, _) in arrays.items()})
-    rng = np.random.default_rng(seed)
-    replicates = np.empty(resamples)
-    for r in range(resamples):
-        draws = {m: rng.integers(0, len(x), len(x)) for m, (x, _) in arrays.items()}
-        replicates[r] = (statistic({m: y[draws[m]].mean() for m, (_, y) in arrays.items()})
-                         - statistic({m: x[draws[m]].mean() for m, (x, _) in arrays.items()}))
-    low, high = np.percentile(replicates, [2.5, 97.5])
-    return float(delta), float(low), float(high), max(len(p) for p in shared.values())
-
-
-def delta_table(runs: list[Run], resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """STAS minus vanilla per metric, with a paired bootstrap 95% CI over prompts (percent for VBench)."""
-    keys = varying_keys(runs)
+    Per row: the delta, its paired bootstrap interval at level 1 - alpha (`resamples` prompt resamples), the paired
+    sign-flip p-value (`permutations`: exact below 2^n <= permutations), Cohen's d_z. Rows with at least `min_pairs`
+    prompts form the correction's family; `p_adjusted` and `significant` (p_adjusted <= alpha) are theirs, the others
+    say `n too small` in `verdict` and have no `p_adjusted` and no `significant`."""
+    labels = dict(zip(map(id, runs), run_labels(runs)))
     records = []
-    for run in runs:
+    for run in table_order(runs):
         partner = vanilla_partner(run, runs) if run.steered else None
         if partner is None:
             continue
         mine, theirs = run.per_prompt(), partner.per_prompt()
+        comparisons = []
         for (evaluator, metric), values in sorted(mine.items()):
-            if (evaluator, metric) not in theirs:
-                continue
-            scale = 100.0 if evaluator == "vbench" else 1.0
-            delta, low, high, n = paired_bootstrap({metric: theirs[(evaluator, metric)]}, {metric: values},
-                                                   lambda means, m=metric: scale * means[m], resamples, seed)
-            records.append(_delta_record(run, keys, f"{evaluator}/{metric}", delta, low, high, n))
+            if (evaluator, metric) in theirs:
+                scale = 100.0 if evaluator == "vbench" else 1.0
+                comparisons.append((f"{evaluator}/{metric}", {metric: theirs[(evaluator, metric)]}, {metric: values},
+                                    lambda means, m=metric, s=scale: s * means[m]))
         dims_a, dims_b = _vbench_dims(theirs), _vbench_dims(mine)
-        computable = composite_scores({m: 0.0 for m in dims_b if m in dims_a})  # which scores the shared dims allow
-        for score in COMPOSITES:
-            if score not in computable:
-                continue
-            delta, low, high, n = paired_bootstrap(dims_a, dims_b, lambda means, s=score: composite_scores(means)[s],
-                                                   resamples, seed)
-            records.append(_delta_record(run, keys, score, delta, low, high, n))
-    columns = ["Model", "Method", "Metric", "Delta", "CI low", "CI high", "Prompts", "Significant"]
-    return pd.DataFrame.from_records(records, columns=columns)
+        computable = composite_scores({m: 0.5 for m in dims_b if m in dims_a})  # which scores the shared dims allow
+        comparisons += [(score, dims_a, dims_b, lambda means, s=score: composite_scores(means)[s])
+                        for score in COMPOSITES if score in computable]
+        for metric, a, b, statistic in comparisons:
+            result = compare_paired(a, b, statistic, resamples, permutations, seed, level=1.0 - alpha)
+            records.append({"model": run.model, "method": labels[id(run)], "metric": metric, "unit": unit_of(metric),
+                            "n_pairs": result.n_pairs, "delta": result.delta, "ci_low": result.ci_low,
+                            "ci_high": result.ci_high, "effect_size_dz": result.effect_size, "p_value": result.p_value})
+    return judge(pd.DataFrame.from_records(records, columns=DELTA_COLUMNS[:10]), min_pairs, correction, alpha)
 
 
-def _delta_record(run, keys, metric, delta, low, high, prompts) -> dict:
-    return {"Model": run.model, "Method": run_label(run, keys), "Metric": metric, "Delta": delta, "CI low": low,
-            "CI high": high, "Prompts": prompts, "Significant": bool(low > 0 or high < 0)}
+def judge(frame: pd.DataFrame, min_pairs: int, correction: str, alpha: float) -> pd.DataFrame:
+    """Adds p_adjusted, correction, alpha, significant and verdict to rows with n_pairs and p_value: the family is
+    every row with at least `min_pairs` pairs and a p-value."""
+    if min_pairs < 2 or not 0.0 < alpha < 1.0 or correction not in CORRECTIONS:
+        raise ValueError(f"min_pairs={min_pairs} (>= 2), alpha={alpha} (in (0, 1)), correction={correction!r} "
+                         f"(one of {', '.join(CORRECTIONS)}): a value is out of range")
+    frame = frame.copy()
+    family = (frame["n_pairs"] >= min_pairs) & frame["p_value"].notna()
+    frame["p_adjusted"] = np.nan
+    frame.loc[family, "p_adjusted"] = adjust_pvalues(frame.loc[family, "p_value"].to_numpy(float), correction)
+    frame["correction"], frame["alpha"] = correction, alpha
+    frame["significant"] = pd.array([pd.NA] * len(frame), dtype="boolean")
+    frame.loc[family, "significant"] = frame.loc[family, "p_adjusted"] <= alpha
+    frame["verdict"] = [("significant" if s else "not significant") if f else TOO_FEW
+                        for f, s in zip(family, frame["significant"].fillna(False))]
+    return frame[DELTA_COLUMNS]
+
+
+def delta_display(frame: pd.DataFrame) -> pd.DataFrame:
+    """The deltas as the Markdown and LaTeX tables show them: titled columns, p-values as text, yes/no/n too small."""
+    adjusted = f"p adj. ({CORRECTIONS[frame['correction'].iloc[0] if len(frame) else 'holm']})"
+    shown = pd.DataFrame({
+        "Model": frame["model"], "Method": frame["method"], "Metric": frame["metric"], "Unit": frame["unit"],
+        "Delta": frame["delta"], "CI low": frame["ci_low"], "CI high": frame["ci_high"], "Pairs": frame["n_pairs"],
+        "d_z": frame["effect_size_dz"], "p": frame["p_value"].map(format_p),
+        adjusted: frame["p_adjusted"].map(format_p),
+        "Significant": [TOO_FEW if v == TOO_FEW else "yes" if v == "significant" else "no" for v in frame["verdict"]],
+    })
+    return shown.astype({"Pairs": int}) if len(shown) else shown
+
+
+def format_p(p: float) -> str:
+    return "–" if not np.isfinite(p) else f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def missing_work(run: Run) -> list[str]:
@@ -237,7 +362,9 @@ def missing_work(run: Run) -> list[str]:
 
 
 def to_markdown(frame: pd.DataFrame, digits: int = 2) -> str:
-    return frame.to_markdown(index=False, floatfmt=f".{digits}f", missingval="–")
+    """A pipe table; NaN (a value not evaluated) as an en dash, not 'nan'."""
+    return frame.astype(object).where(frame.notna(), None).to_markdown(index=False, floatfmt=f".{digits}f",
+                                                                       missingval="–")
 
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
