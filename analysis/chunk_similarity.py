@@ -20,6 +20,7 @@ from stas.errors import UserError
 from stas.evaluation import EvaluatorUnavailable
 from stas.evaluation.chunk_similarity import (BANDS, FEATURES, chunk_similarity, feature_extractor, summary_lines,
                                               write_chunk_similarity)
+from stas.rundir import check_writable
 
 
 def main(argv=None) -> int:
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
             raise UserError(f"--limit={args.limit} must be at least 1")
         if not 1 <= args.pixel_size <= 1024 or not 1 <= args.batch_size <= 4096:
             raise UserError("--pixel-size must be in [1, 1024] and --batch-size in [1, 4096]")
+        check_writable(args.out)  # before any feature is computed
         features = feature_extractor(args.features, args.device, args.batch_size, args.pixel_size, args.checkpoint,
                                      args.random_weights)
         result = chunk_similarity(args.vanilla, args.steered, features, args.features, args.limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 
 import matplotlib.image
 import numpy as np
@@ -123,10 +124,30 @@ def test_chunk_similarity_pairs_videos_by_prompt_and_seed(two_runs):
     assert result.temporal_compression == 4  # tiny_wan21's VAE, from the backbone registry
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "a_file", "no_shared_videos", "no_videos"])
+def rewrite_manifest(run, change):
+    path = run / "items.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(change(row)) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("case", ["not_a_run", "a_file", "no_shared_videos", "no_videos", "identity_list",
+                                  "path_out_of_videos", "unknown_model", "out_is_a_file"])
 def test_script_refuses_what_is_not_a_pair_of_runs(two_runs, tmp_path, capsys, case):
     vanilla, steered = two_runs
-    if case == "not_a_run":
+    if case == "identity_list":
+        (steered / "run_identity.yaml").write_text("- model\n- steer\n")
+        args, expected = [vanilla, steered], "run_identity.yaml holds a list, not the mapping of config keys"
+    elif case == "path_out_of_videos":
+        rewrite_manifest(vanilla, lambda row: dict(row, file="../../etc/passwd"))
+        args, expected = [vanilla, steered], "is not a plain file name (no folders, no '..')"
+    elif case == "unknown_model":
+        identity = (vanilla / "run_identity.yaml").read_text().replace("name: tiny_wan21", "name: my_model")
+        (vanilla / "run_identity.yaml").write_text(identity)
+        args, expected = [vanilla, steered], "model.name='my_model': model='my_model' is not an option"
+    elif case == "out_is_a_file":
+        (tmp_path / "out").write_text("my notes")
+        args, expected = [vanilla, steered], "the output directory is a file"
+    elif case == "not_a_run":
         (tmp_path / "plain").mkdir()
         (tmp_path / "plain" / "notes.txt").write_text("not a run")
         args, expected = [tmp_path / "plain", steered], "is not a stas run directory (no run_identity.yaml"
@@ -143,7 +164,7 @@ def test_script_refuses_what_is_not_a_pair_of_runs(two_runs, tmp_path, capsys, c
     assert script_main()([*map(str, args), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("chunk_similarity: error: ") and expected in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "chunk_similarity.png").exists()
 
 
