@@ -9,8 +9,8 @@ from stas.evaluation.records import aggregate_metrics
 from stas.evaluation.registry import evaluator_names
 from stas.evaluation.runner import EvaluationSummary, evaluate_run
 from stas.evaluation.scores import vbench_scores
-from stas.evaluation.similarity import chunk_pairs, consistency_score, similarity_metrics
+from stas.evaluation.similarity import chunk_pairs, consistency_score, frame_pair_similarity, similarity_metrics
 
 __all__ = ["aggregate_metrics", "chunk_pairs", "consistency_score", "EvalContext", "evaluate_run", "EvaluationSummary",
-           "Evaluator", "evaluator_names", "EvaluatorUnavailable", "register", "Scorer", "similarity_metrics",
-           "vbench_scores"]
+           "Evaluator", "evaluator_names", "EvaluatorUnavailable", "frame_pair_similarity", "register", "Scorer",
+           "similarity_metrics", "vbench_scores"]

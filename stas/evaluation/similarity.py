@@ -3,7 +3,7 @@
 Video VAEs with temporal compression c encode pixel frame 0 alone, then groups of c frames (latent frame k >= 1 holds
 pixel frames c*k-c+1 .. c*k). A pair of consecutive frames is *intra-chunk* when both frames come from the same
 latent frame and *cross-chunk* when they straddle a boundary; STAS acts where the cross-chunk pairs are.
-All functions are pure: features (T, C) in, Python floats out.
+All functions are pure: features (T, C) in, Python floats (or, for `frame_pair_similarity`, a (T-1,) tensor) out.
 """
 
 from __future__ import annotations
@@ -41,6 +41,21 @@ def _as_features(features) -> torch.Tensor:
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"features must be (T, C) with T >= 2 frames; got shape {tuple(features.shape)}")
     return features
+
+
+def frame_pair_similarity(features) -> torch.Tensor:
+    """(T-1,) float64: cos(f[t], f[t+1]) for every consecutive frame pair of one video's features (T, C), in frame
+    order; `chunk_pairs` says which of these pairs cross a latent-chunk boundary."""
+    features = _as_features(features)
+    frames = features.shape[0]
+    return _cosine(features, list(range(frames - 1)), list(range(1, frames)))
+
+
+def cross_chunk(num_frames: int, temporal_compression: int = 4) -> list[bool]:
+    """For each consecutive pair (t, t+1), t = 0 .. num_frames-2: whether it crosses a latent-chunk boundary."""
+    _, cross = chunk_pairs(num_frames, temporal_compression)
+    starts = {t for t, _ in cross}
+    return [t in starts for t in range(num_frames - 1)]
 
 
 def consistency_score(features) -> float:

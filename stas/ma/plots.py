@@ -2,10 +2,15 @@
 
   tokens    ma_tokens_L{block}_s{step}.png  MA magnitude of every token along the sequence, latent frames marked,
             first-frame / boundary / interior tokens coloured (the paper's figure); one per profile pair
-  ratios    ma_ratios.png                   block x step heatmaps of first/interior and boundary/interior
-  channels  ma_channels_L{block}.png        peak |value| of every channel, massive / weak / non-MA coloured
+  ratios    ma_ratios.png                   block x step heatmaps of first/interior and boundary/interior on ONE
+                                            colour scale for every panel and variant: logarithmic when the ratios span
+                                            more than a decade, else linear from 0 (so noise around 1 stays noise)
+  channels  ma_channels_L{block}.png        peak |value| of every channel on a log axis, massive / weak / non-MA marked
   profile   ma_profile.png                  MA magnitude by position inside a latent frame, with its period
-With steering on, every figure shows the steered variant next to (below) the vanilla one.
+With steering on, every figure shows the steered variant next to (below) the vanilla one. Every figure says which
+blocks and steps it shows and what it averages (or maximises) over: prompts, CFG branches, tokens, frames.
+What is plotted comes from the `stats` tensors and the summary's descriptive keys (model, layers, steps, branches,
+prompts, layout, regions, detection, the channel classes, the profiles); no verdict of the summary is re-plotted.
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from stas.ma.capture import REGION_NAMES
 from stas.core.layout import TokenLayout
-from stas.ma.stats import MEAN, region_table
 from stas.rundir import atomic_write_bytes
 
 REGION_COLORS = {"first_frame": "tab:red", "boundary": "tab:orange", "interior": "tab:blue"}
 CLASS_COLORS = {"massive": "tab:red", "weak": "tab:orange", "non_ma": "tab:green"}
+CLASS_LABELS = {"massive": "massive", "weak": "weak", "non_ma": "non-MA"}
 MAX_TICKS = 16
+LOG_SPAN = 10.0  # ratios whose largest / smallest positive value exceeds this get a logarithmic colour scale
+ANNOTATE_CELLS = 80  # heatmap panels with at most this many cells print their values
+RATIO_LABEL = "ratio of mean MA magnitudes\nregion / interior (white line: 1)"
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -46,6 +56,54 @@ def _region_masks(summary: dict) -> dict[str, np.ndarray]:
 
 def _variant_axes(fig: Figure, variants: list[str], columns: int = 1, **kwargs) -> np.ndarray:
     return fig.subplots(len(variants), columns, squeeze=False, **kwargs)
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for index in sorted(indices):
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def _prompts(stats: dict, summary: dict) -> str:
+    """'2 prompts', or '6 videos of 3 prompts' with several samples per prompt (counted from the tensors)."""
+    first = next(iter(stats["variants"].values()))
+    videos = int(first["regions"].shape[0])
+    unique = len(set(summary["prompts"]))
+    return f"{videos} prompt{'s' * (videos != 1)}" if unique == videos else f"{videos} videos of {unique} prompts"
+
+
+def _branches(summary: dict) -> str:
+    branches = list(summary["branches"])
+    if len(branches) == 1:
+        return f"CFG branch {branches[0]} only"
+    return "CFG branches " + " + ".join(branches)
+
+
+def _steps(summary: dict) -> str:
+    return f"steps {_spans(summary['steps'])} of {summary['num_steps']}"
+
+
+def region_means(regions: torch.Tensor) -> torch.Tensor:
+    """(N, L, T, B, R, 2) region statistics of ma_stats.pt -> (L, T, R): the region means (MA magnitude averaged
+    over the region's tokens), averaged over prompts (N) and CFG branches (B)."""
+    return regions[..., 0].nanmean(dim=(0, 3))
+
+
+def ratio_norm(values: np.ndarray) -> Normalize:
+    """The one colour scale of the ratio heatmaps: LogNorm over [min(smallest positive, 1), max(largest, 1)] when
+    the finite positive ratios span more than LOG_SPAN, else linear from 0 to max(largest, 1). Both contain 1 (the
+    region as large as interior), and a linear scale starts at 0, so that +-1 % around a value looks like +-1 %."""
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    top = max(float(finite.max()), 1.0) if finite.size else 1.0
+    if positive.size and float(positive.max()) / float(positive.min()) > LOG_SPAN:
+        return LogNorm(vmin=min(float(positive.min()), 1.0), vmax=top)
+    return Normalize(vmin=0.0, vmax=top)
 
 
 def plot_tokens(stats: dict, summary: dict, pair: int) -> Figure:
@@ -73,44 +131,53 @@ def plot_tokens(stats: dict, summary: dict, pair: int) -> Figure:
     axes[0].legend(loc="upper right", markerscale=max(1.0, 30 / marker) ** 0.5, fontsize=8)
     axes[-1].set_xlabel(f"latent frame (tokens in frame-major order, {layout.tokens_per_frame} per frame; "
                         "dashed: frame starts)")
-    fig.suptitle(f"{summary['model']}: largest |value| over the MA channels per token, block {layer}, step {step}")
+    fig.suptitle(f"{summary['model']}: largest |value| over the MA channels per token, block {layer}, step {step}\n"
+                 f"mean over {_prompts(stats, summary)} and {_branches(summary)}", fontsize=11)
     return fig
 
 
 def plot_ratios(stats: dict, summary: dict) -> Figure:
     layers, steps = summary["layers"], summary["steps"]
     variants = list(stats["variants"])
-    tables = {name: region_table(stats["variants"][name]["regions"])[..., MEAN] for name in variants}  # (L, T, R)
-    ratios = {name: {"first_frame / interior": t[..., 0] / t[..., 2], "boundary / interior": t[..., 1] / t[..., 2]}
-              for name, t in tables.items()}
-    fig = Figure(figsize=(min(16.0, max(9.0, 3 + 0.36 * len(steps))),
-                         1.2 + (1.2 + 0.16 * min(len(layers), 30)) * len(variants)),
+    means = {name: region_means(stats["variants"][name]["regions"]) for name in variants}  # (L, T, R)
+    first, boundary, interior = (REGION_NAMES.index(r) for r in ("first_frame", "boundary", "interior"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = {name: {"first_frame / interior": (m[..., first] / m[..., interior]).numpy(),
+                         "boundary / interior": (m[..., boundary] / m[..., interior]).numpy()}
+                  for name, m in means.items()}
+    norm = ratio_norm(np.stack([panel for name in variants for panel in ratios[name].values()]))
+    logarithmic = isinstance(norm, LogNorm)
+    fig = Figure(figsize=(min(16.0, max(10.0, 3 + 0.36 * len(steps))),
+                         1.8 + (1.2 + 0.16 * min(len(layers), 30)) * len(variants)),
                  layout="constrained")
     axes = _variant_axes(fig, variants, columns=2)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
+    image = None
     for column, key in enumerate(("first_frame / interior", "boundary / interior")):
-        values = torch.stack([ratios[name][key] for name in variants])
-        finite = values[torch.isfinite(values)]
-        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
-        if vmax - vmin < 0.01:  # a constant map: a readable colour bar around the value
-            vmin, vmax = vmin - 0.5, vmax + 0.5
         for row, name in enumerate(variants):
             ax = axes[row, column]
-            data = ratios[name][key].numpy()
-            image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
-                              interpolation="nearest")
-            fig.colorbar(image, ax=ax, shrink=0.9)
-            if data.size <= 80:
-                middle = (vmin + vmax) / 2
-                for (i, j), value in np.ndenumerate(data):
-                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7,
-                            color="black" if value > middle else "white")
+            data = np.ma.masked_invalid(ratios[name][key])
+            if logarithmic:
+                data = np.ma.masked_less_equal(data, 0)
+            image = ax.imshow(data, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+            if data.size <= ANNOTATE_CELLS:
+                for (i, j), value in np.ndenumerate(ratios[name][key]):
+                    if np.isfinite(value):
+                        shade = float(norm(value)) if not (logarithmic and value <= 0) else 0.0
+                        ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7,
+                                color="black" if shade > 0.5 else "white")
             _index_ticks(ax.set_xticks, steps)
             _index_ticks(ax.set_yticks, layers)
             ax.set_xlabel("denoising step")
             ax.set_ylabel("block")
             ax.set_title(f"{name}: {key}", fontsize=10)
-    fig.suptitle(f"{summary['model']}: MA magnitude ratios (mean over tokens, prompts, CFG branches; "
-                 "blank: no MA channel detected)")
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label=RATIO_LABEL)
+    bar.ax.axhline(1.0, color="white", linewidth=1.2)
+    scale = (f"log colour scale (ratios span {norm.vmin:.3g}-{norm.vmax:.3g})" if logarithmic
+             else f"linear colour scale from 0 to {norm.vmax:.3g}")
+    fig.suptitle(f"{summary['model']}: MA magnitude ratios, blocks {_spans(layers)} x {_steps(summary)}\n"
+                 f"region mean over its tokens, then mean over {_prompts(stats, summary)} and {_branches(summary)}\n"
+                 f"one {scale} for every panel; grey: undefined (no MA channel detected or interior 0)", fontsize=10)
     return fig
 
 
@@ -124,7 +191,7 @@ def plot_channels(stats: dict, summary: dict, layer: int) -> Figure:
     slot = summary["layers"].index(layer)
     variants = list(stats["variants"])
     ratio = summary["detection"]["ratio"]
-    fig = Figure(figsize=(12, 0.8 + 2.6 * len(variants)), layout="constrained")
+    fig = Figure(figsize=(12, 1.0 + 2.6 * len(variants)), layout="constrained")
     axes = _variant_axes(fig, variants, sharex=True)[:, 0]
     for ax, name in zip(axes, variants):
         peaks = stats["variants"][name]["peaks_max"][slot].amax(dim=(0, 1)).numpy()
@@ -133,20 +200,29 @@ def plot_channels(stats: dict, summary: dict, layer: int) -> Figure:
         for kind, color in CLASS_COLORS.items():
             colors[entry[kind]] = color
         ax.bar(np.arange(peaks.size), peaks, width=1.0, color=list(colors), linewidth=0)
+        for kind, color in CLASS_COLORS.items():  # markers on top: a 1-channel bar is too thin to see
+            marked = np.asarray(entry[kind], dtype=int)
+            ax.scatter(marked, peaks[marked], s=22, color=color, edgecolors="black", linewidths=0.4, zorder=3,
+                       label=f"{CLASS_LABELS[kind]} ({len(marked)})")
         median = float(np.median(peaks))
         ax.axhline(median, color="black", linestyle=":", linewidth=0.8, label=f"median peak {median:.3g}")
         ax.axhline(ratio * median, color="black", linestyle="--", linewidth=0.8, label=f"{ratio:g} x median")
         for channel in entry["massive"]:
-            ax.annotate(str(channel), (channel, peaks[channel]), textcoords="offset points", xytext=(0, 2),
+            ax.annotate(str(channel), (channel, peaks[channel]), textcoords="offset points", xytext=(0, 4),
                         ha="center", fontsize=8, color=CLASS_COLORS["massive"])
-        for kind, color in CLASS_COLORS.items():
-            ax.bar([0], [0], color=color, label=f"{kind} ({len(entry[kind])})")
-        ax.set_ylabel("peak |value|")
+        ax.set_yscale("log")
+        positive = peaks[peaks > 0]
+        if positive.size:
+            ax.set_ylim(positive.min() / 2, max(positive.max(), ratio * median) * 3)
+        ax.set_ylabel("peak |value| (log)")
         ax.set_title(name, loc="left", fontsize=10)
-        ax.legend(loc="upper right", fontsize=8)
-    axes[-1].set_xlabel("channel")
+        ax.legend(loc="upper right", fontsize=8, ncols=2)
+    axes[-1].set_xlabel("channel (grey: unclassified channels; coloured bars and markers: the classes of "
+                        "ma_summary.json)")
     axes[-1].set_xlim(-0.5, len(peaks) - 0.5)
-    fig.suptitle(f"{summary['model']}: channel peaks of block {layer} (max over prompts, captured steps, branches)")
+    fig.suptitle(f"{summary['model']}: channel peaks of block {layer}, {_steps(summary)}\n"
+                 f"peak = largest |value| over the video tokens, then max over {_prompts(stats, summary)}, the "
+                 f"captured steps and {_branches(summary)}", fontsize=11)
     return fig
 
 
@@ -179,7 +255,9 @@ def plot_profile(stats: dict, summary: dict) -> Figure:
         ax.legend(fontsize=8, loc="upper center")
     for ax in axes[len(pairs):]:
         ax.set_visible(False)
-    fig.suptitle(f"{summary['model']}: within-frame MA profile (mean over latent frames 1..{layout.frames - 1})")
+    frames = f"latent frames 1..{layout.frames - 1}" if layout.frames > 1 else "latent frame 0"
+    fig.suptitle(f"{summary['model']}: within-frame MA profile at the block/step pairs of the panels\n"
+                 f"mean over {frames}, {_prompts(stats, summary)} and {_branches(summary)}", fontsize=11)
     return fig
 
 
