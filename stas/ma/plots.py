@@ -2,7 +2,7 @@
 
   tokens    ma_tokens_L{block}_s{step}.png  MA magnitude of every token along the sequence, latent frames marked,
             first-frame / boundary / interior tokens coloured (the paper's figure); one per profile pair
-  ratios    ma_ratios.png                   block x step heatmaps of first/interior and boundary/interior
+  ratios    ma_ratios.png                   block x step heatmaps of first/boundary and boundary/interior
   channels  ma_channels_L{block}.png        peak |value| of every channel, massive / weak / non-MA coloured
   profile   ma_profile.png                  MA magnitude by position inside a latent frame, with its period
 With steering on, every figure shows the steered variant next to (below) the vanilla one.
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from stas.ma.capture import REGION_NAMES
 from stas.core.layout import TokenLayout
-from stas.ma.stats import MEAN, region_table
+from stas.ma.hierarchy import MEAN, region_table
 from stas.rundir import atomic_write_bytes
 
 REGION_COLORS = {"first_frame": "tab:red", "boundary": "tab:orange", "interior": "tab:blue"}
@@ -81,13 +81,13 @@ def plot_ratios(stats: dict, summary: dict) -> Figure:
     layers, steps = summary["layers"], summary["steps"]
     variants = list(stats["variants"])
     tables = {name: region_table(stats["variants"][name]["regions"])[..., MEAN] for name in variants}  # (L, T, R)
-    ratios = {name: {"first_frame / interior": t[..., 0] / t[..., 2], "boundary / interior": t[..., 1] / t[..., 2]}
-              for name, t in tables.items()}
+    ratios = {name: {"first_frame / boundary": t[..., 0] / t[..., 1], "boundary / interior": t[..., 1] / t[..., 2]}
+              for name, t in tables.items()}  # the two ratios of the hierarchy verdict
     fig = Figure(figsize=(min(16.0, max(9.0, 3 + 0.36 * len(steps))),
                          1.2 + (1.2 + 0.16 * min(len(layers), 30)) * len(variants)),
                  layout="constrained")
     axes = _variant_axes(fig, variants, columns=2)
-    for column, key in enumerate(("first_frame / interior", "boundary / interior")):
+    for column, key in enumerate(("first_frame / boundary", "boundary / interior")):
         values = torch.stack([ratios[name][key] for name in variants])
         finite = values[torch.isfinite(values)]
         vmin, vmax = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
@@ -109,8 +109,8 @@ def plot_ratios(stats: dict, summary: dict) -> Figure:
             ax.set_xlabel("denoising step")
             ax.set_ylabel("block")
             ax.set_title(f"{name}: {key}", fontsize=10)
-    fig.suptitle(f"{summary['model']}: MA magnitude ratios (mean over tokens, prompts, CFG branches; "
-                 "blank: no MA channel detected)")
+    fig.suptitle(f"{summary['model']}: MA magnitude ratios (region means over tokens, then over the prompts and "
+                 "CFG branches with MAs; blank: no MA channel detected)")
     return fig
 
 
@@ -170,7 +170,8 @@ def plot_profile(stats: dict, summary: dict) -> Figure:
             entry = result["profiles"][p]
             ax.plot(positions, entry["profile"], marker="." if layout.tokens_per_frame <= 200 else None,
                     linewidth=1.0, label=name)
-            notes.append(f"{name}: period {entry['period']}")
+            p_value = "" if entry["null_p"] is None else f" (null p={entry['null_p']:.2g})"
+            notes.append(f"{name}: period {entry['period']}{p_value}")
         ax.set_title(f"block {layer}, step {step}: " + ", ".join(notes)
                      + f" (tokens per frame {layout.tokens_per_frame})", fontsize=9)
         ax.set_xlabel(f"position inside a latent frame (row-major, {layout.width} per row)")
