@@ -21,7 +21,8 @@ from stas.generation import generate
 from stas.core.layout import TokenLayout
 from stas.ma.analysis import DIMS_FILE, STATS_FILE, SUMMARY_FILE, analyze
 from stas.ma.compare import compare
-from stas.ma.stats import SUMMARY_KEYS, VARIANT_KEYS, classify_channels, sequence_period, summarise
+from stas.ma.hierarchy import sequence_period
+from stas.ma.stats import SUMMARY_KEYS, VARIANT_KEYS, classify_channels, summarise
 from stas.core.massive import load_calibration
 from stas.backbones.tiny import planted_profile
 from stas.loggers import RunLogger
@@ -214,7 +215,7 @@ def test_period_equals_tokens_per_frame_for_chunked_spikes(grid, width, unit):
                      f"model.tiny.plant.boundary_unit={unit}"]).model.tiny.plant
     tokens = planted_profile(layout, plant) + 0.01 * torch.rand(layout.num_tokens, generator=torch.Generator().manual_seed(0))
     result = sequence_period(tokens, layout)
-    assert result["period"] == layout.tokens_per_frame and result["period_is_frame"]
+    assert result["period"] == layout.tokens_per_frame and result["period_is_frame"] and result["period_evidence"]
     assert sequence_period(torch.ones(layout.num_tokens), layout)["period"] is None  # nothing varies
     assert sequence_period(tokens[: 2 * layout.tokens_per_frame], TokenLayout(2, *grid[1:]))["period"] is None
 
