@@ -148,6 +148,12 @@ class AnalysisConfig:
     min_frequency: float = 0.5  # calibration: massive in at least this fraction of a block's observations
     weak: int = 4  # calibration: the next-ranked channels that do not qualify, per block
     non_ma: int = 4  # calibration: ordinary channels nearest the median peak, per block
+    # The hierarchy verdict and the period test (docs/analysis.md, "The hierarchy verdict"): a region ratio must
+    # exceed 1 + min_effect at the lower end of its bootstrap interval over prompts to hold.
+    min_effect: float = 0.05
+    resamples: int = 1000  # bootstrap resamples over prompts; null draws of the period test
+    confidence: float = 0.95  # of the bootstrap intervals; the period test's level is 1 - confidence
+    min_prompts: int = 3  # fewer prompts with MAs: the verdict is inconclusive
     plots: List[str] = field(default_factory=lambda: list(ANALYSIS_PLOTS))
     compare: List[str] = field(default_factory=list)  # analysis run directories to put side by side (no sampling)
 

@@ -63,6 +63,8 @@ NUMERIC_BOUNDS = {
 }
 PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
 ALPHA_BOUNDS = Bounds(0, 100, low_open=True)  # for the rules that use alpha
+# the hierarchy verdict: below 100 resamples the interval's tails are a handful of draws; one prompt gives no interval
+VERDICT_BOUNDS = {"min_effect": Bounds(0, 10), "resamples": Bounds(100, 1000000), "min_prompts": Bounds(2, 100000)}
 
 
 def _kind_of(value) -> str:
@@ -219,6 +221,14 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
             )
 
 
+def _validate_verdict(analysis) -> None:
+    """The hierarchy verdict's and period test's settings (stas.ma.hierarchy.VerdictSettings)."""
+    for name, bounds in VERDICT_BOUNDS.items():
+        _in_bounds(f"analysis.{name}", getattr(analysis, name), bounds)
+    if not 0.5 <= analysis.confidence < 1:
+        raise ConfigError(f"analysis.confidence={analysis.confidence!r} must lie in [0.5, 1)")
+
+
 def validate_analysis(analysis, model) -> AnalysisSelection:
     selection = analysis_selection(analysis, model.num_layers, model.steps)
     if not analysis.ratio > 0:
@@ -228,6 +238,7 @@ def validate_analysis(analysis, model) -> AnalysisSelection:
         raise ConfigError(f"analysis.min_frequency={analysis.min_frequency!r} must lie in (0, 1]")
     check_at_least("analysis.weak", analysis.weak, 0)
     check_at_least("analysis.non_ma", analysis.non_ma, 0)
+    _validate_verdict(analysis)
     for plot in analysis.plots:
         check_allowed("analysis.plots entry", plot, ANALYSIS_PLOTS)
     return selection

@@ -22,6 +22,7 @@ from stas.core.selection import analysis_selection
 from stas.generation import make_steerer, run_items, run_pipeline
 from stas.core.layout import TokenLayout
 from stas.ma.plots import write_plots
+from stas.ma.hierarchy import PAIR_LABELS
 from stas.ma.stats import MAStats, calibration, summarise
 from stas.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -40,14 +41,28 @@ class AnalysisResult:
     def __str__(self) -> str:
         lines = []
         for name, result in self.summary["results"].items():
-            hierarchy = result["hierarchy"]
-            periods = ", ".join(f"block {p['layer']} step {p['step']}: {p['period']}" for p in result["profiles"])
+            periods = ", ".join(f"block {p['layer']} step {p['step']}: {p['period']} (p={_number(p['null_p'])})"
+                                for p in result["profiles"])
             channels = result["stability"]["channels_in_every_layer"]
-            lines.append(f"  {name}: MA channels in every block {channels}; first > boundary > interior at "
-                         f"{hierarchy['holds']:.0%} of (block, step); period {periods} "
-                         f"(tokens per frame {self.summary['layout']['tokens_per_frame']})")
+            lines.append(f"  {name}: MA channels in every block {channels}; {hierarchy_line(result['hierarchy'])}; "
+                         f"period {periods} (tokens per frame {self.summary['layout']['tokens_per_frame']})")
         return "\n".join([*lines, f"  outputs: {self.run_dir} ({SUMMARY_FILE}, {DIMS_FILE}, {STATS_FILE}, "
                                   f"{len(self.plots)} plot(s)); capture buffers {self.capture_bytes} bytes"])
+
+
+def _number(value, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def hierarchy_line(hierarchy: dict) -> str:
+    """e.g. 'hierarchy: holds (first/boundary 2.00 [1.98, 2.01], boundary/interior 4.91 [4.80, 5.02], ...; 3 prompt(s),
+    32 (block, step) entries, 2 without MAs)', and the reason unless it holds."""
+    ratios = ", ".join(f"{PAIR_LABELS[name]} {_number(pair['ratio'], '.2f')} [{_number(pair['ci'][0], '.2f')}, "
+                       f"{_number(pair['ci'][1], '.2f')}]" for name, pair in hierarchy["ratios"].items())
+    counts = hierarchy["counts"]
+    line = (f"hierarchy: {hierarchy['verdict']} ({ratios}; {counts['prompts']} prompt(s), {counts['entries']} "
+            f"(block, step) entries, {counts['entries_without_ma']} without MAs)")
+    return line if hierarchy["verdict"] == "holds" else f"{line}: {hierarchy['reason']}"
 
 
 def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> AnalysisResult:
@@ -85,6 +100,8 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
             "layout": {"frames": layout.frames, "height": layout.height, "width": layout.width},
             "boundary_width": cfg.steer.boundary_width, "boundary_unit": cfg.steer.boundary_unit,
             "ratio": cfg.analysis.ratio, "max_dims": cfg.analysis.max_dims,
+            "verdict": {"min_effect": cfg.analysis.min_effect, "resamples": cfg.analysis.resamples,
+                        "confidence": cfg.analysis.confidence, "min_prompts": cfg.analysis.min_prompts},
             "regions": list(REGION_NAMES), "region_stats": list(STATS),
         },
         "variants": {name: acc.tensors() for name, acc in accumulated.items()},
@@ -115,11 +132,18 @@ def log_analysis(logger, summary: dict, plots: list[Path]) -> None:
             for channel in entry["channels"]:
                 kind = "massive" if channel["channel"] in entry["massive"] else "weak"
                 rows.append({"variant": name, "layer": int(layer), "kind": kind, **channel})
-        totals[f"{name}/hierarchy_holds"] = result["hierarchy"]["holds"]
-        totals[f"{name}/first_over_interior"] = result["hierarchy"]["first_over_interior"]
-        totals[f"{name}/boundary_over_interior"] = result["hierarchy"]["boundary_over_interior"]
+        hierarchy = result["hierarchy"]
+        totals[f"{name}/hierarchy"] = hierarchy["verdict"]
+        for pair, values in hierarchy["ratios"].items():
+            totals[f"{name}/{pair}"] = values["ratio"]
+            totals[f"{name}/{pair}_ci"] = values["ci"]
+            totals[f"{name}/{pair}_verdict"] = values["verdict"]
+        totals[f"{name}/entries_without_ma"] = hierarchy["counts"]["entries_without_ma"]
         totals[f"{name}/channels_in_every_layer"] = result["stability"]["channels_in_every_layer"]
         for profile in result["profiles"]:
-            totals[f"{name}/period_L{profile['layer']}_s{profile['step']}"] = profile["period"]
+            pair = f"L{profile['layer']}_s{profile['step']}"
+            totals[f"{name}/period_{pair}"] = profile["period"]
+            totals[f"{name}/period_null_p_{pair}"] = profile["null_p"]
+            totals[f"{name}/period_evidence_{pair}"] = profile["period_evidence"]
     logger.log_table("ma_channels", rows)
     logger.summary(totals)

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from stas.errors import UserError
 from stas.ma.analysis import SUMMARY_FILE
+from stas.ma.hierarchy import ADJACENT, PAIR_LABELS
 from stas.ma.plots import save_figure
 from stas.ma.stats import SUMMARY_KEYS
 from stas.rundir import atomic_write_json, atomic_write_text
@@ -49,13 +50,15 @@ def read_summary(run: Path) -> dict:
         raise UserError(f"{run / SUMMARY_FILE}: cannot be read as JSON ({err})") from None
     missing = [key for key in SUMMARY_KEYS if not isinstance(summary, dict) or key not in summary]
     if missing:
+        older = ("; one written before the hierarchy verdict can be rewritten from its ma_stats.pt with "
+                 "stas.ma.stats.summarise") if missing == ["hierarchy"] else ""
         raise UserError(f"{run / SUMMARY_FILE} is not an ma_summary.json written by stas.analyze "
-                        f"(missing: {', '.join(missing)})")
+                        f"(missing: {', '.join(missing)}{older})")
     return summary
 
 
 def compare_rows(runs: list[Path]) -> list[dict]:
-    """One row per (run, variant): hierarchy, ratios, period and channel stability."""
+    """One row per (run, variant): hierarchy verdict, ratios with their intervals, period and channel stability."""
     rows = []
     for run in runs:
         summary = read_summary(run)
@@ -68,12 +71,14 @@ def compare_rows(runs: list[Path]) -> list[dict]:
                 "variant": variant if variant == "vanilla" else f"{variant} ({summary['steer']})",
                 "prompts": len(summary["prompts"]),
                 "MA channels (every block)": " ".join(map(str, stability["channels_in_every_layer"])) or "-",
-                "first>boundary>interior": hierarchy["holds"],
-                "first/interior": hierarchy["first_over_interior"],
-                "boundary/interior": hierarchy["boundary_over_interior"],
+                "hierarchy": hierarchy["verdict"],
+                **{label: hierarchy["ratios"][pair]["ratio"] for pair, label in PAIR_LABELS.items()},
+                **{f"{PAIR_LABELS[pair]} CI": hierarchy["ratios"][pair]["ci"] for pair in ADJACENT},
+                "entries without MAs": f"{hierarchy['counts']['entries_without_ma']}/{hierarchy['counts']['entries']}",
                 "tokens/frame": summary["layout"]["tokens_per_frame"],
                 "period": " ".join(str(p) for p in periods),
                 "period = frame": all(p["period_is_frame"] for p in result["profiles"]),
+                "period evidence": all(p["period_evidence"] for p in result["profiles"]),
                 "stable over prompts": stability["prompts"],
                 "over steps": stability["steps"],
                 "over blocks": stability["layers"],
@@ -81,26 +86,38 @@ def compare_rows(runs: list[Path]) -> list[dict]:
     return rows
 
 
+def _cell(value):
+    """An interval [low, high] as one short cell ('-' without one)."""
+    if not isinstance(value, list):
+        return value
+    return "-" if None in value else f"[{value[0]:.2f}, {value[1]:.2f}]"
+
+
 def compare_table(rows: list[dict]) -> str:
     import pandas as pd
 
-    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f", missingval="-")
+    cells = [{key: _cell(value) for key, value in row.items()} for row in rows]
+    return pd.DataFrame(cells).to_markdown(index=False, floatfmt=".2f", missingval="-")
 
 
 def compare_figure(rows: list[dict]) -> Figure:
+    """Bars of the two ratios of the hierarchy verdict per run and variant, with their bootstrap intervals."""
     labels = [f"{row['model']}\n{row['variant']}" for row in rows]
-    keys = ("first/interior", "boundary/interior")
+    keys = [PAIR_LABELS[pair] for pair in ADJACENT]
     fig = Figure(figsize=(max(5.0, 1.4 * len(rows) + 2), 3.6), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(rows))
     for offset, key in zip((-0.2, 0.2), keys):
-        values = [row[key] if row[key] is not None else np.nan for row in rows]
-        ax.bar(x + offset, values, width=0.4, label=key)
+        values = np.array([row[key] if row[key] is not None else np.nan for row in rows])
+        low, high = (np.array([np.nan if row[f"{key} CI"][i] is None else row[f"{key} CI"][i] for row in rows])
+                     for i in (0, 1))
+        errors = np.nan_to_num(np.stack([values - low, high - values]), nan=0.0)
+        ax.bar(x + offset, values, width=0.4, label=key, yerr=errors, capsize=3)
     ax.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
     ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("MA magnitude ratio (mean)")
+    ax.set_ylabel("MA magnitude ratio (geometric mean)")
     ax.legend(fontsize=8)
-    ax.set_title("Massive-activation hierarchy per run")
+    ax.set_title("Massive-activation hierarchy per run (bars: bootstrap intervals over prompts)")
     return fig
 
 

@@ -2,7 +2,7 @@
 
   tokens    ma_tokens_L{block}_s{step}.png  MA magnitude of every token along the sequence, latent frames marked,
             first-frame / boundary / interior tokens coloured (the paper's figure); one per profile pair
-  ratios    ma_ratios.png                   block x step heatmaps of first/interior and boundary/interior on ONE
+  ratios    ma_ratios.png                   block x step heatmaps of first/boundary and boundary/interior on ONE
                                             colour scale for every panel and variant: logarithmic when the ratios span
                                             more than a decade, else linear from 0 (so noise around 1 stays noise)
   channels  ma_channels_L{block}.png        peak |value| of every channel on a log axis, massive / weak / non-MA marked
@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from stas.ma.capture import REGION_NAMES
 from stas.core.layout import TokenLayout
+from stas.ma.hierarchy import MEAN, region_table
 from stas.rundir import atomic_write_bytes
 
 REGION_COLORS = {"first_frame": "tab:red", "boundary": "tab:orange", "interior": "tab:blue"}
@@ -34,7 +35,7 @@ CLASS_LABELS = {"massive": "massive", "weak": "weak", "non_ma": "non-MA"}
 MAX_TICKS = 16
 LOG_SPAN = 10.0  # ratios whose largest / smallest positive value exceeds this get a logarithmic colour scale
 ANNOTATE_CELLS = 80  # heatmap panels with at most this many cells print their values
-RATIO_LABEL = "ratio of mean MA magnitudes\nregion / interior (white line: 1)"
+RATIO_LABEL = "ratio of mean MA magnitudes\nof adjacent regions (white line: 1)"
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -90,8 +91,8 @@ def _steps(summary: dict) -> str:
 
 def region_means(regions: torch.Tensor) -> torch.Tensor:
     """(N, L, T, B, R, 2) region statistics of ma_stats.pt -> (L, T, R): the region means (MA magnitude averaged
-    over the region's tokens), averaged over prompts (N) and CFG branches (B)."""
-    return regions[..., 0].nanmean(dim=(0, 3))
+    over the region's tokens), averaged over the prompts (N) and CFG branches (B) with MAs (as the verdict does)."""
+    return region_table(regions)[..., MEAN]
 
 
 def ratio_norm(values: np.ndarray) -> Normalize:
@@ -142,7 +143,7 @@ def plot_ratios(stats: dict, summary: dict) -> Figure:
     means = {name: region_means(stats["variants"][name]["regions"]) for name in variants}  # (L, T, R)
     first, boundary, interior = (REGION_NAMES.index(r) for r in ("first_frame", "boundary", "interior"))
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = {name: {"first_frame / interior": (m[..., first] / m[..., interior]).numpy(),
+        ratios = {name: {"first_frame / boundary": (m[..., first] / m[..., boundary]).numpy(),
                          "boundary / interior": (m[..., boundary] / m[..., interior]).numpy()}
                   for name, m in means.items()}
     norm = ratio_norm(np.stack([panel for name in variants for panel in ratios[name].values()]))
@@ -153,7 +154,7 @@ def plot_ratios(stats: dict, summary: dict) -> Figure:
     axes = _variant_axes(fig, variants, columns=2)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
     image = None
-    for column, key in enumerate(("first_frame / interior", "boundary / interior")):
+    for column, key in enumerate(("first_frame / boundary", "boundary / interior")):  # the verdict's two ratios
         for row, name in enumerate(variants):
             ax = axes[row, column]
             data = np.ma.masked_invalid(ratios[name][key])
@@ -177,7 +178,7 @@ def plot_ratios(stats: dict, summary: dict) -> Figure:
              else f"linear colour scale from 0 to {norm.vmax:.3g}")
     fig.suptitle(f"{summary['model']}: MA magnitude ratios, blocks {_spans(layers)} x {_steps(summary)}\n"
                  f"region mean over its tokens, then mean over {_prompts(stats, summary)} and {_branches(summary)}\n"
-                 f"one {scale} for every panel; grey: undefined (no MA channel detected or interior 0)", fontsize=10)
+                 f"one {scale} for every panel; grey: undefined (no MA channel detected or a region mean of 0)", fontsize=10)
     return fig
 
 

@@ -1,4 +1,5 @@
-"""Host-side statistics of captured massive activations: accumulation over prompts, summary, period, calibration.
+"""Host-side statistics of captured massive activations: accumulation over prompts, summary, calibration (the
+region statistics, hierarchy verdict and period test are stas.ma.hierarchy).
 
 Everything here works on the CPU tensors of `ma_stats.pt` (the dict `stats_file` builds), so a summary or a
 calibration can be recomputed from a saved run without sampling again. Vocabulary:
@@ -14,11 +15,11 @@ import math
 
 import torch
 
-from stas.ma.capture import REGION_NAMES, CaptureReadout
+from stas.ma.capture import CaptureReadout
 from stas.core.layout import TokenLayout
 from stas.core.massive import top_massive_channels
-
-MEAN, MAX = 0, 1  # the two region statistics
+from stas.ma.hierarchy import (VerdictSettings, captured, hierarchy_verdict, region_entry, region_table,
+                               sequence_period, with_ma, within_frame_profile)
 
 
 class MAStats:
@@ -104,69 +105,11 @@ def massive_sets_by(top_channels, top_massive, dim: int, min_frequency: float, h
             for c, m in zip(top_channels.unbind(dim), top_massive.unbind(dim))]
 
 
-# ------------------------------------------------------------------------------------------------------ regions
-
-
-def region_table(regions: torch.Tensor) -> torch.Tensor:
-    """(N, L, T, B, R, 2) -> (L, T, R, 2): means averaged and maxima maximised over prompts and branches."""
-    means = regions[..., MEAN].nanmean(dim=(0, 3))
-    maxes = regions[..., MAX].nan_to_num(nan=-math.inf).amax(dim=(0, 3))
-    return torch.stack([means, maxes], dim=-1)
-
-
-def region_entry(table: torch.Tensor) -> dict:
-    """Summary of one (block, step): region means/maxima, ratios to interior, whether the hierarchy holds."""
-    first, boundary, interior = (float(table[r, MEAN]) for r in range(len(REGION_NAMES)))
-    entry = {name: {"mean": table[r, MEAN].item(), "max": table[r, MAX].item()} for r, name in enumerate(REGION_NAMES)}
-    entry["first_over_interior"] = first / interior if interior > 0 else math.nan
-    entry["boundary_over_interior"] = boundary / interior if interior > 0 else math.nan
-    entry["hierarchy"] = bool(first > boundary > interior)
-    return entry
-
-
-# ------------------------------------------------------------------------------------------- profile and period
-
-
-def within_frame_profile(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """(tokens_per_frame,) MA magnitude by position inside a latent frame, averaged over the frames after the
-    first one (the temporal chunks; the first frame alone when there is no other)."""
-    grid = tokens.reshape(layout.frames, layout.tokens_per_frame)
-    return grid[1:].mean(dim=0) if layout.frames > 1 else grid[0]
-
-
-def autocorrelation(x: torch.Tensor) -> torch.Tensor:
-    """Biased autocorrelation of a 1-D signal at lags 0..n-1 (lag 0 = 1), by FFT."""
-    x = x.double() - x.double().mean()
-    n = x.numel()
-    spectrum = torch.fft.rfft(x, 2 * n)
-    acf = torch.fft.irfft(spectrum * spectrum.conj(), 2 * n)[:n]
-    return acf / acf[0] if acf[0] > 0 else torch.zeros(n, dtype=torch.float64)
-
-
-def sequence_period(tokens: torch.Tensor, layout: TokenLayout) -> dict:
-    """The period of the per-token MA magnitude over the temporal chunks (frames after the first).
-
-    period: the lag of the highest local maximum of the autocorrelation (None when there are fewer than two
-    chunks or nothing varies); it equals tokens_per_frame when the spikes follow the latent-frame chunking.
-    """
-    tpf = layout.tokens_per_frame
-    result = {"tokens_per_frame": tpf, "period": None, "period_is_frame": False, "autocorrelation_at_frame": None}
-    if layout.frames < 3:
-        return result
-    acf = autocorrelation(tokens[tpf:])
-    result["autocorrelation_at_frame"] = acf[tpf].item()
-    lags = torch.arange(2, acf.numel() - 1)
-    peaks = lags[(acf[lags] >= acf[lags - 1]) & (acf[lags] > acf[lags + 1]) & (acf[lags] > 0)]
-    if peaks.numel():
-        period = int(peaks[torch.argmax(acf[peaks])])
-        result.update(period=period, period_is_frame=period == tpf)
-    return result
-
-
 # ------------------------------------------------------------------------------------------------------ summary
 
 
-def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int, non_ma: int) -> dict:
+def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int, non_ma: int,
+                      settings: VerdictSettings = VerdictSettings()) -> dict:
     hidden_dim = tensors["peaks_mean"].shape[-1]
     layout = TokenLayout(**meta["layout"])
     layers, steps = meta["layers"], meta["steps"]
@@ -195,25 +138,17 @@ def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int
             step_stability.append(mean_pairwise_jaccard(
                 massive_sets_by(top[:, i], massive[:, i], 1, min_frequency, hidden_dim)))
 
-    table = region_table(tensors["regions"])  # (L, T, R, 2)
-    regions = {str(layer): {str(step): region_entry(table[i, j]) for j, step in enumerate(steps)}
-               for i, layer in enumerate(layers)}
-    entries = [regions[str(layer)][str(step)] for layer in layers for step in steps]
-    by_step = {}
-    for step in steps:
-        column = [regions[str(layer)][str(step)] for layer in layers]
-        by_step[str(step)] = _hierarchy(column)
-
+    regions = region_entries(tensors["regions"], layers, steps)
     profiles = []
     for p, (layer, step) in enumerate(meta["profile"]):
         tokens = tensors["tokens_mean"][p].nanmean(dim=0)  # over branches
-        profiles.append({"layer": layer, "step": step, **sequence_period(tokens, layout),
+        profiles.append({"layer": layer, "step": step, **sequence_period(tokens, layout, settings),
                          "profile": within_frame_profile(tokens, layout).tolist()})
 
     return {
         "layers": layer_entries,
         "regions": regions,
-        "hierarchy": {**_hierarchy(entries), "by_step": by_step},
+        "hierarchy": hierarchy_verdict(tensors["regions"], meta["prompts"], steps, settings),
         "profiles": profiles,
         "stability": {
             "prompts": _mean(prompt_stability),
@@ -224,14 +159,12 @@ def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int
     }
 
 
-def _hierarchy(entries: list[dict]) -> dict:
-    """Fraction of (block, step) entries where first > boundary > interior, and their mean ratios."""
-    return {
-        "holds": sum(e["hierarchy"] for e in entries) / len(entries),
-        "holds_everywhere": all(e["hierarchy"] for e in entries),
-        "first_over_interior": _mean([e["first_over_interior"] for e in entries]),
-        "boundary_over_interior": _mean([e["boundary_over_interior"] for e in entries]),
-    }
+def region_entries(regions: torch.Tensor, layers: list[int], steps: list[int]) -> dict:
+    """regions.<block>.<step> of the summary (stas.ma.hierarchy.region_entry) from (N, L, T, B, R, 2)."""
+    table = region_table(regions)  # (L, T, R, 2)
+    observations, has = captured(regions).sum(dim=(0, 3)), with_ma(regions).sum(dim=(0, 3))  # (L, T)
+    return {str(layer): {str(step): region_entry(table[i, j], int(observations[i, j]), int(has[i, j]))
+                         for j, step in enumerate(steps)} for i, layer in enumerate(layers)}
 
 
 def _mean(values: list) -> float | None:
@@ -240,13 +173,23 @@ def _mean(values: list) -> float | None:
 
 
 SUMMARY_KEYS = ("model", "family", "steer", "variants", "prompts", "layers", "steps", "num_steps", "branches",
-                "layout", "regions", "detection", "results")
+                "layout", "regions", "detection", "hierarchy", "results")
 VARIANT_KEYS = ("layers", "regions", "hierarchy", "profiles", "stability")
 
 
-def summarise(stats: dict, min_frequency: float, weak: int, non_ma: int) -> dict:
-    """ma_summary.json from the dict saved in ma_stats.pt (keys: SUMMARY_KEYS; per variant: VARIANT_KEYS)."""
+def summarise(stats: dict, min_frequency: float, weak: int, non_ma: int,
+              settings: VerdictSettings | None = None) -> dict:
+    """ma_summary.json from the dict saved in ma_stats.pt (keys: SUMMARY_KEYS; per variant: VARIANT_KEYS).
+
+    settings: how the hierarchy and period verdicts decide; None: those the run used (meta "verdict"), or the
+    defaults for a file without them. The top-level `hierarchy` is the vanilla variant's verdict (the paper's
+    claim is about the unsteered model) without its per-step breakdown; every variant's is in its results."""
     meta = stats["meta"]
+    if settings is None:
+        settings = VerdictSettings(**meta.get("verdict", {}))
+    results = {name: summarise_variant(tensors, meta, min_frequency, weak, non_ma, settings)
+               for name, tensors in stats["variants"].items()}
+    headline = next(iter(results))  # vanilla: always sampled first
     summary = {
         "model": meta["model"], "family": meta["family"], "steer": meta["steer"],
         "variants": list(stats["variants"]), "prompts": meta["prompts"], "layers": meta["layers"],
@@ -254,8 +197,9 @@ def summarise(stats: dict, min_frequency: float, weak: int, non_ma: int) -> dict
         "layout": {**meta["layout"], "tokens_per_frame": TokenLayout(**meta["layout"]).tokens_per_frame},
         "regions": {"boundary_width": meta["boundary_width"], "boundary_unit": meta["boundary_unit"]},
         "detection": {"ratio": meta["ratio"], "max_dims": meta["max_dims"], "min_frequency": min_frequency},
-        "results": {name: summarise_variant(tensors, meta, min_frequency, weak, non_ma)
-                    for name, tensors in stats["variants"].items()},
+        "hierarchy": {"variant": headline, **{key: value for key, value in results[headline]["hierarchy"].items()
+                                              if key != "by_step"}},
+        "results": results,
     }
     return json_safe(summary)
 

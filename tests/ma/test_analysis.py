@@ -21,7 +21,8 @@ from stas.generation import generate
 from stas.core.layout import TokenLayout
 from stas.ma.analysis import DIMS_FILE, STATS_FILE, SUMMARY_FILE, analyze
 from stas.ma.compare import compare
-from stas.ma.stats import SUMMARY_KEYS, VARIANT_KEYS, classify_channels, sequence_period, summarise
+from stas.ma.hierarchy import sequence_period
+from stas.ma.stats import SUMMARY_KEYS, VARIANT_KEYS, classify_channels, summarise
 from stas.core.massive import load_calibration
 from stas.backbones.tiny import planted_profile
 from stas.loggers import RunLogger
@@ -49,9 +50,9 @@ def run_analysis(tmp_path, cfg, pipe=None):
 
 @pytest.fixture(scope="module")
 def wan_run(tiny_pipelines, tmp_path_factory):
-    """tiny_wan21 with its default plant, two prompts, four steps, every plot."""
+    """tiny_wan21 with its default plant, three prompts (the hierarchy verdict's minimum), four steps, every plot."""
     run_dir = tmp_path_factory.mktemp("wan_analysis")
-    cfg = analysis_cfg("tiny_wan21")
+    cfg = analysis_cfg("tiny_wan21", "prompts.limit=3")
     return cfg, run_analysis(run_dir, cfg, tiny_pipelines["tiny_wan21"][2])
 
 
@@ -77,14 +78,18 @@ def test_finds_the_planted_channels_hierarchy_and_period(wan_run):
         assert len(entry["weak"]) == cfg.analysis.weak and len(entry["non_ma"]) == cfg.analysis.non_ma
         assert not set(entry["weak"]) & set(entry["massive"]) and not set(entry["non_ma"]) & set(entry["massive"])
     hierarchy = vanilla["hierarchy"]
-    assert hierarchy["holds_everywhere"] and hierarchy["holds"] == 1.0
+    assert hierarchy["verdict"] == "holds" and summary["hierarchy"]["verdict"] == "holds"
+    assert all(hierarchy["by_step"][str(step)]["verdict"] == "holds" for step in range(cfg.model.steps))
     # the planted profile fixes the ratios; the random residual stream moves them a little
-    assert hierarchy["first_over_interior"] == pytest.approx(plant.first_frame / plant.interior, rel=0.1)
-    assert hierarchy["boundary_over_interior"] == pytest.approx(plant.boundary / plant.interior, rel=0.1)
+    ratios = hierarchy["ratios"]
+    assert ratios["first_over_boundary"]["ratio"] == pytest.approx(plant.first_frame / plant.boundary, rel=0.1)
+    assert ratios["first_over_interior"]["ratio"] == pytest.approx(plant.first_frame / plant.interior, rel=0.1)
+    assert ratios["boundary_over_interior"]["ratio"] == pytest.approx(plant.boundary / plant.interior, rel=0.1)
     layout = TokenLayout.for_video(get_backbone("tiny_wan21"), cfg.model.height, cfg.model.width, cfg.model.num_frames)
     assert [(p["layer"], p["step"]) for p in vanilla["profiles"]] == [(1, 0)]  # defaults: middle block; 10% of 4 = 0
     for profile in vanilla["profiles"]:
         assert profile["period"] == layout.tokens_per_frame and profile["period_is_frame"]
+        assert profile["period_evidence"] and profile["null_p"] < 0.01
         within = torch.tensor(profile["profile"])
         boundary = layout.mask("boundary", plant.boundary_width, plant.boundary_unit).reshape(layout.frames, -1)[1]
         assert within[boundary].min() > 3 * within[~boundary].max()
@@ -96,7 +101,8 @@ def test_detection_follows_the_plant_not_hard_coded_channels(replanted_run):
     vanilla = result.summary["results"]["vanilla"]
     assert vanilla["layers"]["0"]["massive"] == []  # nothing planted in block 0: random weights have no MAs
     assert vanilla["layers"]["1"]["massive"] == [3, 11, 29]
-    assert all(vanilla["regions"]["1"][str(step)]["hierarchy"] for step in range(cfg.model.steps))
+    entries = [vanilla["regions"]["1"][str(step)] for step in range(cfg.model.steps)]
+    assert all(e["first_over_boundary"] > 1.5 and e["boundary_over_interior"] > 1.5 for e in entries if e["with_ma"])
     assert vanilla["profiles"][0]["period_is_frame"]
     assert vanilla["stability"]["channels_in_every_layer"] == []
     dims = yaml.safe_load((result.run_dir / DIMS_FILE).read_text())
@@ -120,12 +126,16 @@ def test_outputs_are_complete_and_recomputable(wan_run):
     assert tuple(summary) == SUMMARY_KEYS
     assert tuple(summary["results"]["vanilla"]) == VARIANT_KEYS
     region = summary["results"]["vanilla"]["regions"]["1"]["2"]
-    assert set(region) == {"first_frame", "boundary", "interior", "first_over_interior", "boundary_over_interior",
-                           "hierarchy"}
+    assert set(region) == {"first_frame", "boundary", "interior", "first_over_boundary", "boundary_over_interior",
+                           "first_over_interior", "observations", "with_ma"}
+    assert region["observations"] == region["with_ma"] == 3 * 2  # prompts x branches
+    assert summary["hierarchy"] == {"variant": "vanilla", **{key: value for key, value in
+                                                             summary["results"]["vanilla"]["hierarchy"].items()
+                                                             if key != "by_step"}}
     stats = torch.load(run_dir / STATS_FILE)
     meta, tensors = stats["meta"], stats["variants"]["vanilla"]
     assert tensors["peaks_max"].shape == (2, 4, 2, cfg.model.hidden_dim)
-    assert tensors["regions"].shape == (2, 2, 4, 2, 3, 2)  # prompts, layers, steps, branches, regions, mean|max
+    assert tensors["regions"].shape == (3, 2, 4, 2, 3, 2)  # prompts, layers, steps, branches, regions, mean|max
     assert tensors["tokens_mean"].shape == (len(meta["profile"]), 2, 120)
     assert summarise(stats, cfg.analysis.min_frequency, cfg.analysis.weak, cfg.analysis.non_ma) == summary
     names = sorted(p.name for p in result.plots)
@@ -205,7 +215,7 @@ def test_period_equals_tokens_per_frame_for_chunked_spikes(grid, width, unit):
                      f"model.tiny.plant.boundary_unit={unit}"]).model.tiny.plant
     tokens = planted_profile(layout, plant) + 0.01 * torch.rand(layout.num_tokens, generator=torch.Generator().manual_seed(0))
     result = sequence_period(tokens, layout)
-    assert result["period"] == layout.tokens_per_frame and result["period_is_frame"]
+    assert result["period"] == layout.tokens_per_frame and result["period_is_frame"] and result["period_evidence"]
     assert sequence_period(torch.ones(layout.num_tokens), layout)["period"] is None  # nothing varies
     assert sequence_period(tokens[: 2 * layout.tokens_per_frame], TokenLayout(2, *grid[1:]))["period"] is None
 
@@ -224,6 +234,10 @@ def test_channel_classes():
     ("analysis.profile_steps=[3]", "analysis.profile_steps contains [3], which analysis.steps does not capture"),
     ("analysis.plots=[tokens,heat]", "analysis.plots entry='heat' is not allowed; allowed: tokens, ratios"),
     ("analysis.min_frequency=0", "analysis.min_frequency=0.0 must lie in (0, 1]"),
+    ("analysis.min_effect=-0.1", "analysis.min_effect=-0.1 must be a finite number in [0, 10]"),
+    ("analysis.resamples=10", "analysis.resamples=10 must be an integer in [100, 1000000]"),
+    ("analysis.min_prompts=1", "analysis.min_prompts=1 must be an integer in [2, 100000]"),
+    ("analysis.confidence=1.0", "analysis.confidence=1.0 must lie in [0.5, 1)"),
 ])
 def test_bad_selections_are_clear_config_errors(override, message):
     extra = ["analysis.steps=[0,1]"] if "profile_steps" in override else []
@@ -245,7 +259,9 @@ def test_compare_puts_runs_side_by_side(wan_run, replanted_run, tmp_path, capsys
     cells = [cell.strip() for cell in lines[2].split("|")]
     assert "5 17 26" in cells and cells.count("24") == 2  # tokens per frame and the period
     assert (tmp_path / "compare.md").read_text().strip() == table
-    assert json.loads((tmp_path / "compare.json").read_text())[0]["period = frame"] is True
+    assert "holds" in cells and "[2.00, 2.00]" in cells  # the verdict and the first/boundary interval
+    row = json.loads((tmp_path / "compare.json").read_text())[0]
+    assert row["period = frame"] is True and row["period evidence"] is True and row["hierarchy"] == "holds"
     assert matplotlib.image.imread(tmp_path / "compare.png").shape[0] > 100
     # a sweep directory stands for the runs inside it
     assert compare([runs[0].parent], tmp_path / "sweep").count("tiny_") >= 1

@@ -66,12 +66,12 @@ def test_ratio_heatmaps_share_one_log_scale_when_the_ratios_span_decades():
     stats, summary = synthetic({"vanilla": (300.0, 3.0, 1.0), "steered": (300.0, 300.0, 1.0)})
     fig = plot_ratios(stats, summary)
     images = heatmaps(fig)
-    assert len(images) == 4  # 2 variants x (first / interior, boundary / interior)
+    assert len(images) == 4  # 2 variants x (first_frame / boundary, boundary / interior)
     assert len({id(image.norm) for image in images}) == 1  # one norm object, so one scale
     assert {image.get_clim() for image in images} == {images[0].get_clim()}
     assert isinstance(images[0].norm, LogNorm)
     low, high = images[0].get_clim()
-    assert low == pytest.approx(1.0) and high == pytest.approx(300.0, rel=0.01)  # the whole range, 1 included
+    assert low == pytest.approx(1.0, rel=0.01) and high == pytest.approx(300.0, rel=0.01)  # the whole range, 1 included
     colorbars = [ax for ax in fig.axes if ax.get_ylabel().startswith("ratio of mean MA magnitudes")]
     assert len(colorbars) == 1  # one labelled colour bar for all panels
 
@@ -97,11 +97,12 @@ def test_ratio_norm_rules():
     assert (empty.vmin, empty.vmax) == (0.0, 1.0)
 
 
-def test_region_means_average_prompts_and_branches():
+def test_region_means_average_prompts_and_branches_with_mas():
     regions = torch.zeros(2, 1, 1, 2, 3, 2)
     regions[..., 0] = torch.arange(4.0).reshape(2, 1, 1, 2, 1)  # prompts x branches: 0, 1, 2, 3
+    regions[..., 1] = regions[..., 0]  # the observation with means 0 has no MA (every max 0): left out
     assert region_means(regions).shape == (1, 1, 3)
-    assert region_means(regions)[0, 0].tolist() == [1.5, 1.5, 1.5]
+    assert region_means(regions)[0, 0].tolist() == [2.0, 2.0, 2.0]
 
 
 def test_channel_peaks_are_on_a_log_axis_with_the_classes_marked():
