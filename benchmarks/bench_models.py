@@ -63,10 +63,10 @@ PRESETS = {
     # --quick on CPU: 2 blocks, dim 256, 1,280 tokens. Smaller than cpu_mid, so the hook weighs more, not less.
     "cpu_small": BenchModel("wan21", _wan(2, 2, 128, 1024, 256), (17, 256, 256), 64, "float32",
                             "small random-init Wan transformer (--quick on CPU)"),
-    # Toy sizes of both CFG layouts, for the tests.
-    "tiny_wan21": BenchModel("wan21", _wan(2, 2, 16, 64, 32), (17, 64, 96), 16, "float32",
+    # Toy sizes of both CFG layouts, for the tests (dim 128, as the tiny twins: room for 3 planted MA channels).
+    "tiny_wan21": BenchModel("wan21", _wan(2, 2, 64, 64, 32), (17, 64, 96), 16, "float32",
                              "toy Wan transformer (two-pass CFG), for tests"),
-    "tiny_cogvideox": BenchModel("cogvideox", _cogvideox(2, 2, 16, 32, 8, (9, 64, 96), 16), (9, 64, 96), 16,
+    "tiny_cogvideox": BenchModel("cogvideox", _cogvideox(2, 2, 64, 32, 8, (9, 64, 96), 16), (9, 64, 96), 16,
                                  "float32", "toy CogVideoX transformer (batched CFG, RoPE), for tests"),
     # The real configs (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and THUDM/CogVideoX-5b transformer/config.json), random init.
     "wan21_1.3b": BenchModel("wan21", _wan(30, 12, 128, 8960, 4096), (81, 480, 832), 512, "bfloat16",

@@ -57,17 +57,18 @@ class CaptureBench:
 
 
 def default_capture(backbone, steps: int):
-    """stas.analyze's capture with the AnalysisConfig and SteerConfig defaults, for a run of `steps` steps."""
+    """stas.analyze's capture with the AnalysisConfig, SteerConfig and detection defaults, for a run of `steps`
+    steps."""
     from omegaconf import OmegaConf
 
     from stas.ma.capture import MACapture
     from stas.config import AnalysisConfig, SteerConfig
+    from stas.core.massive import Detection
     from stas.core.selection import analysis_selection
 
     analysis, steer = OmegaConf.structured(AnalysisConfig), OmegaConf.structured(SteerConfig)
     selection = analysis_selection(analysis, backbone.num_layers, steps)
-    return MACapture(backbone, selection, analysis.ratio, analysis.max_dims, steer.boundary_width,
-                     steer.boundary_unit)
+    return MACapture(backbone, selection, Detection(), steer.boundary_width, steer.boundary_unit)
 
 
 def peak_memory(device: torch.device, run) -> int:

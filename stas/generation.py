@@ -63,7 +63,7 @@ def run_items(cfg) -> list[Item]:
 def make_steerer(cfg, backbone: Backbone) -> StasSteerer | None:
     if not cfg.steer.enabled:
         return None
-    return StasSteerer(backbone, cfg.steer, steering_calibration(cfg.steer, cfg.model))
+    return StasSteerer(backbone, cfg.steer, steering_calibration(cfg.steer, cfg.model), cfg.detect)
 
 
 def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout):

@@ -2,10 +2,12 @@
 
 They run the exact code path of the real models (pipeline, transformer, VAE, scheduler, T5 text encoder) at toy
 sizes, on CPU, in seconds. Random weights have no massive activations, so the twins carry *planted* ones: forward
-hooks registered at build time add `magnitude x profile(token)` to a few channels of chosen blocks, where the
-profile follows the latent chunking (largest on first-frame tokens, smaller on boundary tokens, small on interior
-tokens). Analysis, calibration and steering all have something real to find; the planted channels, magnitudes and
-profile are in the model config (`model.tiny.plant`).
+hooks registered at build time set a few channels of chosen blocks to `magnitude x profile(token) x scale`, where
+the profile follows the latent chunking (largest on first-frame tokens, smaller on boundary tokens, small on interior
+tokens) and `scale` is the mean |value| of the block output's other channels, per batch row. Sized relative to the
+hidden state, the planted channels stay massive however the random state grows over the steps and blocks, under
+every detection rule that reads the state's scale, in every family. Analysis, calibration and steering all have
+something real to find; the planted channels, magnitudes and profile are in the model config (`model.tiny.plant`).
 """
 
 from __future__ import annotations
@@ -85,10 +87,11 @@ def planted_profile(layout: TokenLayout, plant) -> torch.Tensor:
 
 
 class MassiveActivationPlanter:
-    """Adds planted massive activations to chosen blocks of a tiny transformer (see the module docstring).
+    """Plants massive activations in chosen blocks of a tiny transformer (see the module docstring).
 
     The transformer's pre-hook (eager, outside any compiled region) reads the token grid of the call and puts the
-    per-token bias on the call's device; the block hooks only add it, so compiled blocks see one graph."""
+    per-token profile x magnitude on the call's device; the block hooks (`write`) only scale and set it, so compiled blocks
+    see one graph."""
 
     def __init__(self, backbone: Backbone, plant):
         self.backbone = backbone
@@ -114,10 +117,14 @@ class MassiveActivationPlanter:
                                          self.channels.to(latents.device))
         self.bias, self.device_channels = self._bias_cache[key]
 
-    def add(self, block, args, output):
+    def write(self, block, args, output):
         hidden = self.backbone.video_tokens(output)
-        bias = self.bias.to(hidden.dtype)  # a no-op in float32
-        hidden.index_add_(-1, self.device_channels, bias.expand(hidden.shape[0], -1, -1))
+        channels = self.device_channels
+        # The other channels' mean |value| per row: all values minus the planted ones (no gather of the others).
+        total = torch.linalg.vector_norm(hidden, 1, dim=(1, 2), dtype=torch.float32)
+        planted = torch.linalg.vector_norm(hidden[:, :, channels], 1, dim=(1, 2), dtype=torch.float32)
+        scale = (total - planted) / (hidden.shape[1] * (hidden.shape[2] - channels.shape[0]))
+        hidden[:, :, channels] = (scale[:, None, None] * self.bias).to(hidden.dtype)
         return output
 
 
@@ -131,5 +138,5 @@ def plant_massive_activations(transformer, backbone: Backbone, plant) -> Massive
     blocks = backbone.blocks(transformer)
     layers = range(len(blocks)) if plant.layers is None else plant.layers
     for index in layers:
-        blocks[index].register_forward_hook(planter.add)
+        blocks[index].register_forward_hook(planter.write)
     return planter

@@ -9,11 +9,14 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from stas.core.massive import Detection
 from stas.errors import ConfigError
 from stas.evaluation.schema import EvalConfig
 from stas.paths import CONF_DIR, EXPERIMENTS_DIR, REPO_DIR
 
 BRANCHES = ("cond", "uncond", "both")
+DETECT_BRANCHES = ("per_branch", "shared")
+REFERENCES = ("ma_max", "steered")
 DIMS_MODES = ("auto", "all", "calibrated", "calibrated_weak", "calibrated_non_ma")
 OFFLOAD_MODES = ("none", "model", "sequential")
 
@@ -22,7 +25,8 @@ OFFLOAD_MODES = ("none", "model", "sequential")
 class PlantConfig:
     enabled: bool = True
     channels: List[int] = field(default_factory=lambda: [5, 17, 26])
-    magnitudes: List[float] = field(default_factory=lambda: [60.0, -45.0, 30.0])
+    # Multiples of the mean |value| of the block output's other channels (stas.backbones.tiny), signed.
+    magnitudes: List[float] = field(default_factory=lambda: [100.0, -80.0, 60.0])
     first_frame: float = 1.0
     boundary: float = 0.5
     interior: float = 0.1
@@ -36,7 +40,7 @@ class TinyConfig:
     seed: int = 0
     num_layers: int = 2
     num_heads: int = 2
-    head_dim: int = 16
+    head_dim: int = 64  # hidden_dim = num_heads x head_dim = 128: room for 3 planted MA channels to stand out
     ffn_dim: int = 64
     text_dim: int = 32
     vae_base_dim: int = 3
@@ -92,12 +96,25 @@ class SteerConfig:
     boundary_width: int = 1
     boundary_unit: str = "rows"
     dims: Any = "auto"  # auto | all | calibrated | calibrated_weak | calibrated_non_ma | [channel, ...]
-    ratio: float = 10.0
-    max_dims: int = 4
+    # max_scaled's M: the layer's largest true-MA peak (the paper's global maximum reference magnitude), or the
+    # steered channels' own largest peak. The same for dims=auto; they differ for fixed channels (ablation_dims).
+    reference: str = "ma_max"
     calibration: Optional[str] = None  # ma_dims.yaml written by stas.analyze
     layers: Any = "all"  # all | [index, ...] | "start:end"
     window: WindowConfig = field(default_factory=WindowConfig)
     branches: str = "both"
+
+
+@dataclass
+class DetectConfig:
+    """Which channels are massive, for steering (steer.dims=auto) and analysis alike: stas.core.massive.Detection
+    (whose defaults these are), plus how CFG branches share the channels steering detects."""
+
+    rule: str = Detection.rule  # mean_abs | channel_peak | sun (conf/detect/<rule>.yaml: each with its ratio, floor)
+    ratio: float = Detection.ratio  # massive: channel peak > max(ratio x the rule's scale, floor)
+    floor: float = Detection.floor
+    max_dims: int = Detection.max_dims  # at most this many channels per hidden state (the largest peaks)
+    branches: str = "per_branch"  # per_branch: each CFG branch its own channels; shared: the cond branch's for both
 
 
 @dataclass
@@ -143,8 +160,6 @@ class AnalysisConfig:
     # profile and period. None: the middle captured block; the first captured step and the one nearest 10% of steps.
     profile_layers: Any = None
     profile_steps: Any = None
-    ratio: float = 10.0  # a channel is massive when its peak |value| exceeds ratio x the median channel peak
-    max_dims: int = 8  # channels ranked per hidden state (the massive ones among them are kept)
     min_frequency: float = 0.5  # calibration: massive in at least this fraction of a block's observations
     weak: int = 4  # calibration: the next-ranked channels that do not qualify, per block
     non_ma: int = 4  # calibration: ordinary channels nearest the median peak, per block
@@ -162,6 +177,7 @@ class AnalysisConfig:
 class StasConfig:
     model: ModelConfig = MISSING
     steer: SteerConfig = MISSING
+    detect: DetectConfig = MISSING
     prompts: PromptsConfig = MISSING
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
@@ -176,6 +192,7 @@ class StasConfig:
 SCHEMAS = {
     "model": ModelConfig,
     "steer": SteerConfig,
+    "detect": DetectConfig,
     "prompts": PromptsConfig,
     "eval": EvalConfig,
     "logger": LoggerConfig,

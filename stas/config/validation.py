@@ -12,9 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
                             backbone_from_config)
-from stas.config.schema import ANALYSIS_PLOTS, BRANCHES, DIMS_MODES, OFFLOAD_MODES, StasConfig
+from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
+                               StasConfig)
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
-from stas.core.massive import CALIBRATION_KINDS
+from stas.core.massive import CALIBRATION_KINDS, DETECTION_RULES, Detection
 from stas.core.rules import RULES_WITH_ALPHA, check_rule
 from stas.core.selection import AnalysisSelection, analysis_selection, shard_of, steered_layers, window_steps
 from stas.errors import ConfigError, check_allowed, check_at_least
@@ -52,7 +53,8 @@ NUMERIC_BOUNDS = {
     "model.group_offload_blocks": Bounds(1, 4096),
     "model.tiny.seed": Bounds(0, SEED_MAX),
     "steer.strength": Bounds(0, 1, low_open=True),  # 0 would leave every value as it is
-    "steer.ratio": Bounds(0, 10000),
+    "detect.ratio": Bounds(0, 1_000_000, low_open=True),
+    "detect.floor": Bounds(0, 1_000_000_000),
     **{f"model.tiny.{size}": Bounds(1, 4096) for size in ("num_layers", "num_heads", "head_dim", "ffn_dim", "text_dim",
                                                          "vae_base_dim")},
     "model.tiny.plant.first_frame": Bounds(0, 100),
@@ -205,7 +207,7 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
         window = steer.window
         raise ConfigError(f"steer.window=[{window.start}, {window.end}) ({window.unit}) of model.steps={model.steps} "
                           "contains no step: STAS would steer nothing; widen the window or raise model.steps")
-    check_at_least("steer.max_dims", steer.max_dims, 1)
+    check_allowed("steer.reference", steer.reference, REFERENCES)
     dims = steer.dims
     if isinstance(dims, str):
         check_allowed("steer.dims", dims, DIMS_MODES)
@@ -231,9 +233,6 @@ def _validate_verdict(analysis) -> None:
 
 def validate_analysis(analysis, model) -> AnalysisSelection:
     selection = analysis_selection(analysis, model.num_layers, model.steps)
-    if not analysis.ratio > 0:
-        raise ConfigError(f"analysis.ratio={analysis.ratio!r} must be > 0")
-    check_at_least("analysis.max_dims", analysis.max_dims, 1)
     if not 0 < analysis.min_frequency <= 1:
         raise ConfigError(f"analysis.min_frequency={analysis.min_frequency!r} must lie in (0, 1]")
     check_at_least("analysis.weak", analysis.weak, 0)
@@ -242,6 +241,17 @@ def validate_analysis(analysis, model) -> AnalysisSelection:
     for plot in analysis.plots:
         check_allowed("analysis.plots entry", plot, ANALYSIS_PLOTS)
     return selection
+
+
+def validate_detect(detect, steer) -> Detection:
+    check_allowed("detect.rule", detect.rule, DETECTION_RULES)
+    check_at_least("detect.max_dims", detect.max_dims, 1)
+    check_allowed("detect.branches", detect.branches, DETECT_BRANCHES)
+    if detect.branches == "shared" and steer.enabled and steer.branches == "uncond":
+        raise ConfigError("detect.branches=shared steers both branches with the channels detected on the cond "
+                          "branch, but steer.branches=uncond never runs the steering hook on it; use "
+                          "detect.branches=per_branch")
+    return Detection.of(detect)
 
 
 def validate_prompts(prompts) -> None:
@@ -277,7 +287,15 @@ def _no_unknown_keys(node, schema, path: str = "") -> None:
             _no_unknown_keys(node[key], value, where)
 
 
+# Fields that moved: an old command line gets told where they went.
+MOVED_FIELDS = {"steer.ratio": "detect.ratio", "steer.max_dims": "detect.max_dims", "analysis.ratio": "detect.ratio",
+                "analysis.max_dims": "detect.max_dims"}
+
+
 def not_a_field(path: str, known) -> str:
+    if path in MOVED_FIELDS:
+        return (f"{path} moved to {MOVED_FIELDS[path]}: one MA detection (the `detect` group: rule, ratio, floor, "
+                "max_dims, branches) now serves steering and analysis alike")
     parent = path.rpartition(".")[0]
     return f"{path} is not a field of {parent or 'the config'}; fields: {', '.join(sorted(known))}"
 
@@ -295,6 +313,7 @@ def validate(cfg) -> Backbone:
                           f"{cfg.prompts.samples_per_prompt}: sample i uses seed + i, which must stay <= {SEED_MAX}")
     backbone = validate_model(cfg.model)
     validate_steer(cfg.steer, cfg.model, backbone)
+    validate_detect(cfg.detect, cfg.steer)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)
     validate_eval(cfg.eval)

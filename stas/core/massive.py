@@ -1,15 +1,65 @@
-"""Massive-activation (MA) channel detection: pure tensor functions, no host synchronisation.
+"""Massive-activation (MA) channel detection: one definition for steering and analysis, pure tensor functions.
 
-A channel's *peak* is its largest |value|. A channel is massive when its peak exceeds `ratio` times the median
-channel peak of the same hidden state (the median of D peaks, the lower middle value when D is even). Everything
-here returns device tensors of fixed shape, so it can run inside a per-layer hook without a sync.
+A channel's *peak* is its largest |value| over the tokens of a hidden state. A channel is massive when its peak
+exceeds the hidden state's *threshold*, max(ratio x scale, floor), where the rule sets the scale:
+
+  mean_abs      the mean |value| of the whole hidden state (the paper's reading: its true MA channels sit near 59x
+                the mean, its "weak" ones near 6x). The default: see docs/analysis.md for why.
+  channel_peak  the median channel peak (stas before 2026-11: looser, and it follows the tail of every channel, so
+                it moves with the sequence length and the hidden-state scale over steps).
+  sun           the median |value| of the whole hidden state, with an absolute floor (Sun et al. 2024 and
+                locuslab/massive-activations: > 100 and ~1000x the median). The floor is in the model's units.
+
+At most `max_dims` channels are kept (the largest peaks). Everything here returns device tensors of fixed shape,
+so it runs inside a per-layer hook without a host synchronisation.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+DETECTION_RULES = ("mean_abs", "channel_peak", "sun")
+# Each rule's own threshold settings (conf/detect/<rule>.yaml holds the same values).
+RULE_PRESETS = {
+    "mean_abs": {"ratio": 20.0, "floor": 0.0},
+    "channel_peak": {"ratio": 10.0, "floor": 0.0},
+    "sun": {"ratio": 1000.0, "floor": 100.0},
+}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How massive channels are detected (the module docstring); the defaults equal the config's `detect` node."""
+
+    rule: str = "mean_abs"
+    ratio: float = RULE_PRESETS["mean_abs"]["ratio"]
+    floor: float = RULE_PRESETS["mean_abs"]["floor"]
+    max_dims: int = 8
+
+    def __post_init__(self):
+        if self.rule not in DETECTION_RULES:
+            raise ValueError(f"detect.rule={self.rule!r} is not a rule; allowed: {', '.join(DETECTION_RULES)}")
+        if not self.ratio > 0:
+            raise ValueError(f"detect.ratio={self.ratio!r} must be > 0")
+        if not self.floor >= 0:
+            raise ValueError(f"detect.floor={self.floor!r} must be >= 0")
+        if isinstance(self.max_dims, bool) or not isinstance(self.max_dims, int) or self.max_dims < 1:
+            raise ValueError(f"detect.max_dims={self.max_dims!r} must be an integer >= 1")
+
+    @classmethod
+    def for_rule(cls, rule: str, **settings) -> "Detection":
+        """A rule with its own preset ratio and floor, unless `settings` give them."""
+        if rule not in RULE_PRESETS:
+            raise ValueError(f"detect.rule={rule!r} is not a rule; allowed: {', '.join(DETECTION_RULES)}")
+        return cls(rule=rule, **{**RULE_PRESETS[rule], **settings})
+
+    @classmethod
+    def of(cls, cfg) -> "Detection":
+        """From a `detect` config node, as plain values (hooks never read an OmegaConf node)."""
+        return cls(str(cfg.rule), float(cfg.ratio), float(cfg.floor), int(cfg.max_dims))
 
 
 def channel_peaks(hidden: torch.Tensor, dim=1) -> torch.Tensor:
@@ -23,32 +73,54 @@ def channel_peaks(hidden: torch.Tensor, dim=1) -> torch.Tensor:
     return torch.maximum(hidden.amax(dim=dim), hidden.amin(dim=dim).neg())
 
 
-def top_massive_channels(peaks: torch.Tensor, ratio: float, max_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+def massive_threshold(hidden: torch.Tensor, peaks: torch.Tensor, detection: Detection) -> torch.Tensor:
+    """(G,) float32 thresholds of G hidden states: `hidden` (G, ..., D) holds each one's values (any shape after
+    the first axis), `peaks` (G, D) their channel peaks. A channel of state g is massive when its peak exceeds
+    threshold[g]."""
+    rule = detection.rule
+    if rule == "channel_peak":
+        scale = peaks.float().median(dim=-1).values
+    elif rule == "mean_abs":
+        flat = hidden.reshape(hidden.shape[0], -1)
+        scale = torch.linalg.vector_norm(flat, 1, dim=-1, dtype=torch.float32) / flat.shape[-1]
+    else:  # sun: the median of every |value|, a selection over the whole state (the costly rule)
+        scale = hidden.reshape(hidden.shape[0], -1).abs().median(dim=-1).values.float()
+    return torch.clamp(scale * detection.ratio, min=detection.floor)
+
+
+def top_massive_channels(peaks: torch.Tensor, threshold: torch.Tensor, max_dims: int):
     """The `max_dims` channels with the largest peaks, and which of them are massive.
 
-    `peaks` is (D,), or (..., D) for many hidden states at once (each row against its own median). Returns
-    (indices[..., k], is_massive[..., k]) with k = min(max_dims, D): fixed shapes, so callers can gather and scatter
-    without knowing on the host how many channels qualified.
+    `peaks` is (..., D) and `threshold` (...) for as many hidden states. Returns (indices[..., k], is_massive[..., k])
+    with k = min(max_dims, D): fixed shapes, so callers can gather and scatter without knowing on the host how many
+    channels qualified.
     """
     k = min(int(max_dims), peaks.shape[-1])
     values, indices = torch.topk(peaks, k)
-    threshold = ratio * peaks.median(dim=-1, keepdim=True).values
-    return indices, values > threshold
+    return indices, values.float() > threshold[..., None]
 
 
-def massive_channel_mask(hidden: torch.Tensor, ratio: float, max_dims: int) -> torch.BoolTensor:
-    """Boolean mask (D,) of the massive channels of `hidden` ((B, S, D) or (S, D)).
+def detect_massive(hidden: torch.Tensor, detection: Detection):
+    """Detection on G hidden states `hidden` (G, N, D): (indices (G, k), is_massive (G, k), peaks (G, D),
+    threshold (G,))."""
+    peaks = channel_peaks(hidden, dim=1)
+    threshold = massive_threshold(hidden, peaks, detection)
+    indices, is_massive = top_massive_channels(peaks, threshold, detection.max_dims)
+    return indices, is_massive, peaks, threshold
 
-    A channel's peak is its largest |value| over batch and tokens; the mask keeps the channels whose peak exceeds
-    `ratio` x the median channel peak, at most the `max_dims` largest.
+
+def massive_channel_mask(hidden: torch.Tensor, detection: Detection | None = None) -> torch.BoolTensor:
+    """Boolean mask (D,) of the massive channels of one hidden state `hidden` ((B, S, D) or (S, D)).
+
+    A channel's peak is its largest |value| over batch and tokens; the threshold comes from the whole state
+    (`detection`, default: Detection(), the config's default), and at most `max_dims` channels are kept.
     """
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be (B, S, D) or (S, D), got shape {tuple(hidden.shape)}")
-    peaks = channel_peaks(hidden.reshape(-1, hidden.shape[-1]), dim=0)
-    indices, is_massive = top_massive_channels(peaks, ratio, max_dims)
+    detection = detection or Detection()
+    indices, is_massive, _, _ = detect_massive(hidden.reshape(1, -1, hidden.shape[-1]), detection)
     mask = torch.zeros(hidden.shape[-1], dtype=torch.bool, device=hidden.device)
-    return mask.scatter(0, indices, is_massive)
-
+    return mask.scatter(0, indices[0], is_massive[0])
 
 
 CALIBRATION_KINDS = {"calibrated": "massive", "calibrated_weak": "weak", "calibrated_non_ma": "non_ma"}

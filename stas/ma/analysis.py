@@ -17,6 +17,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from stas.backbones import Backbone, load_pipeline
+from stas.core.massive import Detection
 from stas.ma.capture import REGION_NAMES, STATS, MACapture
 from stas.core.selection import analysis_selection
 from stas.generation import make_steerer, run_items, run_pipeline
@@ -46,12 +47,28 @@ class AnalysisResult:
             channels = result["stability"]["channels_in_every_layer"]
             lines.append(f"  {name}: MA channels in every block {channels}; {hierarchy_line(result['hierarchy'])}; "
                          f"period {periods} (tokens per frame {self.summary['layout']['tokens_per_frame']})")
+            lines.append(f"    {margins_line(result['layers'], self.summary['detection'])}")
         return "\n".join([*lines, f"  outputs: {self.run_dir} ({SUMMARY_FILE}, {DIMS_FILE}, {STATS_FILE}, "
                                   f"{len(self.plots)} plot(s)); capture buffers {self.capture_bytes} bytes"])
 
 
 def _number(value, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def margins_line(layers: dict, detection: dict, shown: int = 4) -> str:
+    """Each block's MA channels with their smallest margin over the detection threshold (peak / threshold over the
+    captured steps and branches): near 1 a selection is fragile. The first and last `shown` blocks when many."""
+    def block(layer: str) -> str:
+        entry = layers[layer]
+        listed = [c for c in entry["channels"] if c["channel"] in entry["massive"]]
+        return f"{layer}: " + (", ".join(f"{c['channel']} x{_number(c['margin_min'], '.2f')}" for c in listed) or "none")
+
+    names = list(layers)
+    picked = names if len(names) <= 2 * shown else [*names[:shown], "...", *names[-shown:]]
+    rule = f"{detection['rule']}, {detection['ratio']:g} x scale, floor {detection['floor']:g}"
+    return (f"margins over the threshold ({rule}; min over steps): "
+            + "; ".join(name if name == "..." else block(name) for name in picked))
 
 
 def hierarchy_line(hierarchy: dict) -> str:
@@ -76,12 +93,12 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
     kwargs = {**backbone.pipeline_kwargs(cfg.model), "output_type": "latent"}  # activations only: skip the VAE
-    capture = MACapture(backbone, selection, cfg.analysis.ratio, cfg.analysis.max_dims,
-                        cfg.steer.boundary_width, cfg.steer.boundary_unit)
+    detection = Detection.of(cfg.detect)
+    capture = MACapture(backbone, selection, detection, cfg.steer.boundary_width, cfg.steer.boundary_unit)
     variants = {"vanilla": None} if steerer is None else {"vanilla": None, "steered": steerer}
     accumulated = {}
     for name, variant_steerer in variants.items():
-        accumulated[name] = MAStats(cfg.analysis.ratio, cfg.analysis.max_dims)
+        accumulated[name] = MAStats(detection.max_dims)
         with ExitStack() as stack:
             if variant_steerer is not None:
                 stack.enter_context(variant_steerer.attach(pipe.transformer))
@@ -99,7 +116,8 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
             "profile": [list(pair) for pair in selection.profile], "branches": list(capture.branches),
             "layout": {"frames": layout.frames, "height": layout.height, "width": layout.width},
             "boundary_width": cfg.steer.boundary_width, "boundary_unit": cfg.steer.boundary_unit,
-            "ratio": cfg.analysis.ratio, "max_dims": cfg.analysis.max_dims,
+            "detection": {"rule": detection.rule, "ratio": detection.ratio, "floor": detection.floor,
+                          "max_dims": detection.max_dims},
             "verdict": {"min_effect": cfg.analysis.min_effect, "resamples": cfg.analysis.resamples,
                         "confidence": cfg.analysis.confidence, "min_prompts": cfg.analysis.min_prompts},
             "regions": list(REGION_NAMES), "region_stats": list(STATS),

@@ -1,11 +1,11 @@
 """Massive-activation capture: per-block hooks that reduce each block output on the device, as it is produced.
 
 For every captured (block, step, CFG branch) the hook keeps
-  - each channel's peak |value| over the tokens (D floats),
+  - each channel's peak |value| over the tokens (D floats) and the detection threshold of the hidden state (1),
   - the mean and max MA magnitude over first-frame, boundary and interior tokens (3 x 2 floats),
 and, for the selected (block, step) pairs only, the MA magnitude of every token (S floats). A token's MA magnitude
-is its largest |value| over the massive channels of that hidden state, detected on the fly with
-`top_massive_channels` (0 when no channel qualifies).
+is its largest |value| over the massive channels of that hidden state, detected on the fly with the run's
+`detect` rule (stas.core.massive; 0 when no channel qualifies).
 
 The hooks write into device buffers preallocated on the first call and never read a value on the host, so they add
 no synchronisation; `read()` copies all buffers back once after the pipeline call. No hidden state outlives its
@@ -17,7 +17,7 @@ the buffers with them and write through a gate, so a compiled block sees the sam
 
 Usage (what stas.ma.analysis does for each prompt):
 
-    capture = MACapture(backbone, selection, ratio=10.0, max_dims=8, boundary_width=1, boundary_unit="rows")
+    capture = MACapture(backbone, selection, Detection(), boundary_width=1, boundary_unit="rows")
     with capture.attach(pipe.transformer):     # after any steering hook, so it sees the steered outputs
         capture.begin(layout, num_steps=50, do_cfg=True)
         pipe(...)
@@ -33,19 +33,21 @@ import torch
 
 from stas.backbones import CFG_BRANCHES, Backbone
 from stas.core.layout import TokenLayout
-from stas.core.massive import channel_peaks, top_massive_channels
+from stas.core.massive import Detection, detect_massive
 from stas.core.selection import AnalysisSelection
 from stas.methods.hooks import BlockHooks, persistent_tensor
 
 REGION_NAMES = ("first_frame", "boundary", "interior")
 STATS = ("mean", "max")
 FLOAT_BYTES = 4
+RESULT_BUFFERS = ("peaks", "thresholds", "regions", "tokens")
 
 
 def capture_bytes(layers: int, steps: int, branches: int, hidden_dim: int, profile_pairs: int, tokens: int) -> int:
-    """Bytes of the capture buffers: float32 peaks and region statistics per (block, step, branch), plus per-token
-    magnitudes of the profile pairs. Independent of the number of prompts and of anything else in the model."""
-    per_observation = hidden_dim + len(REGION_NAMES) * len(STATS)
+    """Bytes of the capture buffers: float32 peaks, threshold and region statistics per (block, step, branch), plus
+    per-token magnitudes of the profile pairs. Independent of the number of prompts and of anything else in the
+    model."""
+    per_observation = hidden_dim + 1 + len(REGION_NAMES) * len(STATS)
     return FLOAT_BYTES * (layers * steps * branches * per_observation + profile_pairs * branches * tokens)
 
 
@@ -54,27 +56,28 @@ class CaptureReadout:
     """One pipeline call's reductions, on the CPU. Slots follow the selection's order and `branches`."""
 
     peaks: torch.Tensor  # (layers, steps, branches, D): channel peak |value| over tokens (max over batch rows)
+    thresholds: torch.Tensor  # (layers, steps, branches): the detection threshold of each hidden state
     regions: torch.Tensor  # (layers, steps, branches, 3 regions, 2 stats): MA magnitude mean and max per region
     tokens: torch.Tensor  # (profile pairs, branches, S): per-token MA magnitude (mean over batch rows)
     branches: tuple[str, ...]
 
 
 def reduce_hidden(hidden: torch.Tensor, region_masks: torch.Tensor, region_sizes: torch.Tensor,
-                  ratio: float, max_dims: int):
+                  detection: Detection):
     """Reductions of one branch's block output `hidden` (B, S, D); fixed shapes, no host read.
 
-    Returns (peaks (D,), region stats (R, 2), per-token MA magnitude (S,)); `region_masks` is (R, S) float 0/1 and
-    `region_sizes` (R,) its row sums. Regions without tokens get NaN.
+    Returns (peaks (D,), threshold (), region stats (R, 2), per-token MA magnitude (S,)); `region_masks` is (R, S)
+    float 0/1 and `region_sizes` (R,) its row sums. Regions without tokens get NaN.
     """
-    peaks = channel_peaks(hidden, dim=1).amax(dim=0)  # the one full read of the hidden states
-    channels, is_massive = top_massive_channels(peaks, ratio, max_dims)
+    channels, is_massive, peaks, threshold = detect_massive(hidden.reshape(1, -1, hidden.shape[-1]), detection)
+    channels, is_massive, peaks, threshold = channels[0], is_massive[0], peaks[0], threshold[0]
     # Only the k ranked channels are gathered; non-massive ones count as 0 (magnitudes are >= 0).
     magnitude = (hidden[:, :, channels].abs().float() * is_massive).amax(dim=-1)  # (B, S)
     tokens = magnitude.mean(dim=0)
     means = (region_masks @ tokens) / region_sizes
     maxes = (magnitude.amax(dim=0) * region_masks).amax(dim=-1)
     maxes = torch.where(region_sizes > 0, maxes, torch.nan)
-    return peaks, torch.stack([means, maxes], dim=-1), tokens
+    return peaks, threshold, torch.stack([means, maxes], dim=-1), tokens
 
 
 class LayerCapture:
@@ -103,9 +106,10 @@ class LayerCapture:
             profile = capture.profile_table[layer, step]
             profile_gate = capture.profile_mask[layer, step].squeeze(0) & gate
         for rows, branch in state.branches:
-            peaks, regions, tokens = reduce_hidden(hidden[rows], buffers["region_masks"], buffers["region_sizes"],
-                                                   capture.ratio, capture.max_dims)
+            peaks, threshold, regions, tokens = reduce_hidden(hidden[rows], buffers["region_masks"],
+                                                              buffers["region_sizes"], capture.detection)
             _write(buffers["peaks"], (layer, step, branch), peaks, gate)
+            _write(buffers["thresholds"], (layer, step, branch), threshold, gate)
             _write(buffers["regions"], (layer, step, branch), regions, gate)
             if capture.profile_table is not None:
                 _write(buffers["tokens"], (profile, branch), tokens, profile_gate)
@@ -148,12 +152,11 @@ class CaptureState:
 class MACapture:
     """Capture hooks on the selected blocks of a transformer, with their device buffers (module docstring)."""
 
-    def __init__(self, backbone: Backbone, selection: AnalysisSelection, ratio: float, max_dims: int,
+    def __init__(self, backbone: Backbone, selection: AnalysisSelection, detection: Detection,
                  boundary_width: int, boundary_unit: str):
         self.backbone = backbone
         self.selection = selection
-        self.ratio = ratio
-        self.max_dims = max_dims
+        self.detection = detection
         self.boundary_width = boundary_width
         self.boundary_unit = boundary_unit
         self.step_slot = {step: slot for slot, step in enumerate(selection.steps)}
@@ -242,6 +245,7 @@ class MACapture:
         nan = dict(fill_value=torch.nan, dtype=torch.float32, device=device)
         return {
             "peaks": torch.full((len(sel.layers), len(sel.steps), branches, self.backbone.hidden_dim), **nan),
+            "thresholds": torch.full((len(sel.layers), len(sel.steps), branches), **nan),
             "regions": torch.full((len(sel.layers), len(sel.steps), branches, len(REGION_NAMES), len(STATS)), **nan),
             "tokens": torch.full((len(sel.profile), branches, layout.num_tokens), **nan),
             "region_masks": masks,
@@ -252,7 +256,7 @@ class MACapture:
         """Bytes the result buffers hold now (the region masks, 3 x S floats built once, are not results)."""
         if self.buffers is None:
             return 0
-        return sum(self.buffers[name].nbytes for name in ("peaks", "regions", "tokens"))
+        return sum(self.buffers[name].nbytes for name in RESULT_BUFFERS)
 
     def bound_bytes(self) -> int:
         sel = self.selection
@@ -263,7 +267,7 @@ class MACapture:
         """Copy the buffers to the CPU (the one host read of a pipeline call); fails if a slot was never written."""
         if self.buffers is None:
             raise RuntimeError("no captured block ran: was the pipeline called between begin() and read()?")
-        peaks, regions, tokens = (self.buffers[name].cpu() for name in ("peaks", "regions", "tokens"))
+        peaks, thresholds, regions, tokens = (self.buffers[name].cpu() for name in RESULT_BUFFERS)
         missing = torch.isnan(peaks[..., 0]).nonzero().tolist()
         if missing:
             layer, step, branch = missing[0]
@@ -272,4 +276,4 @@ class MACapture:
                 f"step {self.selection.steps[step]} branch {self.branches[branch]}: the pipeline ran fewer steps "
                 "than begin() was told"
             )
-        return CaptureReadout(peaks, regions, tokens, self.branches)
+        return CaptureReadout(peaks, thresholds, regions, tokens, self.branches)

@@ -191,7 +191,8 @@ def _index_ticks(set_ticks, indices: list[int]) -> None:
 def plot_channels(stats: dict, summary: dict, layer: int) -> Figure:
     slot = summary["layers"].index(layer)
     variants = list(stats["variants"])
-    ratio = summary["detection"]["ratio"]
+    detection = summary["detection"]
+    rule = f"{detection['rule']}: max({detection['ratio']:g} x scale, {detection['floor']:g})"
     fig = Figure(figsize=(12, 1.0 + 2.6 * len(variants)), layout="constrained")
     axes = _variant_axes(fig, variants, sharex=True)[:, 0]
     for ax, name in zip(axes, variants):
@@ -206,15 +207,17 @@ def plot_channels(stats: dict, summary: dict, layer: int) -> Figure:
             ax.scatter(marked, peaks[marked], s=22, color=color, edgecolors="black", linewidths=0.4, zorder=3,
                        label=f"{CLASS_LABELS[kind]} ({len(marked)})")
         median = float(np.median(peaks))
+        threshold = float(stats["variants"][name]["thresholds"][:, slot].mean())
         ax.axhline(median, color="black", linestyle=":", linewidth=0.8, label=f"median peak {median:.3g}")
-        ax.axhline(ratio * median, color="black", linestyle="--", linewidth=0.8, label=f"{ratio:g} x median")
+        ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8,
+                   label=f"detection threshold {threshold:.3g} (mean; {rule})")
         for channel in entry["massive"]:
             ax.annotate(str(channel), (channel, peaks[channel]), textcoords="offset points", xytext=(0, 4),
                         ha="center", fontsize=8, color=CLASS_COLORS["massive"])
         ax.set_yscale("log")
         positive = peaks[peaks > 0]
         if positive.size:
-            ax.set_ylim(positive.min() / 2, max(positive.max(), ratio * median) * 3)
+            ax.set_ylim(positive.min() / 2, max(positive.max(), threshold) * 3)
         ax.set_ylabel("peak |value| (log)")
         ax.set_title(name, loc="left", fontsize=10)
         ax.legend(loc="upper right", fontsize=8, ncols=2)

@@ -4,7 +4,8 @@ region statistics, hierarchy verdict and period test are stas.ma.hierarchy).
 Everything here works on the CPU tensors of `ma_stats.pt` (the dict `stats_file` builds), so a summary or a
 calibration can be recomputed from a saved run without sampling again. Vocabulary:
   observation  one (prompt, step, CFG branch) hidden state of a block
-  massive      detected massive (peak > ratio x median channel peak) in an observation, among the top max_dims
+  massive      detected massive (peak > the observation's threshold, stas.core.massive), among the top max_dims
+  margin       a channel's peak / the threshold: how far above (> 1) or below the detection line it sits
   frequency    fraction of a block's observations in which a channel is massive
 """
 
@@ -25,22 +26,22 @@ from stas.ma.hierarchy import (VerdictSettings, captured, hierarchy_verdict, reg
 class MAStats:
     """One variant's (vanilla or steered) capture readouts, accumulated over prompts.
 
-    Kept per prompt: the ranked channels and medians of every observation and the region statistics (small).
+    Kept per prompt: the ranked channels and thresholds of every observation and the region statistics (small).
     Kept as running aggregates: channel peaks (max and mean over prompts) and per-token magnitudes (mean).
     """
 
-    def __init__(self, ratio: float, max_dims: int):
-        self.ratio, self.max_dims = ratio, max_dims
+    def __init__(self, max_dims: int):
+        self.max_dims = max_dims
         self.count = 0
         self.peaks_max = self.peaks_sum = self.tokens_sum = None
-        self.top_channels, self.top_massive, self.medians, self.regions = [], [], [], []
+        self.top_channels, self.top_massive, self.thresholds, self.regions = [], [], [], []
 
     def add(self, readout: CaptureReadout) -> None:
         peaks = readout.peaks
-        channels, is_massive = top_massive_channels(peaks, self.ratio, self.max_dims)
+        channels, is_massive = top_massive_channels(peaks, readout.thresholds, self.max_dims)
         self.top_channels.append(channels.to(torch.int32))
         self.top_massive.append(is_massive)
-        self.medians.append(peaks.median(dim=-1).values)
+        self.thresholds.append(readout.thresholds)
         self.regions.append(readout.regions)
         if self.count == 0:
             self.peaks_max, self.peaks_sum, self.tokens_sum = peaks.clone(), peaks.clone(), readout.tokens.clone()
@@ -52,11 +53,12 @@ class MAStats:
 
     def tensors(self) -> dict:
         peaks_mean = self.peaks_sum / self.count
+        thresholds = torch.stack(self.thresholds)
         return {
             "peaks_max": self.peaks_max,  # (L, T, B, D) channel peak, max over prompts
             "peaks_mean": peaks_mean,  # (L, T, B, D) channel peak, mean over prompts
-            "peak_ratio": peaks_mean / peaks_mean.median(dim=-1, keepdim=True).values,  # peak-to-median ratio
-            "medians": torch.stack(self.medians),  # (N, L, T, B) median channel peak per observation
+            "margin": peaks_mean / thresholds.mean(dim=0)[..., None],  # (L, T, B, D) over prompts: peak / threshold
+            "thresholds": thresholds,  # (N, L, T, B) detection threshold per observation
             "top_channels": torch.stack(self.top_channels),  # (N, L, T, B, max_dims) ranked channels
             "top_massive": torch.stack(self.top_massive),  # (N, L, T, B, max_dims) which of them are massive
             "regions": torch.stack(self.regions),  # (N, L, T, B, 3 regions, mean|max) MA magnitude
@@ -121,13 +123,15 @@ def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int
         layer_peaks = tensors["peaks_mean"][i].mean(dim=(0, 1))
         classes = classify_channels(layer_peaks, frequency, min_frequency, weak, non_ma)
         peak_max = tensors["peaks_max"][i].amax(dim=(0, 1))
-        ratio_max = tensors["peak_ratio"][i].amax(dim=(0, 1))
+        margins = tensors["margin"][i].flatten(0, 1)  # (steps x branches, D)
         listed = classes["massive"] + [c for c in classes["weak"] if c not in classes["massive"]]
         layer_entries[str(layer)] = {
             **classes,
             "median_peak": layer_peaks.median().item(),
+            "threshold": tensors["thresholds"][:, i].mean().item(),
             "channels": [{"channel": c, "peak": peak_max[c].item(), "mean_peak": layer_peaks[c].item(),
-                          "ratio": ratio_max[c].item(), "frequency": frequency[c].item()}
+                          "margin": margins[:, c].median().item(), "margin_min": margins[:, c].min().item(),
+                          "frequency": frequency[c].item()}
                          for c in sorted(listed, key=lambda c: -layer_peaks[c].item())],
         }
         layer_sets.append(set(classes["massive"]))
@@ -196,7 +200,7 @@ def summarise(stats: dict, min_frequency: float, weak: int, non_ma: int,
         "steps": meta["steps"], "num_steps": meta["num_steps"], "branches": meta["branches"],
         "layout": {**meta["layout"], "tokens_per_frame": TokenLayout(**meta["layout"]).tokens_per_frame},
         "regions": {"boundary_width": meta["boundary_width"], "boundary_unit": meta["boundary_unit"]},
-        "detection": {"ratio": meta["ratio"], "max_dims": meta["max_dims"], "min_frequency": min_frequency},
+        "detection": {**meta["detection"], "min_frequency": min_frequency},
         "hierarchy": {"variant": headline, **{key: value for key, value in results[headline]["hierarchy"].items()
                                               if key != "by_step"}},
         "results": results,
@@ -212,8 +216,7 @@ def calibration(summary: dict) -> dict:
         "layers": {int(layer): {kind: entry[kind] for kind in ("massive", "weak", "non_ma")}
                    for layer, entry in layers.items()},
         "source": "stas.analyze",
-        "ratio": summary["detection"]["ratio"],
-        "min_frequency": summary["detection"]["min_frequency"],
+        "detection": summary["detection"],
         "prompts": len(summary["prompts"]),
         "steps": summary["steps"],
     }

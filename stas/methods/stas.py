@@ -15,6 +15,7 @@ values (`SteerParams`): see stas.methods.hooks.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,58 +25,36 @@ import torch
 
 from stas.backbones import CFG_BRANCHES, Backbone
 from stas.core.layout import TokenLayout
-from stas.core.massive import channel_peaks, load_calibration, top_massive_channels
+from stas.core.massive import Detection, channel_peaks, load_calibration, massive_threshold, top_massive_channels
 from stas.core.rules import check_rule, reference_magnitude, steered_values
 from stas.core.selection import steered_layers, window_steps
 from stas.errors import ConfigError
 from stas.methods.base import Method, register_method
+from stas.methods.call_state import CallState
 from stas.methods.hooks import BlockHooks, persistent_tensor
 
 
 @dataclass(frozen=True)
 class SteerParams:
-    """What the steering hooks read of a `steer` config, as plain Python values read once (a hook never reads an
-    OmegaConf node: in a compiled region that would break the graph)."""
+    """What the steering hooks read of the `steer` and `detect` configs, as plain Python values read once (a hook
+    never reads an OmegaConf node: in a compiled region that would break the graph)."""
 
     rule: str
     alpha: float
     strength: float
-    ratio: float
-    max_dims: int
     targets: str
     boundary_width: int
     boundary_unit: str
+    reference: str  # ma_max | steered (max_scaled's M for fixed channels)
+    detection: Detection
+    shared_branches: bool  # detect.branches=shared: the cond branch's channels steer both branches
 
     @classmethod
-    def of(cls, cfg) -> "SteerParams":
-        return cls(str(cfg.rule), float(cfg.alpha), float(cfg.strength), float(cfg.ratio), int(cfg.max_dims),
-                   str(cfg.targets), int(cfg.boundary_width), str(cfg.boundary_unit))
-
-
-class CallState:
-    """The steering hooks' per-call state on the device, written by the transformer pre-hook (eager) only.
-
-    `gate` (0-d bool): this call steers (its step is in the window and it has a steered branch). `rows`: the batch
-    rows of the steered branches (the same in every call that has them), `token_index` the steered tokens, the
-    counters the detected MA channels and steered values. `active` mirrors `gate` on the host for eager hooks."""
-
-    def __init__(self, key: tuple, rows: slice | None, token_index: torch.Tensor):
-        self.key = key  # (device, batch, tokens, CFG): what the state was made for
-        device, _, self.num_tokens, _ = key
-        self.rows, self.token_index = rows, token_index
-        self.gate = persistent_tensor((), dtype=torch.bool, device=device)
-        self.massive_seen = persistent_tensor((), dtype=torch.long, device=device)
-        self.values_steered = persistent_tensor((), dtype=torch.long, device=device)
-        self.active = False
-
-    def set(self, active: bool) -> None:
-        if active != self.active:
-            self.gate.fill_(active)  # a kernel launch with a host scalar: no synchronisation
-            self.active = active
-
-    def reset_counts(self) -> None:
-        self.massive_seen.zero_()
-        self.values_steered.zero_()
+    def of(cls, cfg, detect=None) -> "SteerParams":
+        detection = Detection() if detect is None else Detection.of(detect)
+        shared = detect is not None and str(detect.branches) == "shared"
+        return cls(str(cfg.rule), float(cfg.alpha), float(cfg.strength), str(cfg.targets), int(cfg.boundary_width),
+                   str(cfg.boundary_unit), str(cfg.reference), detection, shared)
 
 
 class LayerSteering:
@@ -86,6 +65,9 @@ class LayerSteering:
         self.layer = layer
         self.channels = channels  # None: detect the massive channels on every call
         self.device_channels = channels  # `channels` on the device of the calls, placed by the pre-hook
+        # Shared channels: what this block's last cond call detected (placed by the pre-hook), for the step's
+        # call without the cond branch.
+        self.shared: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, block, args, output):
         steerer = self.steerer
@@ -103,35 +85,74 @@ class LayerSteering:
         params = steerer.params
         token_index = state.token_index
         steered = hidden[state.rows]  # a view: steering it writes into the block output
-        values_per_channel = steered.shape[0] * token_index.shape[0]
+        if self.channels is None or (params.rule == "max_scaled" and params.reference == "ma_max"):
+            # the one full read of the hidden states
+            found, found_massive, found_peaks = self.detect(steered, state, params.detection)
         if self.channels is None:
-            peaks = channel_peaks(steered, dim=1)  # the one full read of the hidden states
-            channels, is_massive = top_massive_channels(peaks.amax(dim=0), params.ratio, params.max_dims)
-            peaks = peaks[:, channels]
+            channels, is_massive, peaks = found, found_massive, found_peaks
             massive = is_massive.sum()  # stays on the device: record() reads the totals once
             if gate is not None:
                 massive = massive * gate
             state.massive_seen.add_(massive)
-            state.values_steered.add_(massive * values_per_channel)
+            state.values_steered.add_(massive * token_index.shape[0])
         else:
             channels = self.device_channels
             if channels.device != hidden.device:  # eager only: the pre-hook places them for compiled runs
                 channels = self.device_channels = self.channels.to(hidden.device)
             peaks = channel_peaks(steered[:, :, channels], dim=1)  # reads only the steered channels
+            channels = channels.expand(steered.shape[0], -1)
             is_massive = None  # the steered values of fixed channels are counted on the host by the pre-hook
-        steer_tokens_(steered, token_index, channels, is_massive, peaks, params, gate=gate)
+        reference = reference_magnitude(peaks, torch.ones_like(peaks, dtype=torch.bool) if is_massive is None
+                                        else is_massive, params.rule)
+        if params.rule == "max_scaled":
+            if self.channels is not None and params.reference == "ma_max":
+                # The layer's true-MA maximum; where no channel of the state is massive, the steered channels' own.
+                layer_max = reference_magnitude(found_peaks, found_massive, params.rule)
+                reference = torch.where(layer_max > 0, layer_max, reference)
+            state.note_reference(reference.flatten(), None if is_massive is None else is_massive.any(dim=-1), gate)
+        steer_tokens_(steered, token_index, channels, is_massive, reference, params, gate=gate)
         return None
 
+    def detect(self, steered: torch.Tensor, state: CallState, detection: Detection):
+        """The massive channels of each steered row's detection group: (channels (R, k), is_massive (R, k), their
+        peaks (R, k)); per CFG branch, or the cond branch's for every row (shared)."""
+        rows = steered.shape[0]
+        row_peaks = channel_peaks(steered, dim=1)  # (R, D)
+        if self.shared is None:
+            groups = state.groups
+            source, source_peaks = steered.unflatten(0, (groups, -1)), row_peaks.unflatten(0, (groups, -1)).amax(1)
+        else:
+            source, source_peaks = steered[state.cond_rows][None], row_peaks[state.cond_rows].amax(0, keepdim=True)
+        threshold = massive_threshold(source, source_peaks, detection)
+        channels, is_massive = top_massive_channels(source_peaks, threshold, detection.max_dims)  # (G, k)
+        if self.shared is not None:
+            stored_channels, stored_massive = self.shared
+            if torch.compiler.is_compiling():
+                channels = torch.where(state.has_cond, channels[0], stored_channels)
+                is_massive = torch.where(state.has_cond, is_massive[0], stored_massive)
+            elif state.cond_present:
+                channels, is_massive = channels[0], is_massive[0]
+            else:
+                channels, is_massive = stored_channels, stored_massive
+            stored_channels.copy_(channels)
+            stored_massive.copy_(is_massive)
+            channels, is_massive = channels.expand(rows, -1), is_massive.expand(rows, -1)
+        else:
+            repeat = rows // channels.shape[0]
+            channels, is_massive = channels.repeat_interleave(repeat, 0), is_massive.repeat_interleave(repeat, 0)
+        return channels, is_massive, row_peaks.gather(1, channels)
 
-def steer_tokens_(hidden, token_index, channels, is_massive, peaks, cfg, gate=None) -> None:
-    """Apply the rule in place at hidden[:, token_index, channels] (B, T, k); `peaks` (B, k) over all tokens.
-    `cfg` has rule, alpha and strength; with a 0-d bool `gate`, nothing changes where it is False."""
-    index = (slice(None), token_index[:, None], channels[None, :])
+
+def steer_tokens_(hidden, token_index, channels, is_massive, reference, cfg, gate=None) -> None:
+    """Apply the rule in place at hidden[r, token_index, channels[r]] for every row r; `channels` and `is_massive`
+    are (R, k), `reference` from `reference_magnitude`. `cfg` has rule, alpha and strength; only the massive
+    channels change (all of them when `is_massive` is None), and nothing where a 0-d bool `gate` is False."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    index = (rows[:, None, None], token_index[None, :, None], channels[:, None, :])
     values = hidden[index]
-    steered = is_massive if is_massive is not None else torch.ones_like(peaks[0], dtype=torch.bool)
-    new = steered_values(values, reference_magnitude(peaks, steered, cfg.rule), cfg.rule, cfg.alpha, cfg.strength)
+    new = steered_values(values, reference, cfg.rule, cfg.alpha, cfg.strength)
     if is_massive is not None:
-        steered = is_massive if gate is None else is_massive & gate
+        steered = is_massive[:, None, :] if gate is None else is_massive[:, None, :] & gate
         new = torch.where(steered, new, values)
     elif gate is not None:
         new = torch.where(gate, new, values)
@@ -142,11 +163,13 @@ def steer_tokens_(hidden, token_index, channels, is_massive, peaks, cfg, gate=No
 class StasSteerer(Method):
     """STAS on a transformer: which blocks, steps, branches, tokens and channels, from a `steer` config."""
 
-    def __init__(self, backbone: Backbone, cfg, calibration: dict[int, list[int]] | None = None):
+    def __init__(self, backbone: Backbone, cfg, calibration: dict[int, list[int]] | None = None, detect=None):
+        """`cfg`: a `steer` config; `detect`: a `detect` config (None: stas.core.massive.Detection's defaults,
+        per-branch channels)."""
         check_rule(cfg.rule, cfg.alpha, cfg.strength)
         self.backbone = backbone
         self.cfg = cfg
-        self.params = SteerParams.of(cfg)
+        self.params = SteerParams.of(cfg, detect)
         self.layers = steered_layers(cfg.layers, backbone.num_layers)
         self.branches = CFG_BRANCHES if cfg.branches == "both" else (cfg.branches,)
         self.channels = {layer: _fixed_channels(cfg, backbone, calibration, layer) for layer in self.layers}
@@ -161,8 +184,9 @@ class StasSteerer(Method):
         self.state: CallState | None = None  # per-call device state, (re)made by the pre-hook for each device
         self._hooked: dict[int, LayerSteering] = {}
         self._placed = False  # the attached hooks' channels are on the state's device
-        self._device_channels: dict = {}  # (layer, device) -> fixed channels there, copied once
+        self._device_channels: dict = {}  # (layer, device) -> the block's tensors there (_block_tensors), made once
         self._fixed_values = 0  # values steered at fixed channels, counted on the host
+        self._detected_rows = 0  # batch rows the hooks detected channels for (massive_seen counts per row)
 
     @contextmanager
     def attach(self, transformer):
@@ -178,7 +202,7 @@ class StasSteerer(Method):
         self.tracker.begin(layout, num_steps, do_cfg)
         self.steps = window_steps(self.cfg.window, num_steps)
         self.calls = Counter()
-        self._fixed_values = 0
+        self._fixed_values = self._detected_rows = 0
         if self.state is not None:
             self.state.reset_counts()
 
@@ -192,16 +216,15 @@ class StasSteerer(Method):
         if state is None or state.key != (device, batch, tracker.layout.num_tokens, tracker.do_cfg):
             state = self.state = self._new_state(device, batch)
             self._placed = False
-        if not self._placed:  # fixed channels on the device, before any (compiled) hook reads them
+        if not self._placed:  # per-block device tensors, before any (compiled) hook reads them
             for layer, hook in self._hooked.items():
-                if hook.channels is not None:
-                    if (layer, device) not in self._device_channels:
-                        self._device_channels[(layer, device)] = hook.channels.to(device)
-                    hook.device_channels = self._device_channels[(layer, device)]
+                if (layer, device) not in self._device_channels:
+                    self._device_channels[(layer, device)] = self._block_tensors(hook, device)
+                hook.device_channels, hook.shared = self._device_channels[(layer, device)]
             self._placed = True
         rows = tracker.rows(self.branches, batch)
         active = tracker.step in self.steps and rows is not None
-        state.set(active)
+        state.set(active, any(name == "cond" for name, _ in tracker.branches_of_call(batch)))
         if not active:
             return
         branch = self._branch_name(rows, batch)
@@ -210,15 +233,36 @@ class StasSteerer(Method):
             self.calls[(layer, tracker.step, branch)] += 1
             if self.channels[layer] is not None:
                 self._fixed_values += self.channels[layer].shape[0] * values_per_channel
+            else:
+                self._detected_rows += rows.stop - rows.start
+
+    def _block_tensors(self, hook: LayerSteering, device) -> tuple:
+        """A block's fixed channels on `device`, and with shared detection its store of the cond call's channels."""
+        channels = None if hook.channels is None else hook.channels.to(device)
+        shared = None
+        params = self.params
+        if params.shared_branches and (hook.channels is None or (params.rule == "max_scaled"
+                                                                  and params.reference == "ma_max")):
+            k = min(params.detection.max_dims, self.backbone.hidden_dim)
+            shared = (persistent_tensor(k, dtype=torch.long, device=device),
+                      persistent_tensor(k, dtype=torch.bool, device=device))
+        return channels, shared
 
     def _new_state(self, device: torch.device, batch: int) -> CallState:
-        previous = self.state
         tracker = self.tracker
-        state = CallState((device, batch, tracker.layout.num_tokens, tracker.do_cfg),
-                          tracker.steered_rows(self.branches, batch), self.token_index_on(device))
-        if previous is not None:  # a new device or batch within a run: carry the totals over
-            state.massive_seen.add_(previous.massive_seen.to(device))
-            state.values_steered.add_(previous.values_steered.to(device))
+        rows = tracker.steered_rows(self.branches, batch)
+        groups, cond_rows = 1, slice(None)
+        if rows is not None:
+            inside = [(name, span) for name, span in tracker.branches_of_call(batch)
+                      if span.start >= rows.start and span.stop <= rows.stop]
+            groups = len(inside) or 1
+            cond = [span for name, span in inside if name == "cond"]
+            if cond:
+                cond_rows = slice(cond[0].start - rows.start, cond[0].stop - rows.start)
+        state = CallState((device, batch, tracker.layout.num_tokens, tracker.do_cfg), rows,
+                          self.token_index_on(device), groups, cond_rows)
+        if self.state is not None:
+            state.carry_over(self.state)
         return state
 
     def token_index_on(self, device) -> torch.Tensor:
@@ -264,11 +308,23 @@ class StasSteerer(Method):
             "dims": self.cfg.dims if isinstance(self.cfg.dims, str) else "list",
             "values_steered": int(self.values_steered),  # (batch row, token, channel) entries the rule was applied to
         }
+        detection = self.params.detection
+        record["detection"] = {"rule": detection.rule, "ratio": detection.ratio, "floor": detection.floor,
+                               "max_dims": detection.max_dims,
+                               "branches": "shared" if self.params.shared_branches else "per_branch"}
         if self.cfg.dims == "auto":
-            record["channels_mean"] = int(self.massive_channels_seen) / hook_calls if hook_calls else 0.0
-            record["channels_max"] = self.cfg.max_dims
+            rows = self._detected_rows  # channels per steered batch row and hook call
+            record["channels_mean"] = int(self.massive_channels_seen) / rows if rows else 0.0
+            record["channels_max"] = detection.max_dims
         else:
             record["channels"] = {layer: self.channels[layer].tolist() for layer in self.layers}
+        if self.cfg.rule == "max_scaled":
+            reference = {"kind": self.params.reference if self.cfg.dims != "auto" else "ma_max"}
+            if self.state is not None and hook_calls:
+                low, high = self.state.reference_range.tolist()
+                if math.isfinite(high):  # 4 significant digits: compiled kernels may reorder the float sums
+                    reference.update(min=float(f"{-low:.4g}"), max=float(f"{high:.4g}"))
+            record["reference"] = reference
         return record
 
 

@@ -24,6 +24,7 @@ from stas.generation import make_steerer, run_pipeline
 from stas.ma.capture import MACapture
 from stas.prompts import Item
 from stas.rundir.run_identity import identity
+from stas.core.massive import Detection
 
 from conftest import compose
 
@@ -119,7 +120,7 @@ def capture_readout(*overrides: str):
     cfg, backbone, pipe, layout = build("tiny_wan21", *overrides)
     kwargs = {**backbone.pipeline_kwargs(cfg.model), "output_type": "latent"}
     selection = analysis_selection(cfg.analysis, backbone.num_layers, cfg.model.steps)
-    capture = MACapture(backbone, selection, cfg.analysis.ratio, cfg.analysis.max_dims, cfg.steer.boundary_width,
+    capture = MACapture(backbone, selection, Detection.of(cfg.detect), cfg.steer.boundary_width,
                         cfg.steer.boundary_unit)
     steerer = make_steerer(cfg, backbone)
     with steerer.attach(pipe.transformer), capture.attach(pipe.transformer):

@@ -60,7 +60,7 @@ BAD = [
     (["steer.branches=neg"], r"steer.branches='neg' is not allowed; allowed: cond, uncond, both"),
     (["steer.dims=calibrated"], r"steer.dims=calibrated needs steer.calibration"),
     (["steer.dims=calibrated", "steer.calibration=/nonexistent/ma_dims.yaml"], r"no such file"),
-    (["steer.dims=[3,99]"], r"channel list must be non-empty integers in 0..31"),
+    (["steer.dims=[3,199]"], r"channel list must be non-empty integers in 0..127"),
     (["steer.dims=sometimes"], r"steer.dims='sometimes' is not allowed"),
     (["prompts=file"], r"prompts=file needs prompts.path"),
     (["prompts.samples_per_prompt=0"], r"prompts.samples_per_prompt=0 must be >= 1"),
@@ -75,11 +75,22 @@ BAD = [
     (["steer.alpha=nan"], r"^steer.alpha=nan must be a finite number$"),
     (["steer.alpha=100.5"], r"steer.alpha=100.5 must be a finite number in \(0, 100\]"),
     (["steer.strength=nan"], r"steer.strength=nan must be a finite number in \(0, 1\]"),
-    (["steer.ratio=nan"], r"steer.ratio=nan must be a finite number in \[0, 10000\]"),
+    (["detect.ratio=nan"], r"detect.ratio=nan must be a finite number in \(0, 1000000\]"),
+    (["detect.ratio=0"], r"detect.ratio=0.0 must be a finite number in \(0, 1000000\]"),
+    (["detect.floor=-1"], r"detect.floor=-1.0 must be a finite number in \[0, 1000000000\]"),
+    (["detect.max_dims=0"], r"detect.max_dims=0 must be >= 1"),
+    (["detect.rule=median"], r"detect.rule='median' is not allowed; allowed: mean_abs, channel_peak, sun"),
+    (["detect.branches=both"], r"detect.branches='both' is not allowed; allowed: per_branch, shared"),
+    (["detect.branches=shared", "steer.branches=uncond"], r"detect.branches=shared steers both branches with the "
+                                                          r"channels detected on the cond branch"),
+    (["steer.reference=global"], r"steer.reference='global' is not allowed; allowed: ma_max, steered"),
+    # fields that moved: the message says where
+    (["steer.ratio=10"], r"^steer.ratio moved to detect.ratio: one MA detection"),
+    (["analysis.max_dims=4"], r"^analysis.max_dims moved to detect.max_dims"),
     (["steer.window.start=nan"], r"^steer.window.start=nan must be a finite number$"),
     (["steer.window.unit=steps", "steer.window.end=inf"], r"^steer.window.end=inf must be a finite number$"),
     (["model.tiny.plant.magnitudes=[60,nan,30]"], r"^model.tiny.plant.magnitudes\[1\]=nan must be a finite number$"),
-    (["analysis.ratio=inf"], r"^analysis.ratio=inf must be a finite number$"),
+    (["detect.floor=inf"], r"^detect.floor=inf must be a finite number in \[0, 1000000000\]$"),
     # values that used to fail late, after the model loaded
     (["model.max_sequence_length=0"], r"model.max_sequence_length=0 must be an integer in \[1, 4096\]"),
     (["model.steps=10001"], r"model.steps=10001 must be an integer in \[1, 10000\]"),
@@ -103,7 +114,8 @@ BAD = [
     (["model.num_frames=1", "steer.targets=boundary"], r"steer.targets='boundary' selects no token of a "
                                                        r"1-latent-frame video"),
     # keys that are not fields, values their field cannot hold
-    (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, eval, experiment, logger, model, name, "
+    (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, detect, eval, experiment, logger, model, "
+                   r"name, "
                    r"progress, prompts, seed, shard, steer$"),
     (["+shard.indx=1"], r"^shard.indx is not a field of shard; fields: count, index$"),
     (["steer.targts=boundary"], r"^steer.targts is not a field of steer; fields: alpha, boundary_unit, "),
@@ -134,7 +146,8 @@ GOOD = [
     ["model.guidance_scale=0"], ["model.guidance_scale=100"], ["model.steps=10000"], ["model.steps=3"],
     ["model.flow_shift=100"], ["model.max_sequence_length=4096"], ["model.fps=240"],
     ["seed=0"], ["seed=9223372036854775807"], ["seed=9223372036854775806", "prompts.samples_per_prompt=2"],
-    ["steer.alpha=100"], ["steer.strength=1"], ["steer.strength=0.01"], ["steer.ratio=0"],
+    ["steer.alpha=100"], ["steer.strength=1"], ["steer.strength=0.01"], ["detect.ratio=1e6"], ["detect=sun"], ["detect=channel_peak"],
+    ["detect.branches=shared"], ["steer.reference=steered"],
     ["steer.rule=scale", "steer.alpha=2"], ["steer.rule=zero", "steer.alpha=1"],
     ["steer.branches=uncond"], ["steer.branches=cond", "model.guidance_scale=1"],
     ["model.num_frames=1", "steer.targets=first_frame"], ["model.steps=4", "steer.window.end=0.25"],
@@ -184,10 +197,10 @@ def test_cli_unknown_option_lists_the_available_ones(cli, tmp_path):
 
 @pytest.mark.parametrize("tool,args,message", [
     ("stas.run", ["steer.targts=boundary"], "steer.targts is not a field of steer; fields: alpha, boundary_unit, "
-                                           "boundary_width, branches, calibration, dims, enabled, layers, max_dims, "
-                                           "name, ratio, rule, strength, targets, window"),
+                                           "boundary_width, branches, calibration, dims, enabled, layers, name, "
+                                           "reference, rule, strength, targets, window"),
     ("stas.run", ["-m", "steer.targts=boundary,all"], "steer.targts is not a field of steer; fields: alpha, "),
-    ("stas.run", ["+seedd=1"], "seedd is not a field of the config; fields: analysis, eval, "),
+    ("stas.run", ["+seedd=1"], "seedd is not a field of the config; fields: analysis, detect, eval, "),
     ("stas.run", ["model.stepz=3"], "model.stepz is not a field of model; fields: "),
     ("stas.run", ["model.steps=many"], "model.steps='many' must be an integer in [1, 10000]"),
     ("stas.run", ["-m", "shard.index=0,abc"], "shard.index='abc' must be an integer"),
@@ -236,7 +249,7 @@ def test_help_lists_groups_and_options(cli, tmp_path):
 SHIPPED_CALIBRATION = EXPERIMENTS_DIR / "calibration" / "tiny_wan21_ma_dims.yaml"
 BAD_CALIBRATIONS = [
     ("model: tiny_wan21\nlayers: {0: {massive: [5, -1]}}\n", r"layers.0.massive has channel -1; model 'tiny_wan21' "
-                                                            r"has channels 0..31"),
+                                                            r"has channels 0..127"),
     ("model: tiny_wan21\nlayers: {0: {massive: [5, 999]}}\n", r"layers.0.massive has channel 999"),
     ("model: tiny_wan21\nlayers: {0: {massive: [5.7, 17]}}\n", r"layers.0.massive must be a list of channel indices "
                                                               r"\(integers\), got \[5.7, 17\]"),
@@ -283,5 +296,5 @@ def test_bad_calibration_fails_before_the_model_loads(cli, tmp_path):
                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (f"stas.run: error: steer.calibration='{path}': layers.0.massive has channel 999; "
-                                     "model 'tiny_wan21' has channels 0..31")
+                                     "model 'tiny_wan21' has channels 0..127")
     assert not (tmp_path / "run" / "run_identity.yaml").exists() and not (tmp_path / "run" / "videos").exists()

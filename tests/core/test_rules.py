@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stas.core.massive import channel_peaks, massive_channel_mask, top_massive_channels
+from stas.core.massive import DETECTION_RULES, Detection, channel_peaks, detect_massive, massive_channel_mask
 from stas.core.rules import RULES, apply_rule
 
 
@@ -18,18 +18,22 @@ def planted(batch=2, tokens=40, dim=16, seed=0):
 
 def test_mask_finds_the_planted_channels():
     hidden = planted()
-    assert massive_channel_mask(hidden, ratio=10, max_dims=8).nonzero().squeeze(1).tolist() == [3, 9]
+    detection = Detection.for_rule("channel_peak")
+    assert massive_channel_mask(hidden, detection).nonzero().squeeze(1).tolist() == [3, 9]
     # ratio decides which channels qualify; max_dims keeps the largest
-    assert massive_channel_mask(hidden, ratio=5, max_dims=8).nonzero().squeeze(1).tolist() == [3, 9, 12]
-    assert massive_channel_mask(hidden, ratio=5, max_dims=1).nonzero().squeeze(1).tolist() == [3]
-    assert not massive_channel_mask(hidden, ratio=1000, max_dims=8).any()
+    looser = Detection.for_rule("channel_peak", ratio=5.0)
+    assert massive_channel_mask(hidden, looser).nonzero().squeeze(1).tolist() == [3, 9, 12]
+    assert massive_channel_mask(hidden, Detection.for_rule("channel_peak", ratio=5.0, max_dims=1)).nonzero().squeeze(
+        1).tolist() == [3]
+    assert not massive_channel_mask(hidden, Detection.for_rule("channel_peak", ratio=1000.0)).any()
 
 
 def test_mask_accepts_2d_and_reduces_over_batch():
     hidden = planted()
-    assert torch.equal(massive_channel_mask(hidden[1], 5, 8), massive_channel_mask(hidden[1:], 5, 8))
+    looser = Detection.for_rule("channel_peak", ratio=5.0)
+    assert torch.equal(massive_channel_mask(hidden[1], looser), massive_channel_mask(hidden[1:], looser))
     # channel 12 spikes only in batch element 1: the peak is taken over the batch
-    assert massive_channel_mask(hidden, 5, 8)[12] and not massive_channel_mask(hidden[:1], 5, 8)[12]
+    assert massive_channel_mask(hidden, looser)[12] and not massive_channel_mask(hidden[:1], looser)[12]
 
 
 def test_peaks_are_exact_max_abs():
@@ -37,15 +41,18 @@ def test_peaks_are_exact_max_abs():
     assert torch.equal(channel_peaks(hidden, dim=1), hidden.abs().amax(dim=1))
 
 
-def test_detection_runs_without_host_synchronisation():
+@pytest.mark.parametrize("rule", DETECTION_RULES)
+def test_detection_runs_without_host_synchronisation(rule):
     # Meta tensors have no data: any .item(), .tolist() or branch on a value raises, so this proves sync-freedom.
     hidden = torch.empty(2, 40, 16, device="meta")
-    assert massive_channel_mask(hidden, 10, 4).device.type == "meta"
-    indices, valid = top_massive_channels(channel_peaks(hidden, dim=1).amax(0), 10.0, 4)
-    assert indices.shape == valid.shape == (4,)
+    detection = Detection.for_rule(rule, max_dims=4)
+    assert massive_channel_mask(hidden, detection).device.type == "meta"
+    indices, valid, peaks, threshold = detect_massive(hidden, detection)
+    assert indices.shape == valid.shape == (2, 4) and peaks.shape == (2, 16) and threshold.shape == (2,)
     tokens = torch.zeros(40, dtype=torch.bool, device="meta")
-    for rule in RULES:
-        assert apply_rule(hidden, tokens, massive_channel_mask(hidden, 10, 4), rule=rule).device.type == "meta"
+    for steer_rule in RULES:
+        mask = massive_channel_mask(hidden, detection)
+        assert apply_rule(hidden, tokens, mask, rule=steer_rule).device.type == "meta"
 
 
 def masks(tokens=40, dim=16):

@@ -29,7 +29,7 @@ def variant_tensors(first: float, boundary: float, interior: float, seed: int) -
     peaks = torch.rand(layers, steps, branches, DIM, generator=generator) + 0.5
     peaks[..., MASSIVE] = 80.0
     peaks[..., 1] = 0.01  # a channel far below the rest: only a log axis shows it
-    return {"regions": regions, "peaks_max": peaks,
+    return {"regions": regions, "peaks_max": peaks, "thresholds": torch.full((n, layers, steps, branches), 20.0),
             "tokens_mean": torch.rand(1, branches, TOKENS, generator=generator)}
 
 
@@ -41,7 +41,8 @@ def synthetic(variants: dict[str, tuple[float, float, float]]):
         "model": "synthetic", "prompts": PROMPTS, "layers": LAYERS, "steps": STEPS, "num_steps": 4,
         "branches": BRANCHES, "layout": {"frames": FRAMES, "height": HEIGHT, "width": WIDTH,
                                          "tokens_per_frame": HEIGHT * WIDTH},
-        "regions": {"boundary_width": 1, "boundary_unit": "rows"}, "detection": {"ratio": 10.0},
+        "regions": {"boundary_width": 1, "boundary_unit": "rows"},
+        "detection": {"rule": "mean_abs", "ratio": 20.0, "floor": 0.0},
         "results": {name: {"layers": {str(layer): {"massive": MASSIVE, "weak": WEAK, "non_ma": NON_MA}
                                       for layer in LAYERS},
                            "profiles": [{"profile": [1.0] * (HEIGHT * WIDTH), "period": HEIGHT * WIDTH}]}

@@ -29,12 +29,13 @@ from stas.generation import make_steerer, run_pipeline
 from stas.ma.capture import MACapture
 from stas.methods.hooks import BlockHooks
 from stas.prompts import Item
+from stas.core.massive import Detection
 
 from conftest import compose
 
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 7)
 STEPS = 4  # the default window [0, 0.4) steers steps 0 and 1: steered and unsteered steps in every run
-ATOL = 1e-4  # frames are in [0, 1]; compiled vs eager differ by ~1e-6 (Wan) to ~2e-5 (CogVideoX) here
+ATOL = 5e-4  # frames are in [0, 1] (a uint8 level is 4e-3); compiled vs eager differ by ~1e-6 (Wan) to ~2e-4 (CogVideoX) here
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +128,7 @@ def capture_runs(built, runs: int) -> list[dict]:
     cfg, backbone, pipe, layout = built
     kwargs = {**backbone.pipeline_kwargs(cfg.model), "output_type": "latent"}
     selection = analysis_selection(cfg.analysis, backbone.num_layers, cfg.model.steps)
-    capture = MACapture(backbone, selection, cfg.analysis.ratio, cfg.analysis.max_dims, cfg.steer.boundary_width,
+    capture = MACapture(backbone, selection, Detection.of(cfg.detect), cfg.steer.boundary_width,
                         cfg.steer.boundary_unit)
     steerer = make_steerer(cfg, backbone)
     results = []

@@ -10,7 +10,7 @@ import torch
 from stas.generation import make_steerer, sample
 from stas.methods.stas import LayerSteering, StasSteerer
 from stas.core.layout import TokenLayout
-from stas.core.massive import massive_channel_mask
+from stas.core.massive import Detection, massive_channel_mask
 from stas.prompts import Item
 from stas.core.rules import RULES, apply_rule
 
@@ -119,10 +119,12 @@ def test_in_place_hook_equals_apply_rule(tiny_pipelines, name, rule):
         h2.remove()
     token_mask = layout.mask(cfg.steer.targets, cfg.steer.boundary_width, cfg.steer.boundary_unit)
     hidden = before[0]  # step 0, first call: the cond pass (two-pass) or the whole [uncond, cond] batch
-    channels = massive_channel_mask(hidden, cfg.steer.ratio, cfg.steer.max_dims)
-    assert channels.sum() == 3  # the three planted channels
-    expected = apply_rule(hidden, token_mask, channels, rule=rule, alpha=1.5, strength=0.75)
-    torch.testing.assert_close(after[0], expected, rtol=1e-6, atol=1e-5)
+    expected = []
+    for row in hidden.split(1):  # one row per CFG branch, each with its own channels (detect.branches=per_branch)
+        channels = massive_channel_mask(row, Detection.of(cfg.detect))
+        assert channels.nonzero().flatten().tolist() == [5, 17, 26]  # the three planted channels
+        expected.append(apply_rule(row, token_mask, channels, rule=rule, alpha=1.5, strength=0.75))
+    torch.testing.assert_close(after[0], torch.cat(expected), rtol=1e-6, atol=1e-5)
     assert not torch.equal(after[0], hidden)
     # later steps are outside the window: untouched
     assert torch.equal(after[-1], before[-1])
@@ -169,7 +171,7 @@ def test_record_counts_the_steered_values(tiny_pipelines, name):
 def test_record_says_when_nothing_was_steered(tiny_pipelines):
     """No channel qualifies as massive: the hooks ran, nothing was steered, and the record says so."""
     vanilla = run(tiny_pipelines, "tiny_wan21", None)
-    steerer = steerer_for(tiny_pipelines, "tiny_wan21", "steer.ratio=10000")
+    steerer = steerer_for(tiny_pipelines, "tiny_wan21", "detect.ratio=10000")
     assert np.array_equal(run(tiny_pipelines, "tiny_wan21", steerer), vanilla)
     record = steerer.record()
     assert record["hook_calls"] > 0 and record["values_steered"] == 0 and record["channels_mean"] == 0
@@ -178,7 +180,7 @@ def test_record_says_when_nothing_was_steered(tiny_pipelines):
 def test_steering_json_always_has_the_count(tmp_path):
     from test_generation import gen, rows_of
 
-    for run_dir, overrides, steered in ((tmp_path / "none", ["steer.ratio=10000"], False),
+    for run_dir, overrides, steered in ((tmp_path / "none", ["detect.ratio=10000"], False),
                                         (tmp_path / "planted", [], True)):
         gen(run_dir, "prompts.prompts=[a cat]", *overrides)
         record = json.loads((run_dir / "steering.json").read_text())
@@ -194,3 +196,60 @@ def test_no_cfg_means_every_call_is_cond(tiny_pipelines):
     with steerer.attach(pipe.transformer):
         sample(pipe, ITEM, kwargs, steerer, layout)
     assert steerer.calls == Counter()  # no uncond branch exists without CFG
+
+
+def uncond_spike(steerer, backbone, channel=40, size=50.0):
+    """A block hook that makes `channel` massive (size x the state's mean |value|) in the uncond rows only."""
+
+    def hook(block, args, output):
+        hidden = backbone.video_tokens(output)
+        for name, rows in steerer.tracker.branches_of_call(hidden.shape[0]):
+            if name == "uncond":
+                hidden[rows, :, channel] = size * hidden[rows].abs().mean()
+        return output
+
+    return hook
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("branches,expected", [("per_branch", (3 + 4) / 2), ("shared", 3.0)])
+def test_detect_branches_is_the_same_in_every_family(tiny_pipelines, name, branches, expected):
+    """An extra massive channel in the uncond branch only: per_branch steers it there (3 channels in cond, 4 in
+    uncond), shared steers the cond branch's 3 in both; alike for two-pass (Wan) and batched (CogVideoX) CFG."""
+    cfg, backbone, pipe = tiny_pipelines[name]
+    steerer = steerer_for(tiny_pipelines, name, f"detect.branches={branches}", "steer.layers=[1]")
+    handle = backbone.blocks(pipe.transformer)[1].register_forward_hook(uncond_spike(steerer, backbone))
+    try:
+        run(tiny_pipelines, name, steerer)
+    finally:
+        handle.remove()
+    record = steerer.record()
+    assert record["detection"]["branches"] == branches
+    assert record["channels_mean"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reference_is_the_layers_ma_maximum_unless_asked_otherwise(tiny_pipelines, name):
+    """Fixed non-MA channels (ablation_dims): M is the layer's true-MA maximum by default, so the ablation varies
+    the channels only; reference=steered pushes them to their own small maximum."""
+    records = {}
+    first_call = ("steer.layers=[0]", "steer.window.unit=steps", "steer.window.end=1")  # states not yet steered
+    for reference in ("ma_max", "steered"):
+        steerer = steerer_for(tiny_pipelines, name, "steer.dims=[40,41]", f"steer.reference={reference}", *first_call)
+        run(tiny_pipelines, name, steerer)
+        records[reference] = steerer.record()["reference"]
+    # dims=auto: M is the largest detected (planted) channel's peak
+    detected = steerer_for(tiny_pipelines, name, *first_call)
+    run(tiny_pipelines, name, detected)
+    auto = detected.record()["reference"]
+    assert records["ma_max"]["kind"] == "ma_max" and records["steered"]["kind"] == "steered"
+    assert records["ma_max"] == {**auto, "kind": "ma_max"}
+    assert records["steered"]["max"] < records["ma_max"]["min"] / 10
+
+
+def test_reference_falls_back_to_the_steered_channels_without_mas(tiny_pipelines):
+    steerer = steerer_for(tiny_pipelines, "tiny_wan21", "steer.dims=[40,41]", "detect.ratio=10000")
+    run(tiny_pipelines, "tiny_wan21", steerer)
+    own = steerer_for(tiny_pipelines, "tiny_wan21", "steer.dims=[40,41]", "steer.reference=steered")
+    run(tiny_pipelines, "tiny_wan21", own)
+    assert steerer.record()["reference"]["max"] == own.record()["reference"]["max"]
