@@ -82,7 +82,13 @@ def massive_threshold(hidden: torch.Tensor, peaks: torch.Tensor, detection: Dete
         scale = peaks.float().median(dim=-1).values
     elif rule == "mean_abs":
         flat = hidden.reshape(hidden.shape[0], -1)
-        scale = torch.linalg.vector_norm(flat, 1, dim=-1, dtype=torch.float32) / flat.shape[-1]
+        # As channel_peaks: one fused read on CUDA; on CPU the 1-norm kernel is 4x slower than abs().sum()
+        # (0.24 ms against 1.0 ms on a (4080 x 512) state, 2 cores).
+        if flat.is_cuda:
+            total = torch.linalg.vector_norm(flat, 1, dim=-1, dtype=torch.float32)
+        else:
+            total = flat.abs().sum(dim=-1, dtype=torch.float32)
+        scale = total / flat.shape[-1]
     else:  # sun: the median of every |value|, a selection over the whole state (the costly rule)
         scale = hidden.reshape(hidden.shape[0], -1).abs().median(dim=-1).values.float()
     return torch.clamp(scale * detection.ratio, min=detection.floor)
