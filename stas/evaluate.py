@@ -33,10 +33,10 @@ def evaluation_config(run_dir: Path, overrides: list[str]):
     """The run's config (its own overrides, checked against its identity) with this evaluation's settings."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such directory (give the run directory written by stas.run)")
-    recorded = load_identity(run_dir)
-    run_overrides = recorded_overrides(run_dir)
+    recorded, translated = upgrade_identity(load_identity(run_dir))
+    run_overrides = [o for o in recorded_overrides(run_dir) if override_key(o) not in LEGACY_DETECTION_KEYS]
     given = {override_key(o) for o in overrides}
-    kept = [o for o in run_overrides
+    kept = [o for o in run_overrides + translated
             if override_key(o) not in given and override_key(o).split(".")[0] not in EVALUATION_KEYS]
     cfg = compose_config(kept + overrides)
     keys = differing_keys(recorded, identity(cfg))
@@ -45,6 +45,26 @@ def evaluation_config(run_dir: Path, overrides: list[str]):
                           f"{describe_differences(recorded, identity(cfg), keys, names=('run', 'here'))}. "
                           f"Give overrides of {', '.join(EVALUATION_KEYS)} only (the rest comes from the run).")
     return cfg
+
+
+# Runs made before the `detect` group (2026-11-26) recorded their detection as steer.ratio / steer.max_dims.
+LEGACY_DETECTION_KEYS = ("steer.ratio", "steer.max_dims", "analysis.ratio", "analysis.max_dims")
+
+
+def upgrade_identity(recorded: dict) -> tuple[dict, list[str]]:
+    """A run identity from before the `detect` group, in today's keys, and the overrides that compose it: the
+    channel-peak rule with the run's ratio and max_dims, and max_scaled's M from the steered channels, as they were.
+    Scoring needs only the videos; the translation lets an older run's videos be evaluated."""
+    steer = recorded.get("steer")
+    if "detect" in recorded or not isinstance(steer, dict) or "ratio" not in steer:
+        return recorded, []
+    steer = dict(steer)
+    ratio, max_dims = steer.pop("ratio"), steer.pop("max_dims", 4)
+    steer.setdefault("reference", "steered")
+    detect = {"rule": "channel_peak", "ratio": ratio, "floor": 0.0, "max_dims": max_dims, "branches": "per_branch"}
+    overrides = ["detect=channel_peak", f"detect.ratio={ratio}", f"detect.max_dims={max_dims}",
+                 f"steer.reference={steer['reference']}"]
+    return {**recorded, "steer": steer, "detect": detect}, overrides
 
 
 def recorded_overrides(run_dir: Path) -> list[str]:

@@ -41,6 +41,7 @@ COMPOSITES = {"quality_score": QUALITY_DIMENSIONS, "semantic_score": SEMANTIC_DI
 COMPOSITE_KINDS = {"quality_score": "quality", "semantic_score": "semantic", "total_score": "VBench"}
 STAS_PRESETS = ("stas", "stas_paper")
 IDENTITY_KEYS = {"model.name": str, "model.fps": int, "steer.enabled": bool, "steer.name": str}  # what tables read
+METHOD_PREFIXES = ("steer.", "detect.")  # what makes a run the method it is: vanilla runs ignore them
 # Units: VBench dimensions and scores in percent (as VBench and the paper print them), every other metric on its
 # evaluator's own scale ("raw": a cosine similarity for pixel, dino and clip).
 PERCENT, RAW = "%", "raw"
@@ -153,7 +154,7 @@ def run_labels(runs: list[Run]) -> list[str]:
 
     A varying identity key is named by the config-group option that set it when the runs recorded their Hydra choices
     and the option decides the key's value in all of them (`window=all`, not `window.end=1.0, window.start=0.0`),
-    else as key=value (`alpha=0.5`, `guidance_scale=3.0`). steer keys count among steered runs only. Nothing the
+    else as key=value (`alpha=0.5`, `guidance_scale=3.0`). steer and detect keys count among steered runs only. Nothing the
     Model column or the method name already says is repeated (the model option, the steer preset)."""
     flats = [flatten(run.identity) for run in runs]
     choices = [{"model": flat["model.name"], "steer": flat["steer.name"], **(run.choices or {})}
@@ -162,7 +163,7 @@ def run_labels(runs: list[Run]) -> list[str]:
     for key in varying_keys(runs):
         if key in ("steer.enabled", "steer.name"):
             continue
-        among = [i for i, run in enumerate(runs) if run.steered or not key.startswith("steer.")]
+        among = [i for i, run in enumerate(runs) if run.steered or not key.startswith(METHOD_PREFIXES)]
         if len({repr(flats[i].get(key)) for i in among}) < 2:
             continue
         group = _deciding_group(key, [flats[i].get(key) for i in among], [choices[i] for i in among])
@@ -265,10 +266,12 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def vanilla_partner(run: Run, runs: list[Run]) -> Run | None:
-    """The vanilla run with the same config but `steer` (same model, prompts, seeds, sampling settings)."""
-    mine = {k: v for k, v in flatten(run.identity).items() if not k.startswith("steer.")}
+    """The vanilla run with the same config but `steer` and `detect` (same model, prompts, seeds, sampling
+    settings)."""
+    mine = {k: v for k, v in flatten(run.identity).items() if not k.startswith(METHOD_PREFIXES)}
     for other in runs:
-        if not other.steered and {k: v for k, v in flatten(other.identity).items() if not k.startswith("steer.")} == mine:
+        if not other.steered and {k: v for k, v in flatten(other.identity).items()
+                                  if not k.startswith(METHOD_PREFIXES)} == mine:
             return other
     return None
 

@@ -12,7 +12,7 @@ import yaml
 from stas.evaluation.significance import (adjust_pvalues, effect_size_dz, least_pairs, prompt_contributions,
                                           sign_flip_pvalue)
 from stas.results import (delta_display, delta_table, find_runs, metrics_table, paired_bootstrap, paper_table,
-                          paper_table_notes, run_labels, table_order, to_latex, to_markdown)
+                          paper_table_notes, run_labels, table_order, to_latex, to_markdown, vanilla_partner)
 
 from conftest import REPO, run_cli
 
@@ -340,3 +340,24 @@ def test_partial_paper_table_keeps_its_values_and_notes_the_rest(tmp_path):
     fake_run(tmp_path / "2", steer="amplify", metrics={k: v for k, v in vanilla.items() if k[1] != "imaging_quality"})
     notes = paper_table_notes(find_runs([tmp_path]))
     assert "Imaging Quality (%): VBench's imaging_quality is missing in m +amplify." in notes
+
+
+def test_detection_settings_belong_to_the_method_not_the_pairing(tmp_path):
+    """A steered run with another `detect` than its vanilla run is still paired with it (vanilla runs detect
+    nothing), and labelled by what its detection changed."""
+    rng = np.random.default_rng(0)
+    base = samples(rng, 8)
+    metrics = {("pixel", "consistency"): base}
+    for name, steer, detect in (("0", "none", {"rule": "mean_abs", "ratio": 20.0}),
+                                ("1", "stas", {"rule": "mean_abs", "ratio": 20.0}),
+                                ("2", "stas", {"rule": "channel_peak", "ratio": 10.0})):
+        run_dir = fake_run(tmp_path / name, steer=steer, metrics=metrics)
+        identity = yaml.safe_load((run_dir / "run_identity.yaml").read_text())
+        (run_dir / "run_identity.yaml").write_text(yaml.safe_dump({**identity, "detect": detect}))
+    runs = find_runs([tmp_path])
+    vanilla = next(run for run in runs if not run.steered)
+    assert all(vanilla_partner(run, runs) is vanilla for run in runs if run.steered)
+    deltas = delta_table(runs)
+    assert len(deltas) == 2
+    labels = run_labels(runs)
+    assert labels[0] == "Vanilla" and all("detect.rule=" in label for label in labels[1:])

@@ -15,7 +15,7 @@ from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES
 from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
                                StasConfig)
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
-from stas.core.massive import CALIBRATION_KINDS, DETECTION_RULES, Detection
+from stas.core.massive import CALIBRATION_KINDS, DETECTION_RULES, RULE_PRESETS, Detection
 from stas.core.rules import RULES_WITH_ALPHA, check_rule
 from stas.core.selection import AnalysisSelection, analysis_selection, shard_of, steered_layers, window_steps
 from stas.errors import ConfigError, check_allowed, check_at_least
@@ -247,6 +247,12 @@ def validate_detect(detect, steer) -> Detection:
     check_allowed("detect.rule", detect.rule, DETECTION_RULES)
     check_at_least("detect.max_dims", detect.max_dims, 1)
     check_allowed("detect.branches", detect.branches, DETECT_BRANCHES)
+    settings = {"ratio": detect.ratio, "floor": detect.floor}
+    borrowed = [rule for rule, preset in RULE_PRESETS.items() if preset == settings and rule != detect.rule]
+    if borrowed:  # detect.rule=sun on the default group keeps mean_abs's ratio and floor: almost never meant
+        raise ConfigError(f"detect.rule={detect.rule} with {borrowed[0]}'s ratio {detect.ratio:g} and floor "
+                          f"{detect.floor:g}: choose a rule with its own settings by detect={detect.rule}, or set "
+                          "detect.ratio and detect.floor too")
     if detect.branches == "shared" and steer.enabled and steer.branches == "uncond":
         raise ConfigError("detect.branches=shared steers both branches with the channels detected on the cond "
                           "branch, but steer.branches=uncond never runs the steering hook on it; use "

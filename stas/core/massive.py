@@ -123,6 +123,9 @@ def massive_channel_mask(hidden: torch.Tensor, detection: Detection | None = Non
     """
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be (B, S, D) or (S, D), got shape {tuple(hidden.shape)}")
+    if detection is not None and not isinstance(detection, Detection):
+        raise TypeError(f"detection must be a stas.core.massive.Detection (e.g. Detection.for_rule('channel_peak', "
+                        f"ratio=10.0)), got {detection!r}")
     detection = detection or Detection()
     indices, is_massive, _, _ = detect_massive(hidden.reshape(1, -1, hidden.shape[-1]), detection)
     mask = torch.zeros(hidden.shape[-1], dtype=torch.bool, device=hidden.device)

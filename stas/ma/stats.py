@@ -188,6 +188,7 @@ def summarise(stats: dict, min_frequency: float, weak: int, non_ma: int,
     settings: how the hierarchy and period verdicts decide; None: those the run used (meta "verdict"), or the
     defaults for a file without them. The top-level `hierarchy` is the vanilla variant's verdict (the paper's
     claim is about the unsteered model) without its per-step breakdown; every variant's is in its results."""
+    stats = upgrade_stats(stats)
     meta = stats["meta"]
     if settings is None:
         settings = VerdictSettings(**meta.get("verdict", {}))
@@ -206,6 +207,23 @@ def summarise(stats: dict, min_frequency: float, weak: int, non_ma: int,
         "results": results,
     }
     return json_safe(summary)
+
+
+def upgrade_stats(stats: dict) -> dict:
+    """An ma_stats.pt from before the `detect` group (2026-11-26) in today's keys: it detected with the channel-peak
+    rule, ratio x the median channel peak (`medians`), so its thresholds are ratio x medians."""
+    meta = stats["meta"]
+    if "detection" in meta or "ratio" not in meta:
+        return stats
+    ratio = float(meta["ratio"])
+    variants = {}
+    for name, tensors in stats["variants"].items():
+        thresholds = ratio * tensors["medians"]
+        variants[name] = {**{k: v for k, v in tensors.items() if k not in ("medians", "peak_ratio")},
+                          "thresholds": thresholds,
+                          "margin": tensors["peaks_mean"] / thresholds.mean(dim=0)[..., None]}
+    detection = {"rule": "channel_peak", "ratio": ratio, "floor": 0.0, "max_dims": meta["max_dims"]}
+    return {**stats, "meta": {**meta, "detection": detection}, "variants": variants}
 
 
 def calibration(summary: dict) -> dict:

@@ -84,6 +84,8 @@ BAD = [
     (["detect.branches=shared", "steer.branches=uncond"], r"detect.branches=shared steers both branches with the "
                                                           r"channels detected on the cond branch"),
     (["steer.reference=global"], r"steer.reference='global' is not allowed; allowed: ma_max, steered"),
+    (["detect.rule=sun"], r"detect.rule=sun with mean_abs's ratio 20 and floor 0: choose a rule with its own "
+                          r"settings by detect=sun, or set detect.ratio and detect.floor too"),
     # fields that moved: the message says where
     (["steer.ratio=10"], r"^steer.ratio moved to detect.ratio: one MA detection"),
     (["analysis.max_dims=4"], r"^analysis.max_dims moved to detect.max_dims"),
@@ -146,7 +148,7 @@ GOOD = [
     ["model.guidance_scale=0"], ["model.guidance_scale=100"], ["model.steps=10000"], ["model.steps=3"],
     ["model.flow_shift=100"], ["model.max_sequence_length=4096"], ["model.fps=240"],
     ["seed=0"], ["seed=9223372036854775807"], ["seed=9223372036854775806", "prompts.samples_per_prompt=2"],
-    ["steer.alpha=100"], ["steer.strength=1"], ["steer.strength=0.01"], ["detect.ratio=1e6"], ["detect=sun"], ["detect=channel_peak"],
+    ["steer.alpha=100"], ["steer.strength=1"], ["steer.strength=0.01"], ["detect.ratio=1e6"], ["detect=sun"], ["detect=channel_peak"], ["detect.rule=sun", "detect.ratio=500"],
     ["detect.branches=shared"], ["steer.reference=steered"],
     ["steer.rule=scale", "steer.alpha=2"], ["steer.rule=zero", "steer.alpha=1"],
     ["steer.branches=uncond"], ["steer.branches=cond", "model.guidance_scale=1"],

@@ -96,6 +96,11 @@ def test_bad_detection_settings_name_the_field():
         Detection(max_dims=0)
 
 
+def test_a_bare_ratio_is_refused_with_the_new_spelling():
+    with pytest.raises(TypeError, match=r"detection must be a stas.core.massive.Detection .*got 10.0"):
+        massive_channel_mask(gaussian(), 10.0)
+
+
 def test_library_defaults_equal_the_configs():
     config = DetectConfig()
     assert Detection() == Detection(config.rule, config.ratio, config.floor, config.max_dims)

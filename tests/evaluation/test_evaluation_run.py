@@ -273,3 +273,30 @@ def test_evaluate_cli_errors_are_one_clear_line(tmp_path, capsys):
             in fails(run_dir, "eval=nonsense"))
     assert "give exactly one run directory" in fails()
     assert "eval.evaluators is empty" in fails(run_dir, "eval=none")
+
+
+def legacy_identity(identity: dict, ratio: float) -> dict:
+    """What run_identity.yaml held before the `detect` group: steer.ratio / steer.max_dims, no steer.reference."""
+    steer = {key: value for key, value in identity["steer"].items() if key != "reference"}
+    return {**{key: value for key, value in identity.items() if key != "detect"},
+            "steer": {**steer, "ratio": ratio, "max_dims": 4}}
+
+
+def test_runs_from_before_the_detect_group_are_evaluated_with_their_detection(tmp_path):
+    import yaml
+
+    from stas.evaluate import evaluation_config
+    from stas.rundir import identity
+
+    run_dir = tmp_path / "old"
+    (run_dir / ".hydra").mkdir(parents=True)
+    recorded = legacy_identity(identity(compose(["model.steps=2"])), ratio=5.0)
+    (run_dir / "run_identity.yaml").write_text(yaml.safe_dump(recorded))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model.steps=2", "steer.ratio=5"]))
+    cfg = evaluation_config(run_dir, ["eval=default"])
+    assert (cfg.detect.rule, cfg.detect.ratio, cfg.detect.max_dims) == ("channel_peak", 5.0, 4)
+    assert cfg.steer.reference == "steered" and cfg.model.steps == 2
+    # the translation covers the detection only: a run of another config is still refused
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model.steps=3"]))
+    with pytest.raises(ConfigError, match=r"differing keys: model.steps: run=2, here=3"):
+        evaluation_config(run_dir, ["eval=default"])

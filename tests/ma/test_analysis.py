@@ -327,3 +327,20 @@ def _load_script(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_stats_from_before_the_detect_group_are_summarised(wan_run):
+    """An ma_stats.pt written before the `detect` group (channel-peak rule: `medians`, meta ratio and max_dims) is
+    read as that rule: its thresholds are ratio x medians."""
+    cfg, result = wan_run
+    stats = torch.load(result.run_dir / STATS_FILE)
+    legacy_meta = {k: v for k, v in stats["meta"].items() if k != "detection"}
+    legacy = {"meta": {**legacy_meta, "ratio": 10.0, "max_dims": 8},
+              "variants": {name: {**{k: v for k, v in tensors.items() if k not in ("thresholds", "margin")},
+                                  "medians": tensors["thresholds"] / 10.0, "peak_ratio": tensors["margin"]}
+                           for name, tensors in stats["variants"].items()}}
+    old = summarise(legacy, cfg.analysis.min_frequency, cfg.analysis.weak, cfg.analysis.non_ma)
+    new = summarise(stats, cfg.analysis.min_frequency, cfg.analysis.weak, cfg.analysis.non_ma)
+    assert old["detection"] == {"rule": "channel_peak", "ratio": 10.0, "floor": 0.0, "max_dims": 8,
+                                "min_frequency": cfg.analysis.min_frequency}
+    assert old["results"] == new["results"]  # the same thresholds, so the same channels, margins and verdicts
