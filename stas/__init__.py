@@ -3,7 +3,7 @@
 The names most scripts need, importable from the package itself (loaded on first use, so that `import stas.errors`
 stays light):
 
-    from stas import TokenLayout, get_backbone, massive_channel_mask, apply_rule, StasSteerer
+    from stas import TokenLayout, get_backbone, massive_channel_mask, apply_rule, StasSteerer, apply_stas
 
 The layers and where each kind of change goes: docs/architecture.md.
 """
@@ -20,6 +20,7 @@ _PUBLIC = {
     "load_pipeline": "stas.backbones",
     "StasSteerer": "stas.methods",
     "METHODS": "stas.methods",
+    "apply_stas": "stas.apply",
 }
 
 __all__ = sorted(_PUBLIC)

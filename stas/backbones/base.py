@@ -146,6 +146,20 @@ class Backbone:
         """The family's pipeline around tiny components (tokenizer, text_encoder, vae, transformer, scheduler)."""
         return getattr(diffusers, self.pipeline)(**components)
 
+    # ------------------------------------------------------------------- pipelines built outside stas
+
+    @classmethod
+    def describes(cls, pipe) -> bool:
+        """Whether a diffusers pipeline (built by a user script) is of this family (stas.apply_stas)."""
+        import diffusers
+
+        return (isinstance(pipe, getattr(diffusers, cls.pipeline))
+                and bool(getattr(pipe.config, "expand_timesteps", False)) == cls.expand_timesteps)
+
+    def hidden_dim_of(self, transformer) -> int:
+        """The width of the transformer's hidden states (the channels steering and analysis see)."""
+        return int(transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+
     # ---------------------------------------------------------------- transformer configs (benchmarks, tests)
 
     @classmethod

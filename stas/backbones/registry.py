@@ -40,3 +40,19 @@ def get_backbone(name: str) -> Backbone:
     if missing:
         raise BackboneError(f"{path} lacks {', '.join(missing)}")
     return backbone_from_config(SimpleNamespace(**node))
+
+
+def backbone_of_pipeline(pipe, name: str | None = None) -> Backbone:
+    """The Backbone of a diffusers pipeline built outside stas (its family from the pipeline, sizes from its
+    transformer); `name` defaults to the checkpoint the pipeline was loaded from."""
+    found = [family for family in FAMILIES.values() if family.describes(pipe)]
+    if len(found) != 1:
+        supported = ", ".join(sorted({family.pipeline for family in FAMILIES.values()}))
+        raise BackboneError(f"{type(pipe).__name__} is {'no' if not found else 'more than one'} family stas knows "
+                            f"(supported pipelines: {supported})")
+    family = found[0]
+    transformer = pipe.transformer
+    num_layers = len(getattr(transformer, family.blocks_attr))
+    probe = family(name="probe", num_layers=num_layers, hidden_dim=1)
+    name = name or getattr(pipe.config, "_name_or_path", None) or family.family
+    return family(name=str(name), num_layers=num_layers, hidden_dim=probe.hidden_dim_of(transformer))

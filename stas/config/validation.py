@@ -17,7 +17,8 @@ from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
 from stas.core.massive import CALIBRATION_KINDS, DETECTION_RULES, RULE_PRESETS, Detection
 from stas.core.rules import RULES_WITH_ALPHA, check_rule
-from stas.core.selection import AnalysisSelection, analysis_selection, shard_of, steered_layers, window_steps
+from stas.core.selection import (WINDOW_UNITS, AnalysisSelection, analysis_selection, shard_of, steered_layers,
+                                 window_steps)
 from stas.errors import ConfigError, check_allowed, check_at_least
 from stas.evaluation.schema import EVAL_BOUNDS, validate_eval
 from stas.methods.stas import steering_calibration
@@ -176,6 +177,27 @@ def _check_memory_options(model) -> None:
 def validate_steer(steer, model, backbone: Backbone) -> None:
     if not steer.enabled:
         return
+    check_steer_options(steer, model, backbone)
+    if steer.branches == "uncond" and not backbone.uses_cfg(model.guidance_scale):
+        raise ConfigError(f"steer.branches=uncond, but model.guidance_scale={model.guidance_scale!r} runs no "
+                          "classifier-free guidance, so there is no uncond branch: STAS would steer nothing")
+    layout = TokenLayout(*backbone.latent_grid(model.height, model.width, model.num_frames))
+    try:
+        layout.boundary_span(steer.boundary_width, steer.boundary_unit)
+    except LayoutError as err:
+        raise ConfigError(f"steer.boundary_width={steer.boundary_width!r}: {err}") from None
+    if not layout.mask(steer.targets, steer.boundary_width, steer.boundary_unit).any():
+        raise ConfigError(f"steer.targets={steer.targets!r} selects no token of a {layout.frames}-latent-frame video "
+                          f"(model.num_frames={model.num_frames}): STAS would steer nothing")
+    if not window_steps(steer.window, model.steps):
+        window = steer.window
+        raise ConfigError(f"steer.window=[{window.start}, {window.end}) ({window.unit}) of model.steps={model.steps} "
+                          "contains no step: STAS would steer nothing; widen the window or raise model.steps")
+
+
+def check_steer_options(steer, model, backbone: Backbone) -> None:
+    """The checks of a `steer` config that hold for any video and step count (stas.apply_stas runs these alone);
+    `model` has name, num_layers and hidden_dim (a model config or a Backbone)."""
     try:
         check_rule(steer.rule, steer.alpha, steer.strength)
     except ValueError as err:
@@ -191,22 +213,8 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
         raise ConfigError(f"steer.targets={steer.targets!r}: {err}") from None
     check_allowed("steer.boundary_unit", steer.boundary_unit, BOUNDARY_UNITS)
     check_allowed("steer.branches", steer.branches, BRANCHES)
-    if steer.branches == "uncond" and not backbone.uses_cfg(model.guidance_scale):
-        raise ConfigError(f"steer.branches=uncond, but model.guidance_scale={model.guidance_scale!r} runs no "
-                          "classifier-free guidance, so there is no uncond branch: STAS would steer nothing")
-    layout = TokenLayout(*backbone.latent_grid(model.height, model.width, model.num_frames))
-    try:
-        layout.boundary_span(steer.boundary_width, steer.boundary_unit)
-    except LayoutError as err:
-        raise ConfigError(f"steer.boundary_width={steer.boundary_width!r}: {err}") from None
-    if not layout.mask(steer.targets, steer.boundary_width, steer.boundary_unit).any():
-        raise ConfigError(f"steer.targets={steer.targets!r} selects no token of a {layout.frames}-latent-frame video "
-                          f"(model.num_frames={model.num_frames}): STAS would steer nothing")
+    check_allowed("steer.window.unit", steer.window.unit, WINDOW_UNITS)
     layers = steered_layers(steer.layers, model.num_layers)
-    if not window_steps(steer.window, model.steps):
-        window = steer.window
-        raise ConfigError(f"steer.window=[{window.start}, {window.end}) ({window.unit}) of model.steps={model.steps} "
-                          "contains no step: STAS would steer nothing; widen the window or raise model.steps")
     check_allowed("steer.reference", steer.reference, REFERENCES)
     dims = steer.dims
     if isinstance(dims, str):
@@ -257,7 +265,10 @@ def validate_detect(detect, steer) -> Detection:
         raise ConfigError("detect.branches=shared steers both branches with the channels detected on the cond "
                           "branch, but steer.branches=uncond never runs the steering hook on it; use "
                           "detect.branches=per_branch")
-    return Detection.of(detect)
+    try:
+        return Detection.of(detect)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate_prompts(prompts) -> None:
