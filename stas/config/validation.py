@@ -20,6 +20,7 @@ from stas.core.rules import RULES_WITH_ALPHA, check_rule
 from stas.core.selection import AnalysisSelection, analysis_selection, shard_of, steered_layers, window_steps
 from stas.errors import ConfigError, check_allowed, check_at_least
 from stas.evaluation.schema import EVAL_BOUNDS, validate_eval
+from stas.loop import GUIDERS
 from stas.methods.stas import steering_calibration
 
 SEED_MAX = 2**63 - 1  # int64, what torch.Generator, numpy and W&B all hold exactly
@@ -260,6 +261,10 @@ def validate_detect(detect, steer) -> Detection:
     return Detection.of(detect)
 
 
+def validate_guidance(guidance) -> None:
+    check_allowed("guidance.name", guidance.name, GUIDERS)
+
+
 def validate_prompts(prompts) -> None:
     check_allowed("prompts.source", prompts.source, ("demo", "list", "file", "vbench"))
     if prompts.source == "file" and not prompts.path:
@@ -320,6 +325,7 @@ def validate(cfg) -> Backbone:
     backbone = validate_model(cfg.model)
     validate_steer(cfg.steer, cfg.model, backbone)
     validate_detect(cfg.detect, cfg.steer)
+    validate_guidance(cfg.guidance)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)
     validate_eval(cfg.eval)

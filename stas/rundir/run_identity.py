@@ -21,6 +21,9 @@ HELD_HYDRA_DIR = f"{HYDRA_DIR}/held"
 NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "experiment", "name",
                 "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing", "model.compile",
                 "model.group_offload", "model.group_offload_blocks")
+# Config groups added after runs were recorded, as the older runs ran: before the guidance group stas.run sampled with
+# pipe(...), whose frames guidance=cfg gives bit for bit (stas.loop).
+ADDED_GROUPS = {"guidance": {"name": "cfg"}}
 
 
 def identity(cfg) -> dict:
@@ -62,7 +65,7 @@ def load_identity(run_dir: Path) -> dict:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a {type(data).__name__}, not the mapping of config keys stas.run writes")
-    return data
+    return {**ADDED_GROUPS, **data}
 
 
 def hydra_job(run_dir: Path) -> tuple[dict[str, str] | None, int | None]:

@@ -116,8 +116,8 @@ BAD = [
     (["model.num_frames=1", "steer.targets=boundary"], r"steer.targets='boundary' selects no token of a "
                                                        r"1-latent-frame video"),
     # keys that are not fields, values their field cannot hold
-    (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, detect, eval, experiment, logger, model, "
-                   r"name, "
+    (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, detect, eval, experiment, guidance, "
+                   r"logger, model, name, "
                    r"progress, prompts, seed, shard, steer$"),
     (["+shard.indx=1"], r"^shard.indx is not a field of shard; fields: count, index$"),
     (["steer.targts=boundary"], r"^steer.targts is not a field of steer; fields: alpha, boundary_unit, "),
@@ -127,6 +127,7 @@ BAD = [
     (["shard.index="], r"^shard.index='' must be an integer$"),
     (["model.guidance_scale=high"], r"^model.guidance_scale='high' must be a number in \[0, 100\]$"),
     (["progress=sometimes"], r"^progress='sometimes' must be true or false$"),
+    (["guidance.name=apg2"], r"^guidance.name='apg2' is not allowed; allowed: cfg$"),
     # values that passed and then gave a black video or crashed late (adversarial review)
     (["model.flow_shift=1e-300"], r"^model.flow_shift=1e-300 must be a finite number in \[0.01, 100\]$"),
     (["model.tiny.plant.magnitudes=[1e308,-1e308,1e308]"], r"model.tiny.plant.magnitudes contains 1e\+308"),
