@@ -96,6 +96,40 @@ def test_latent_output_is_the_pipelines(tiny_pipelines, twin):
     assert torch.equal(latents, expected)
 
 
+@pytest.mark.parametrize("scale_2", [None, 3.0])
+def test_two_expert_wan_bit_for_bit_and_each_call_names_its_expert(tiny_pipelines, scale_2):
+    """Wan2.2-A14B's layout on the tiny Wan twin: a second transformer (transformer_2, guidance_scale_2) below the
+    boundary timestep 0.8 x 1000 (timesteps 999, 900, 750, 500: the last two steps)."""
+    import copy
+
+    from diffusers import WanPipeline
+
+    cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, "tiny_wan21")
+    second = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.mul_(0.9)
+    two = WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                      transformer=pipe.transformer, scheduler=pipe.scheduler, transformer_2=second, boundary_ratio=0.8)
+    two.set_progress_bar_config(disable=True)
+    kwargs = {**kwargs, "guidance_scale_2": scale_2}
+    seen = []
+    tracker = DenoisingTracker(backbone)
+    tracker.listeners.append(lambda: seen.append((tracker.step, tracker.expert)))
+    handles = [module.register_forward_pre_hook(tracker.on_transformer_call, with_kwargs=True)
+               for module in (two.transformer, second)]
+    try:
+        tracker.begin(layout, STEPS, do_cfg=True)
+        frames, _ = frames_and_record(two, kwargs, layout, make_loop(cfg, backbone))
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected, _ = frames_and_record(two, kwargs, layout, None)
+    one_expert, _ = frames_and_record(pipe, {**kwargs, "guidance_scale_2": None}, layout, None)
+    assert np.array_equal(frames, expected) and not np.array_equal(frames, one_expert)
+    assert seen == [(step, "transformer" if step < 2 else "transformer_2") for step in range(STEPS) for _ in "cu"]
+
+
 def test_the_comparison_fails_for_a_guidance_scale_off_by_a_millionth(tiny_pipelines):
     cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, "tiny_wan21")
     expected, _ = frames_and_record(pipe, kwargs, layout, None)
