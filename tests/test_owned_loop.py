@@ -243,3 +243,56 @@ def test_run_directories_from_before_the_guidance_group_read_as_cfg(tmp_path):
     (tmp_path / "run_identity.yaml").write_text(yaml_text(older))
     assert load_identity(tmp_path)["guidance"] == {"name": "cfg"}
     claim_run_dir(tmp_path, cfg, [])  # the same run: no refusal
+
+
+# ------------------------------------------------------------------------ other guiders: diffusers' own, in the loop
+
+
+def recording(guider) -> list:
+    """Each step's (step, pred_cond, pred_uncond, guided prediction) as the guider sees and returns them."""
+    seen, forward = [], guider.forward
+
+    def record(**predictions):
+        output = forward(**predictions)
+        seen.append((guider._step, predictions["pred_cond"], predictions.get("pred_uncond"), output.pred))
+        return output
+
+    guider.forward = record
+    return seen
+
+
+def guided(tiny_pipelines, guidance: list[str]):
+    """tiny_wan21's frames under a guidance config, and what its guider saw and returned at every step."""
+    cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, "tiny_wan21", *guidance)
+    guider = make_guider(cfg.guidance)
+    seen = recording(guider)
+    frames, _ = frames_and_record(pipe, kwargs, layout, OwnedLoop(backbone, guider))
+    return frames, seen, kwargs["guidance_scale"]
+
+
+def test_cfg_zero_star_and_apg_differ_from_cfg_and_follow_their_papers_math(tiny_pipelines):
+    cfg_frames, cfg_seen, scale = guided(tiny_pipelines, ["guidance=cfg"])
+    zero_frames, zero_seen, _ = guided(tiny_pipelines, ["guidance=cfg_zero_star"])
+    apg_frames, apg_seen, _ = guided(tiny_pipelines, ["guidance=apg", "guidance.params.eta=0"])
+    assert not np.array_equal(zero_frames, cfg_frames) and not np.array_equal(apg_frames, cfg_frames)
+    for seen in (zero_seen, apg_seen):  # the same first step's predictions: cond and uncond reach the guider unswapped
+        assert [entry[0] for entry in seen] == list(range(STEPS))
+        assert torch.equal(seen[0][1], cfg_seen[0][1]) and torch.equal(seen[0][2], cfg_seen[0][2])
+    for step, cond, uncond, pred in cfg_seen:
+        assert torch.equal(pred, uncond + scale * (cond - uncond))
+    # CFG-Zero*: a zero prediction at the first step, then the uncond prediction scaled by its projection on cond
+    assert torch.equal(zero_seen[0][3], torch.zeros_like(zero_seen[0][1]))
+    for step, cond, uncond, pred in zero_seen[1:]:
+        c, u = cond.flatten(1).double(), uncond.flatten(1).double()
+        alpha = ((c * u).sum(1) / ((u * u).sum(1) + 1e-8)).view(-1, *(1,) * (cond.dim() - 1))
+        expected = alpha * uncond.double() + scale * (cond.double() - alpha * uncond.double())
+        torch.testing.assert_close(pred.double(), expected, rtol=1e-5, atol=1e-5)
+        assert (pred - (uncond + scale * (cond - uncond))).abs().max() > 1e-3  # not CFG's
+    # APG with eta 0: only the part of the (norm-capped) update orthogonal to the cond prediction
+    for step, cond, uncond, pred in apg_seen:
+        diff = (cond - uncond).double()
+        diff = diff * torch.clamp(15.0 / diff.flatten(1).norm(dim=1), max=1.0).view(-1, *(1,) * (cond.dim() - 1))
+        unit = cond.double() / cond.double().flatten(1).norm(dim=1).view(-1, *(1,) * (cond.dim() - 1))
+        parallel = (diff * unit).flatten(1).sum(1).view(-1, *(1,) * (cond.dim() - 1)) * unit
+        torch.testing.assert_close(pred.double(), uncond.double() + scale * (diff - parallel), rtol=1e-5, atol=1e-5)
+        assert (pred - (uncond + scale * (cond - uncond))).abs().max() > 1e-3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -122,7 +122,8 @@ class GuidanceConfig:
     """How the branch predictions of a step are combined in stas's own loop (stas.loop): a diffusers guider
     (stas.loop.guidance.GUIDERS). The scale is the model's (model.guidance_scale, model.use_dynamic_cfg)."""
 
-    name: str = "cfg"  # cfg: classifier-free guidance, `pipe(...)`'s frames bit for bit
+    name: str = "cfg"  # cfg (classifier-free guidance: `pipe(...)`'s frames bit for bit) | cfg_zero_star | apg
+    params: Dict[str, Any] = field(default_factory=dict)  # the guider's own keyword arguments (diffusers' names)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from stas.core.rules import RULES_WITH_ALPHA, check_rule
 from stas.core.selection import AnalysisSelection, analysis_selection, shard_of, steered_layers, window_steps
 from stas.errors import ConfigError, check_allowed, check_at_least
 from stas.evaluation.schema import EVAL_BOUNDS, validate_eval
-from stas.loop import GUIDERS
+from stas.loop import GUIDERS, make_guider
 from stas.methods.stas import steering_calibration
 
 SEED_MAX = 2**63 - 1  # int64, what torch.Generator, numpy and W&B all hold exactly
@@ -63,6 +63,8 @@ NUMERIC_BOUNDS = {
     "model.tiny.plant.interior": Bounds(0, 100),
     **{path: Bounds(low, high) for path, (low, high) in EVAL_BOUNDS.items()},  # each evaluator's (stas.evaluation)
     "logger.log_videos": Bounds(0, 100000),
+    "guidance.params.guidance_rescale": Bounds(0, 1),  # the guiders' rescale towards the cond prediction
+    "guidance.params.zero_init_steps": Bounds(0, 10000),
 }
 PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
 ALPHA_BOUNDS = Bounds(0, 100, low_open=True)  # for the rules that use alpha
@@ -263,6 +265,7 @@ def validate_detect(detect, steer) -> Detection:
 
 def validate_guidance(guidance) -> None:
     check_allowed("guidance.name", guidance.name, GUIDERS)
+    make_guider(guidance)  # its parameters: names the guider takes, values it accepts
 
 
 def validate_prompts(prompts) -> None:

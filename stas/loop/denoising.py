@@ -47,8 +47,11 @@ def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
     generator, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, max_sequence_length,
     output_type and the family's own, e.g. use_dynamic_cfg)."""
     run = backbone.denoising_run(pipe, args)
-    # The pipelines decide CFG once from guidance_scale > 1; the guider then follows each step's scale.
-    guider.enable() if run.do_cfg else guider.disable()
+    # The pipelines decide CFG once per video (guidance_scale > 1); the guider then guides at each step's scale.
+    if run.do_cfg:
+        guider.enable()
+    else:
+        guider.disable()
     with pipe.progress_bar(total=run.num_steps) as progress:
         for step, t in enumerate(run.timesteps):
             run.latents = denoising_step(run, backbone, guider, step, t)

@@ -1,13 +1,19 @@
 """The `guidance` config group: which diffusers guider (`diffusers.guiders`) combines the branch predictions in
-stas's own loop. Only what the config names is built; the guidance scale comes from the model config, per step as
-the family's pipeline computes it (stas.backbones: `step_expert`)."""
+stas's own loop, with its own keyword arguments (`guidance.params`). The guidance scale comes from the model config,
+per step as the family's pipeline computes it (stas.backbones: `step_expert`)."""
 
 from __future__ import annotations
 
 import functools
+import inspect
+from contextlib import contextmanager
+
+from stas.errors import ConfigError
 
 # guidance.name -> the diffusers.guiders class
-GUIDERS = {"cfg": "ClassifierFreeGuidance"}
+GUIDERS = {"cfg": "ClassifierFreeGuidance", "cfg_zero_star": "ClassifierFreeZeroStarGuidance",
+           "apg": "AdaptiveProjectedGuidance"}
+SET_BY_THE_LOOP = {"guidance_scale": "model.guidance_scale", "enabled": "model.guidance_scale (> 1: CFG)"}
 
 
 class GuidesEveryStep:
@@ -28,6 +34,8 @@ class GuidesEveryStep:
         steps = self._num_inference_steps
         return int(self._start * steps) <= self._step < int(self._stop * steps)
 
+    _is_apg_enabled = _is_cfg_enabled  # AdaptiveProjectedGuidance's name for the same decision
+
 
 @functools.cache
 def guider_class(name: str) -> type:
@@ -38,5 +46,34 @@ def guider_class(name: str) -> type:
 
 
 def make_guider(guidance_cfg):
-    """The diffusers guider of a `guidance` config (its scale is set per step by the loop)."""
-    return guider_class(str(guidance_cfg.name))()
+    """The diffusers guider of a `guidance` config (its scale is set per step by the loop); a ConfigError names a
+    parameter the guider does not take or refuses."""
+    name, params = str(guidance_cfg.name), dict(guidance_cfg.params)
+    cls = guider_class(name)
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"} - set(SET_BY_THE_LOOP)
+    for key in params:
+        if key in SET_BY_THE_LOOP:
+            raise ConfigError(f"guidance.params.{key} is set by the loop from {SET_BY_THE_LOOP[key]}; set that instead")
+        if key not in allowed:
+            raise ConfigError(f"guidance.params.{key} is not a parameter of diffusers' {cls.__name__} "
+                              f"(guidance={name}); parameters: {', '.join(sorted(allowed))}")
+    try:
+        with _quiet_guider_warning():
+            return cls(**params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"guidance={name} with params {params}: {err}") from None
+
+
+@contextmanager
+def _quiet_guider_warning():
+    """diffusers warns that guiders are experimental on every construction (validation builds one too): stas names its
+    guider in the config and the run's identity instead."""
+    from diffusers.utils import logging
+
+    logger = logging.get_logger("diffusers.guiders.guider_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
