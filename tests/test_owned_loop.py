@@ -241,7 +241,7 @@ def test_run_directories_from_before_the_guidance_group_read_as_cfg(tmp_path):
     older = identity(cfg)
     del older["guidance"]
     (tmp_path / "run_identity.yaml").write_text(yaml_text(older))
-    assert load_identity(tmp_path)["guidance"] == {"name": "cfg"}
+    assert load_identity(tmp_path)["guidance"] == {"name": "cfg", "params": {"guidance_rescale": 0.0}}
     claim_run_dir(tmp_path, cfg, [])  # the same run: no refusal
 
 

@@ -10,8 +10,8 @@ from stas.backbones.registry import available_models, backbone_from_config, get_
 
 __all__ = [
     "CFG_BRANCHES", "COMPILE_MODES", "GROUP_OFFLOAD_MODES", "LAYERWISE_CASTING_DTYPES", "compile_counts",
-    "compile_transformer", "reset_compiler", "DTYPES", "FAMILIES", "Backbone", "BackboneError", "DenoisingRun", "Expert",
-    "register_family",
+    "compile_transformer", "reset_compiler", "DTYPES", "FAMILIES", "Backbone", "BackboneError", "DenoisingRun",
+    "Expert", "register_family",
     "check_pipeline_matches", "load_pipeline", "resolve_device", "available_models", "backbone_from_config",
     "get_backbone",
 ]

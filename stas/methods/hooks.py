@@ -84,7 +84,7 @@ class DenoisingTracker:
         self.step_calls: tuple[tuple[str, ...], ...] = ()  # every call of the current step: its rows' branches
         self.expert = "transformer"
         self.latents: torch.Tensor | None = None  # the call's input while the listeners run (its batch, device)
-        # Called after every call is known with no arguments: they prepare the hooks' per-call state, outside any graph.
+        # Called once each call is known, no arguments: they prepare the hooks' per-call state, outside any graph.
         self.listeners: list[Callable[[], None]] = []
 
     def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
