@@ -100,15 +100,17 @@ def measure(args) -> dict:
 
 
 def per_video_cases(pipe, item, kwargs, backbone, cfg, frames: dict) -> dict:
-    """One video: stas.generation.sample vs the pipeline call it wraps, written as a diffusers user writes it."""
-    from stas.generation import sample
+    """One video: stas.generation.sample (stas's own loop, guidance=cfg) vs the pipeline call, written as a diffusers
+    user writes it: the same frames, bit for bit."""
+    from stas.generation import make_loop, sample
     from stas.core.layout import TokenLayout
     from stas.video import to_uint8
 
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    loop = make_loop(cfg, backbone)
 
     def stas_path():
-        frames["stas"] = sample(pipe, item, kwargs, None, layout)
+        frames["stas"] = sample(pipe, item, kwargs, None, layout, loop)
 
     def direct():
         generator = torch.Generator(device="cpu").manual_seed(item.seed)

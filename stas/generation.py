@@ -1,4 +1,7 @@
-"""Video generation with CFG (and STAS when configured) into a run directory, resumable and shardable."""
+"""Video generation with CFG (and STAS when configured) into a run directory, resumable and shardable.
+
+Videos are sampled by stas's own loop (stas.loop) with the `guidance` config's diffusers guider; with guidance=cfg
+its frames are `pipe(...)`'s bit for bit. `run_pipeline(..., loop=None)` calls the pipeline itself."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from stas.backbones import Backbone, load_pipeline
 from stas.core.selection import shard_of
 from stas.methods import StasSteerer, steering_calibration
 from stas.core.layout import TokenLayout
+from stas.loop import OwnedLoop, make_guider
 from stas.prompts import Item, load_prompts, make_items, shard_items
 from stas.rundir import (GENERATION_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_rows, file_lock,
                          record_files, remove_leftovers, shard_file, video_path, writing)
@@ -66,19 +70,29 @@ def make_steerer(cfg, backbone: Backbone) -> StasSteerer | None:
     return StasSteerer(backbone, cfg.steer, steering_calibration(cfg.steer, cfg.model), cfg.detect)
 
 
-def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout):
+def make_loop(cfg, backbone: Backbone) -> OwnedLoop:
+    """stas's own denoising loop with the guider of `cfg.guidance`."""
+    return OwnedLoop(backbone, make_guider(cfg.guidance))
+
+
+def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout,
+           loop: OwnedLoop | None = None):
     """One video's frames, (T, H, W, 3) uint8; the CPU generator makes it reproducible on any device."""
-    return to_uint8(run_pipeline(pipe, item, kwargs, steerer, layout).frames[0])
+    return to_uint8(run_pipeline(pipe, item, kwargs, steerer, layout, loop).frames[0])
 
 
-def run_pipeline(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout):
-    """The pipeline's output for one item (stas.analyze asks for output_type='latent' and reads its hooks)."""
+def run_pipeline(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout,
+                 loop: OwnedLoop | None = None):
+    """The output for one item (stas.analyze asks for output_type='latent' and reads its hooks) of `loop` (stas's
+    own, see make_loop), or of the pipeline's own `pipe(...)` when None."""
     if steerer is not None:
         steerer.begin(layout, kwargs["num_inference_steps"],
                       do_cfg=steerer.backbone.uses_cfg(kwargs["guidance_scale"]))
     generator = torch.Generator(device="cpu").manual_seed(item.seed)
     with torch.inference_mode():
-        return pipe(prompt=item.prompt, generator=generator, **kwargs)
+        if loop is None:
+            return pipe(prompt=item.prompt, generator=generator, **kwargs)
+        return loop(pipe, prompt=item.prompt, generator=generator, **kwargs)
 
 
 @dataclass
@@ -117,7 +131,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
     seconds = []
     if todo:
         pipe = load_pipeline(cfg.model, backbone)
-        steerer = make_steerer(cfg, backbone)
+        steerer, loop = make_steerer(cfg, backbone), make_loop(cfg, backbone)
         layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
         kwargs = backbone.pipeline_kwargs(cfg.model)
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
@@ -128,7 +142,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
                     if claim is None or generation_rows(run_dir, {item.key}):
                         continue  # another process is making it, or made it since we looked
                     start = time.perf_counter()
-                    frames = sample(pipe, item, kwargs, steerer, layout)
+                    frames = sample(pipe, item, kwargs, steerer, layout, loop)
                     size = publish_mp4(frames, partial, path, cfg.model.fps)
                     seconds.append(time.perf_counter() - start)
                     row = video_row(cfg, item, path.relative_to(run_dir), frames, seconds[-1], size)
@@ -157,6 +171,7 @@ def video_row(cfg, item: Item, path: Path, frames, seconds: float, size: int) ->
         "bytes": size,
         "backbone": cfg.model.name,
         "steer": cfg.steer.name if cfg.steer.enabled else "none",
+        "guidance": cfg.guidance.name,
         "num_frames": int(frames.shape[0]),
         "height": int(frames.shape[1]),
         "width": int(frames.shape[2]),

@@ -17,7 +17,7 @@ LAYERS = (
     ("stas.core",),
     ("stas.backbones", "stas.rundir", "stas.prompts", "stas.video"),
     ("stas.methods",),
-    ("stas.generation",),
+    ("stas.generation", "stas.loop"),
     ("stas.ma", "stas.evaluation"),
     ("stas.config", "stas.loggers"),
     ("stas.merge", "stas.results", "stas.cli", "stas.apply"),

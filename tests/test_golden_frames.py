@@ -1,7 +1,8 @@
 """The same frames, bit for bit, for every tiny twin and steering preset: the guard of every refactor.
 
 `tests/golden/frames.json` holds the sha256 of the float32 frames (and of the steering record) that stas's
-generation path produced for each (twin, steering case) when the file was recorded. A refactor that changes a
+generation path produced for each (twin, steering case) when the file was recorded (then `pipe(...)`; since
+stas.loop, stas's own loop with guidance=cfg, which must give the same bits). A refactor that changes a
 single bit of any of them fails here. Bit identity only holds for the same torch build and CPU kernel set, so the
 file records both and the test is skipped, saying why, on another one; re-record with
 
@@ -55,7 +56,7 @@ def outputs_of(twin: str, case: str) -> dict:
     """sha256 of the frames and of the steering record that stas.generation's path gives for one case."""
     from stas.backbones import load_pipeline
     from stas.config import validate
-    from stas.generation import make_steerer, run_items, run_pipeline
+    from stas.generation import make_loop, make_steerer, run_items, run_pipeline
     from stas.core.layout import TokenLayout
 
     cfg = compose([f"model={twin}", "logger=none", *SIZE, *CASES[case]])
@@ -65,12 +66,12 @@ def outputs_of(twin: str, case: str) -> dict:
     steerer = make_steerer(cfg, backbone)
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
     kwargs = backbone.pipeline_kwargs(cfg.model)
-    item = run_items(cfg)[0]
+    item, loop = run_items(cfg)[0], make_loop(cfg, backbone)
     if steerer is None:
-        frames = run_pipeline(pipe, item, kwargs, None, layout).frames[0]
+        frames = run_pipeline(pipe, item, kwargs, None, layout, loop).frames[0]
         return {"frames": digest(frames)}
     with steerer.attach(pipe.transformer):
-        frames = run_pipeline(pipe, item, kwargs, steerer, layout).frames[0]
+        frames = run_pipeline(pipe, item, kwargs, steerer, layout, loop).frames[0]
     record = json.dumps(steerer.record(), sort_keys=True)
     return {"frames": digest(frames), "steering": hashlib.sha256(record.encode()).hexdigest()}
 

@@ -9,8 +9,8 @@ An instance adds one model's name and sizes (from its conf/model/*.yaml).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,10 +18,41 @@ from stas.errors import UserError
 from stas.registry import registrar
 
 CFG_BRANCHES = ("cond", "uncond")
+BATCHED_ORDER = ("uncond", "cond")  # the rows of a batched CFG call, as CogVideoX's pipeline stacks them
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # family name -> Backbone subclass, filled by @register_family in the modules of stas/backbones/families/.
 FAMILIES: dict[str, type["Backbone"]] = {}
+
+
+@dataclass
+class DenoisingRun:
+    """One video in stas's own denoising loop (stas.loop): what the family's pipeline computes before its loop, and
+    the latents the loop advances. `args` are the pipeline call's arguments (prompt, generator, height, ...)."""
+
+    pipe: Any
+    args: dict
+    device: torch.device
+    embeds: torch.Tensor  # the prompt's text embeddings
+    negative_embeds: torch.Tensor | None  # None without CFG
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    do_cfg: bool
+    call_inputs: dict = field(default_factory=dict)  # transformer keywords computed once per video (RoPE tables)
+    extra: dict = field(default_factory=dict)  # the family's own loop state (scheduler step arguments, ...)
+
+    @property
+    def num_steps(self) -> int:
+        return self.args["num_inference_steps"]
+
+
+@dataclass(frozen=True)
+class Expert:
+    """The transformer that denoises a step, and the guidance scale the pipeline uses with it at that step."""
+
+    name: str
+    module: torch.nn.Module
+    guidance_scale: float
 
 
 class BackboneError(UserError, RuntimeError):
@@ -96,21 +127,20 @@ class Backbone:
         """Whether the family's pipeline runs classifier-free guidance at this guidance scale."""
         return guidance_scale > 1.0
 
-    def calls_per_step(self, do_cfg: bool) -> int:
-        return 2 if do_cfg and self.cfg_layout == "two_pass" else 1
-
-    def branch_rows(self, branch: str, call_in_step: int, batch: int, do_cfg: bool) -> slice | None:
-        """Rows of a transformer call's batch that belong to `branch`, or None when the call has none of them.
+    def cfg_calls(self, branches: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+        """The transformer calls of one denoising step for these guidance branches (in the guider's order), each
+        as the branches of its batch's rows in row order (equal chunks): how the family's pipeline batches them.
 
         Two-pass CFG calls the transformer with the cond batch, then the uncond batch; batched CFG calls it once on
-        torch.cat([uncond, cond]). Without CFG every call is cond.
-        """
-        if not do_cfg:
-            return slice(0, batch) if branch == "cond" else None
+        torch.cat([uncond, cond]). Without CFG the one call is cond."""
         if self.cfg_layout == "two_pass":
-            return slice(0, batch) if CFG_BRANCHES[call_in_step] == branch else None
-        half = batch // 2
-        return slice(half, batch) if branch == "cond" else slice(0, half)
+            return tuple((branch,) for branch in branches)
+        order = {branch: n for n, branch in enumerate(BATCHED_ORDER)}
+        return (tuple(sorted(branches, key=lambda branch: order.get(branch, len(order)))),)
+
+    def pipeline_cfg_calls(self, do_cfg: bool) -> tuple[tuple[str, ...], ...]:
+        """The transformer calls of one step of the family's own pipeline (`pipe(...)`): plain CFG or none."""
+        return self.cfg_calls(CFG_BRANCHES if do_cfg else CFG_BRANCHES[:1])
 
     # --------------------------------------------------------------------------------------- the pipeline call
 
@@ -135,6 +165,53 @@ class Backbone:
         """Keyword inputs of a transformer call that the pipeline computes once per video (beyond latents,
         timestep and text), for loops that call the transformer without the pipeline."""
         return {}
+
+    # ------------------------------------------------- the parts of stas's own denoising loop (stas.loop)
+    # Each is the family pipeline's own code for that part (`__call__` of WanPipeline, CogVideoXPipeline), calling the
+    # pipeline's own methods, so that stas.loop with plain CFG gives `pipe(...)`'s frames bit for bit.
+
+    def denoising_run(self, pipe, args: dict) -> DenoisingRun:
+        """Prompt encoding, timesteps, initial latents and per-video transformer inputs, as the pipeline does."""
+        raise NotImplementedError(f"{type(self).__name__} has no denoising loop")
+
+    def encode_prompt(self, pipe, args: dict, do_cfg: bool, device) -> tuple:
+        return pipe.encode_prompt(prompt=args["prompt"], negative_prompt=args.get("negative_prompt"),
+                                  do_classifier_free_guidance=do_cfg, num_videos_per_prompt=1,
+                                  max_sequence_length=args["max_sequence_length"], device=device)
+
+    def step_expert(self, run: DenoisingRun, step: int, t) -> Expert:
+        """Which transformer denoises this step, with which guidance scale."""
+        return Expert("transformer", run.pipe.transformer, run.args["guidance_scale"])
+
+    def call_inputs(self, run: DenoisingRun, t, rows: int) -> dict:
+        """hidden_states, timestep and the per-video inputs of a transformer call whose batch stacks `rows`
+        copies of the latents (one per guidance branch in the call)."""
+        raise NotImplementedError(f"{type(self).__name__} has no denoising loop")
+
+    def call_context(self, run: DenoisingRun, expert: Expert, branches: tuple[str, ...], step: int):
+        """diffusers' cache context of a transformer call, named as the pipeline names it ("cond", "uncond",
+        "cond_uncond" for a batched call)."""
+        order = {branch: n for n, branch in enumerate(CFG_BRANCHES)}
+        name = "_".join(sorted(branches, key=lambda branch: order.get(branch, len(order))))
+        return expert.module.cache_context(name, **self.cache_context_kwargs(run, step))
+
+    def cache_context_kwargs(self, run: DenoisingRun, step: int) -> dict:
+        return {}
+
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        """The transformer's output as the pipeline guides it (e.g. in float32)."""
+        return output
+
+    def scheduler_step(self, run: DenoisingRun, noise: torch.Tensor, step: int, t) -> torch.Tensor:
+        """The next latents."""
+        return run.pipe.scheduler.step(noise, t, run.latents, return_dict=False)[0]
+
+    def decode(self, run: DenoisingRun):
+        """The frames as the pipeline returns them for args["output_type"] (the latents for "latent")."""
+        return run.latents if run.args["output_type"] == "latent" else self.decode_latents(run)
+
+    def decode_latents(self, run: DenoisingRun):
+        raise NotImplementedError(f"{type(self).__name__} has no denoising loop")
 
     # ----------------------------------------------------------------------------------------------- tiny twin
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -118,6 +118,15 @@ class DetectConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    """How the branch predictions of a step are combined in stas's own loop (stas.loop): a diffusers guider
+    (stas.loop.guidance.GUIDERS). The scale is the model's (model.guidance_scale, model.use_dynamic_cfg)."""
+
+    name: str = "cfg"  # cfg (classifier-free guidance: `pipe(...)`'s frames bit for bit) | cfg_zero_star | apg
+    params: Dict[str, Any] = field(default_factory=dict)  # the guider's own keyword arguments (diffusers' names)
+
+
+@dataclass
 class PromptsConfig:
     source: str = "demo"  # demo | list | file | vbench
     prompts: List[str] = field(default_factory=list)
@@ -178,6 +187,7 @@ class StasConfig:
     model: ModelConfig = MISSING
     steer: SteerConfig = MISSING
     detect: DetectConfig = MISSING
+    guidance: GuidanceConfig = MISSING
     prompts: PromptsConfig = MISSING
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
@@ -193,6 +203,7 @@ SCHEMAS = {
     "model": ModelConfig,
     "steer": SteerConfig,
     "detect": DetectConfig,
+    "guidance": GuidanceConfig,
     "prompts": PromptsConfig,
     "eval": EvalConfig,
     "logger": LoggerConfig,

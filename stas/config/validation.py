@@ -21,6 +21,7 @@ from stas.core.selection import (WINDOW_UNITS, AnalysisSelection, analysis_selec
                                  window_steps)
 from stas.errors import ConfigError, check_allowed, check_at_least
 from stas.evaluation.schema import EVAL_BOUNDS, validate_eval
+from stas.loop import GUIDERS, make_guider
 from stas.methods.stas import steering_calibration
 
 SEED_MAX = 2**63 - 1  # int64, what torch.Generator, numpy and W&B all hold exactly
@@ -63,6 +64,8 @@ NUMERIC_BOUNDS = {
     "model.tiny.plant.interior": Bounds(0, 100),
     **{path: Bounds(low, high) for path, (low, high) in EVAL_BOUNDS.items()},  # each evaluator's (stas.evaluation)
     "logger.log_videos": Bounds(0, 100000),
+    "guidance.params.guidance_rescale": Bounds(0, 1),  # the guiders' rescale towards the cond prediction
+    "guidance.params.zero_init_steps": Bounds(0, 10000),
 }
 PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
 ALPHA_BOUNDS = Bounds(0, 100, low_open=True)  # for the rules that use alpha
@@ -271,6 +274,11 @@ def validate_detect(detect, steer) -> Detection:
         raise ConfigError(str(err)) from None
 
 
+def validate_guidance(guidance) -> None:
+    check_allowed("guidance.name", guidance.name, GUIDERS)
+    make_guider(guidance)  # its parameters: names the guider takes, values it accepts
+
+
 def validate_prompts(prompts) -> None:
     check_allowed("prompts.source", prompts.source, ("demo", "list", "file", "vbench"))
     if prompts.source == "file" and not prompts.path:
@@ -331,6 +339,7 @@ def validate(cfg) -> Backbone:
     backbone = validate_model(cfg.model)
     validate_steer(cfg.steer, cfg.model, backbone)
     validate_detect(cfg.detect, cfg.steer)
+    validate_guidance(cfg.guidance)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)
     validate_eval(cfg.eval)

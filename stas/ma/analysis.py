@@ -20,7 +20,7 @@ from stas.backbones import Backbone, load_pipeline
 from stas.core.massive import Detection
 from stas.ma.capture import REGION_NAMES, STATS, MACapture
 from stas.core.selection import analysis_selection
-from stas.generation import make_steerer, run_items, run_pipeline
+from stas.generation import make_loop, make_steerer, run_items, run_pipeline
 from stas.core.layout import TokenLayout
 from stas.ma.plots import write_plots
 from stas.ma.hierarchy import PAIR_LABELS
@@ -87,7 +87,7 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
     run_dir = Path(run_dir)
     selection = analysis_selection(cfg.analysis, backbone.num_layers, cfg.model.steps)
     items = run_items(cfg)
-    steerer = make_steerer(cfg, backbone)
+    steerer, loop = make_steerer(cfg, backbone), make_loop(cfg, backbone)
     if pipe is None:
         pipe = load_pipeline(cfg.model, backbone)
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
@@ -105,7 +105,7 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
             stack.enter_context(capture.attach(pipe.transformer))  # after steering: it sees the steered outputs
             for item in tqdm(items, desc=f"prompts ({name})", disable=not cfg.progress):
                 capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
-                run_pipeline(pipe, item, kwargs, variant_steerer, layout)
+                run_pipeline(pipe, item, kwargs, variant_steerer, layout, loop)
                 accumulated[name].add(capture.read())
     stats = {
         "meta": {

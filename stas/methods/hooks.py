@@ -1,8 +1,10 @@
 """Thin adapters between the tensor math and a diffusers transformer: plain torch forward hooks.
 
 `DenoisingTracker` knows, for every transformer call, the denoising step and which rows of the batch are the cond
-and uncond CFG branches (two-pass CFG calls the transformer twice a step, batched CFG once on [uncond, cond]). It
-counts calls on the host, so it never reads a tensor. Block hooks read the tracker, never the other way round.
+and uncond CFG branches (two-pass CFG calls the transformer twice a step, batched CFG once on [uncond, cond]). The
+loop that makes the call tells it (stas.loop announces a `DenoisingCall` per call, whatever extra passes its guider
+makes); under a pipeline's own loop (`pipe(...)`, users' scripts) it counts calls. Either way on the host, so it
+never reads a tensor. Block hooks read the tracker, never the other way round.
 Every method (stas.methods.stas) and the analysis capture (stas.ma.capture) hook the blocks through `BlockHooks`.
 
 torch.compile (model.compile=regional|full): the block hooks are traced into the compiled graphs, so nothing they
@@ -17,6 +19,7 @@ per-call gate selects (`torch.where`), so one graph serves every step and branch
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,8 +28,50 @@ from stas.backbones import CFG_BRANCHES, Backbone
 from stas.core.layout import TokenLayout
 
 
+@dataclass(frozen=True)
+class DenoisingCall:
+    """What a denoising loop tells the hooks about one transformer call: its step, which call of the step it is, every
+    call of the step (each the branches of its batch's rows in row order, in equal chunks) and the expert called."""
+
+    step: int
+    call: int
+    calls: tuple[tuple[str, ...], ...]
+    expert: str = "transformer"
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return self.calls[self.call]
+
+
+ANNOUNCED = "_stas_denoising_call"  # the transformer's attribute holding the call a loop announced
+
+
+@contextmanager
+def announced(transformer: torch.nn.Module, call: DenoisingCall):
+    """Tell the trackers hooked to `transformer` what its calls inside this block are (stas.loop enters it around
+    every call), instead of their counting calls."""
+    setattr(transformer, ANNOUNCED, call)
+    try:
+        yield
+    finally:
+        delattr(transformer, ANNOUNCED)
+
+
+def rows_of(branch: str, branches: tuple[str, ...], batch: int) -> slice | None:
+    """Rows of `branch` in a call whose batch holds `branches` in equal chunks, or None when it is not there."""
+    if branch not in branches:
+        return None
+    if batch % len(branches):
+        raise RuntimeError(f"a transformer call of {batch} rows cannot hold the branches {branches} in equal chunks")
+    size = batch // len(branches)
+    start = branches.index(branch) * size
+    return slice(start, start + size)
+
+
 class DenoisingTracker:
-    """Counts transformer calls to know the current step and CFG call; `begin` before every pipeline call."""
+    """The current transformer call's step, CFG branches and expert: announced by the loop that makes the call
+    (stas.loop, `announced`), or, for a pipeline's own loop (`pipe(...)`), counted: `begin` before every pipeline
+    call."""
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
@@ -36,18 +81,27 @@ class DenoisingTracker:
         self.calls = 0
         self.step = -1
         self.call_in_step = 0
+        self.step_calls: tuple[tuple[str, ...], ...] = ()  # every call of the current step: its rows' branches
+        self.expert = "transformer"
         self.latents: torch.Tensor | None = None  # the call's input while the listeners run (its batch, device)
-        # Called after every count with no arguments: they prepare the hooks' per-call state, outside any graph.
+        # Called once each call is known, no arguments: they prepare the hooks' per-call state, outside any graph.
         self.listeners: list[Callable[[], None]] = []
 
     def begin(self, layout: TokenLayout, num_steps: int, do_cfg: bool) -> None:
         self.layout, self.num_steps, self.do_cfg = layout, num_steps, do_cfg
         self.calls, self.step, self.call_in_step = 0, -1, 0
+        self.step_calls = self.backbone.pipeline_cfg_calls(do_cfg)
+
+    def counted_call(self) -> DenoisingCall:
+        """The call a family's own pipeline makes as call number `self.calls` of the run."""
+        calls = self.backbone.pipeline_cfg_calls(self.do_cfg)
+        return DenoisingCall(*divmod(self.calls, len(calls)), calls)
 
     def on_transformer_call(self, module, args, kwargs) -> None:
         if self.layout is None:
             raise RuntimeError("call begin(layout, num_steps, do_cfg) before running the pipeline")
-        self.step, self.call_in_step = divmod(self.calls, self.backbone.calls_per_step(self.do_cfg))
+        call = getattr(module, ANNOUNCED, None) or self.counted_call()
+        self.step, self.call_in_step, self.step_calls, self.expert = call.step, call.call, call.calls, call.expert
         self.calls += 1
         latents = kwargs.get("hidden_states", args[0] if args else None)
         self.latents = latents if isinstance(latents, torch.Tensor) else None
@@ -65,11 +119,10 @@ class DenoisingTracker:
         return self.latents
 
     def rows(self, branches: tuple[str, ...], batch: int, call_in_step: int | None = None) -> slice | None:
-        """Rows of the current call's batch (or of call `call_in_step` of a step) that belong to `branches`
+        """Rows of the current call's batch (or of call `call_in_step` of the step) that belong to `branches`
         (contiguous for one branch or both)."""
-        call = self.call_in_step if call_in_step is None else call_in_step
-        spans = [self.backbone.branch_rows(b, call, batch, self.do_cfg) for b in branches]
-        spans = [s for s in spans if s is not None]
+        call = self.step_calls[self.call_in_step if call_in_step is None else call_in_step]
+        spans = [rows for b in branches if (rows := rows_of(b, call, batch)) is not None]
         if not spans:
             return None
         return slice(min(s.start for s in spans), max(s.stop for s in spans))
@@ -78,7 +131,7 @@ class DenoisingTracker:
         """The rows `branches` occupy in every call of a step that has them: the same in all such calls (two-pass
         CFG: the whole batch of the branch's call; batched CFG: a fixed half), so a traced hook can slice them
         statically and leave the calls without them to the per-call gate. None: no call has them."""
-        found = {(rows.start, rows.stop) for call in range(self.backbone.calls_per_step(self.do_cfg))
+        found = {(rows.start, rows.stop) for call in range(len(self.step_calls))
                  if (rows := self.rows(branches, batch, call)) is not None}
         if len(found) > 1:  # no family does this: a hook would need per-call rows
             raise RuntimeError(f"branches {branches} occupy different rows in different calls of a step: {found}")
@@ -93,9 +146,9 @@ class DenoisingTracker:
             )
 
     def branches_of_call(self, batch: int) -> list[tuple[str, slice]]:
-        """Every CFG branch present in the current call, with its rows."""
-        found = [(b, self.backbone.branch_rows(b, self.call_in_step, batch, self.do_cfg)) for b in CFG_BRANCHES]
-        return [(b, rows) for b, rows in found if rows is not None]
+        """Every CFG branch present in the current call, with its rows (other passes a guider adds are none)."""
+        call = self.step_calls[self.call_in_step]
+        return [(b, rows) for b in CFG_BRANCHES if (rows := rows_of(b, call, batch)) is not None]
 
 
 class BlockHooks:

@@ -213,7 +213,7 @@ class StasSteerer(Method):
         latents = tracker.call_latents()
         batch, device = latents.shape[0], latents.device
         state = self.state
-        if state is None or state.key != (device, batch, tracker.layout.num_tokens, tracker.do_cfg):
+        if state is None or state.key != (device, batch, tracker.layout.num_tokens, tracker.step_calls):
             state = self.state = self._new_state(device, batch)
             self._placed = False
         if not self._placed:  # per-block device tensors, before any (compiled) hook reads them
@@ -259,7 +259,7 @@ class StasSteerer(Method):
             cond = [span for name, span in inside if name == "cond"]
             if cond:
                 cond_rows = slice(cond[0].start - rows.start, cond[0].stop - rows.start)
-        state = CallState((device, batch, tracker.layout.num_tokens, tracker.do_cfg), rows,
+        state = CallState((device, batch, tracker.layout.num_tokens, tracker.step_calls), rows,
                           self.token_index_on(device), groups, cond_rows)
         if self.state is not None:
             state.carry_over(self.state)

@@ -8,6 +8,7 @@ from typing import Iterable
 from omegaconf import OmegaConf
 
 from stas.errors import ConfigError, UserError
+from stas.paths import CONF_DIR
 from stas.rundir.files import (atomic_write_bytes, atomic_write_text, create_exclusive, jsonl_text, own_file, read_yaml,
                                yaml_text)
 from stas.rundir.records import MANIFEST_FILE, read_jsonl
@@ -21,6 +22,9 @@ HELD_HYDRA_DIR = f"{HYDRA_DIR}/held"
 NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "experiment", "name",
                 "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing", "model.compile",
                 "model.group_offload", "model.group_offload_blocks")
+# Config groups added after runs were recorded -> the option (conf/<group>/<option>.yaml) older runs ran as: before
+# the guidance group stas.run sampled with pipe(...), whose frames guidance=cfg gives bit for bit (stas.loop).
+ADDED_GROUPS = {"guidance": "cfg"}
 
 
 def identity(cfg) -> dict:
@@ -62,7 +66,8 @@ def load_identity(run_dir: Path) -> dict:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a {type(data).__name__}, not the mapping of config keys stas.run writes")
-    return data
+    return {**{group: read_yaml(CONF_DIR / group / f"{option}.yaml") for group, option in ADDED_GROUPS.items()},
+            **data}
 
 
 def hydra_job(run_dir: Path) -> tuple[dict[str, str] | None, int | None]:

@@ -20,7 +20,7 @@ from stas.backbones import load_pipeline
 from stas.config import ConfigError, validate
 from stas.core.layout import TokenLayout
 from stas.core.selection import analysis_selection
-from stas.generation import make_steerer, run_pipeline
+from stas.generation import make_loop, make_steerer, run_pipeline
 from stas.ma.capture import MACapture
 from stas.prompts import Item
 from stas.rundir.run_identity import identity
@@ -43,14 +43,15 @@ def build(model: str, *overrides: str):
 
 @functools.lru_cache(maxsize=None)
 def generate(model: str, *overrides: str) -> dict:
-    """One pipeline call with the config's steering attached: frames and steering record (cached per config)."""
+    """One sampling call (stas's own loop) with the config's steering attached: frames and steering record (cached
+    per config)."""
     cfg, backbone, pipe, layout = build(model, *overrides)
-    steerer = make_steerer(cfg, backbone)
+    steerer, loop = make_steerer(cfg, backbone), make_loop(cfg, backbone)
     kwargs = backbone.pipeline_kwargs(cfg.model)
     if steerer is None:
-        return {"frames": np.asarray(run_pipeline(pipe, ITEM, kwargs, None, layout).frames[0]), "record": None}
+        return {"frames": np.asarray(run_pipeline(pipe, ITEM, kwargs, None, layout, loop).frames[0]), "record": None}
     with steerer.attach(pipe.transformer):
-        frames = np.asarray(run_pipeline(pipe, ITEM, kwargs, steerer, layout).frames[0])
+        frames = np.asarray(run_pipeline(pipe, ITEM, kwargs, steerer, layout, loop).frames[0])
     return {"frames": frames, "record": steerer.record()}
 
 

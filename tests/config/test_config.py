@@ -116,8 +116,8 @@ BAD = [
     (["model.num_frames=1", "steer.targets=boundary"], r"steer.targets='boundary' selects no token of a "
                                                        r"1-latent-frame video"),
     # keys that are not fields, values their field cannot hold
-    (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, detect, eval, experiment, logger, model, "
-                   r"name, "
+    (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, detect, eval, experiment, guidance, "
+                   r"logger, model, name, "
                    r"progress, prompts, seed, shard, steer$"),
     (["+shard.indx=1"], r"^shard.indx is not a field of shard; fields: count, index$"),
     (["steer.targts=boundary"], r"^steer.targts is not a field of steer; fields: alpha, boundary_unit, "),
@@ -127,6 +127,12 @@ BAD = [
     (["shard.index="], r"^shard.index='' must be an integer$"),
     (["model.guidance_scale=high"], r"^model.guidance_scale='high' must be a number in \[0, 100\]$"),
     (["progress=sometimes"], r"^progress='sometimes' must be true or false$"),
+    (["guidance.name=apg2"], r"^guidance.name='apg2' is not allowed; allowed: cfg, cfg_zero_star, apg$"),
+    (["guidance=apg", "+guidance.params.etaa=0"], r"^guidance.params.etaa is not a parameter of diffusers' "
+                                                  r"AdaptiveProjectedGuidance \(guidance=apg\); parameters: "),
+    (["+guidance.params.guidance_scale=3"], r"^guidance.params.guidance_scale is set by the loop from "
+                                            r"model.guidance_scale; set that instead$"),
+    (["guidance.params.guidance_rescale=2"], r"^guidance.params.guidance_rescale=2 must be an integer in \[0, 1\]$"),
     # values that passed and then gave a black video or crashed late (adversarial review)
     (["model.flow_shift=1e-300"], r"^model.flow_shift=1e-300 must be a finite number in \[0.01, 100\]$"),
     (["model.tiny.plant.magnitudes=[1e308,-1e308,1e308]"], r"model.tiny.plant.magnitudes contains 1e\+308"),
@@ -150,6 +156,7 @@ GOOD = [
     ["seed=0"], ["seed=9223372036854775807"], ["seed=9223372036854775806", "prompts.samples_per_prompt=2"],
     ["steer.alpha=100"], ["steer.strength=1"], ["steer.strength=0.01"], ["detect.ratio=1e6"], ["detect=sun"], ["detect=channel_peak"], ["detect.rule=sun", "detect.ratio=500"],
     ["detect.branches=shared"], ["steer.reference=steered"],
+    ["guidance=cfg_zero_star"], ["guidance=apg", "guidance.params.eta=0"],
     ["steer.rule=scale", "steer.alpha=2"], ["steer.rule=zero", "steer.alpha=1"],
     ["steer.branches=uncond"], ["steer.branches=cond", "model.guidance_scale=1"],
     ["model.num_frames=1", "steer.targets=first_frame"], ["model.steps=4", "steer.window.end=0.25"],

@@ -25,7 +25,7 @@ from stas.backbones import BackboneError, compile_counts, compile_transformer, l
 from stas.config import ConfigError, validate
 from stas.core.layout import TokenLayout
 from stas.core.selection import analysis_selection
-from stas.generation import make_steerer, run_pipeline
+from stas.generation import make_loop, make_steerer, run_pipeline
 from stas.ma.capture import MACapture
 from stas.methods.hooks import BlockHooks
 from stas.prompts import Item
@@ -61,17 +61,17 @@ def build(model: str, compile_mode: str, *overrides: str):
 
 
 def generate(built, runs: int, check=None) -> list[dict]:
-    """`runs` whole pipeline calls with the config's steering attached once (as stas.generation does): frames,
-    steering record and the compile counters after each call."""
+    """`runs` whole sampling calls (stas's own loop) with the config's steering attached once (as stas.generation
+    does): frames, steering record and the compile counters after each call."""
     cfg, backbone, pipe, layout = built
     kwargs = backbone.pipeline_kwargs(cfg.model)
-    steerer = make_steerer(cfg, backbone)
+    steerer, loop = make_steerer(cfg, backbone), make_loop(cfg, backbone)
     results = []
     with ExitStack() as stack:
         if steerer is not None:
             stack.enter_context(steerer.attach(pipe.transformer))
         for _ in range(runs):
-            frames = np.asarray(run_pipeline(pipe, ITEM, kwargs, steerer, layout).frames[0])
+            frames = np.asarray(run_pipeline(pipe, ITEM, kwargs, steerer, layout, loop).frames[0])
             results.append({"frames": frames, "record": steerer.record() if steerer else None,
                             "counts": compile_counts()})
     return results

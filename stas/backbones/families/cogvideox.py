@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from types import SimpleNamespace
 
-from stas.backbones.base import Backbone, register_family
+import torch
+
+from stas.backbones.base import Backbone, DenoisingRun, Expert, register_family
 
 
 @register_family("cogvideox")
@@ -30,6 +34,61 @@ class CogVideoX(Backbone):
         owner = SimpleNamespace(vae_scale_factor_spatial=self.spatial_compression, transformer=transformer)
         rotary = CogVideoXPipeline._prepare_rotary_positional_embeddings(owner, height, width, latent_frames, device)
         return {"image_rotary_emb": rotary}
+
+    # -------------------------------------------------------- CogVideoXPipeline.__call__'s parts, for stas.loop
+
+    def denoising_run(self, pipe, args: dict) -> DenoisingRun:
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
+
+        device, do_cfg = pipe._execution_device, self.uses_cfg(args["guidance_scale"])
+        embeds, negative = self.encode_prompt(pipe, args, do_cfg, device)
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device)
+        frames, config = args["num_frames"], pipe.transformer.config
+        latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
+        # CogVideoX 1.5 pads the latent frames to a multiple of its temporal patch (and drops them before decoding)
+        padding = (-latent_frames) % config.patch_size_t if config.patch_size_t is not None else 0
+        latents = pipe.prepare_latents(1, config.in_channels, frames + padding * pipe.vae_scale_factor_temporal,
+                                       args["height"], args["width"], embeds.dtype, device, args["generator"])
+        run = DenoisingRun(pipe, args, device, embeds, negative, timesteps, latents, do_cfg)
+        run.extra.update(padding=padding, old_pred=None,
+                         step_kwargs=pipe.prepare_extra_step_kwargs(args["generator"], args.get("eta", 0.0)))
+        run.call_inputs["image_rotary_emb"] = (
+            pipe._prepare_rotary_positional_embeddings(args["height"], args["width"], latents.size(1), device)
+            if config.use_rotary_positional_embeddings else None)
+        return run
+
+    def step_expert(self, run: DenoisingRun, step: int, t) -> Expert:
+        expert = super().step_expert(run, step, t)
+        if not run.args.get("use_dynamic_cfg"):
+            return expert
+        n, scale = run.num_steps, expert.guidance_scale  # the pipeline's cosine ramp of the scale over the steps
+        return replace(expert, guidance_scale=1 + scale * ((1 - math.cos(math.pi * ((n - t.item()) / n) ** 5.0)) / 2))
+
+    def call_inputs(self, run: DenoisingRun, t, rows: int) -> dict:
+        hidden = torch.cat([run.latents] * rows) if rows > 1 else run.latents
+        hidden = run.pipe.scheduler.scale_model_input(hidden, t)
+        return {"hidden_states": hidden, "timestep": t.expand(hidden.shape[0]), **run.call_inputs}
+
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        return output.float()
+
+    def scheduler_step(self, run: DenoisingRun, noise: torch.Tensor, step: int, t) -> torch.Tensor:
+        from diffusers import CogVideoXDPMScheduler
+
+        scheduler, kwargs = run.pipe.scheduler, run.extra["step_kwargs"]
+        if isinstance(scheduler, CogVideoXDPMScheduler):
+            previous = run.timesteps[step - 1] if step > 0 else None
+            latents, run.extra["old_pred"] = scheduler.step(noise, run.extra["old_pred"], t, previous, run.latents,
+                                                            **kwargs, return_dict=False)
+        else:
+            latents = scheduler.step(noise, t, run.latents, **kwargs, return_dict=False)[0]
+        return latents.to(run.embeds.dtype)
+
+    def decode_latents(self, run: DenoisingRun):
+        video = run.pipe.decode_latents(run.latents[:, run.extra["padding"]:])
+        return run.pipe.video_processor.postprocess_video(video=video, output_type=run.args["output_type"])
+
+    # -------------------------------------------------------------------------------------------- tiny twin
 
     def tiny_components(self, diffusers, tiny, model_cfg) -> tuple:
         vae = diffusers.AutoencoderKLCogVideoX(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from stas.backbones.base import DTYPES, Backbone, register_family
+import torch
+
+from stas.backbones.base import DTYPES, Backbone, DenoisingRun, Expert, register_family
 
 
 @register_family("wan21")
@@ -25,6 +27,56 @@ class Wan21(Backbone):
         kwargs = {key: value for key, value in load_kwargs.items() if key != "torch_dtype"}
         return {"vae": diffusers.AutoencoderKLWan.from_pretrained(model_cfg.hub_id, subfolder="vae",
                                                                   torch_dtype=vae_dtype, **kwargs)}
+
+    # ------------------------------------------------------------ WanPipeline.__call__'s parts, for stas.loop
+
+    def denoising_run(self, pipe, args: dict) -> DenoisingRun:
+        device, do_cfg = pipe._execution_device, self.uses_cfg(args["guidance_scale"])
+        embeds, negative = self.encode_prompt(pipe, args, do_cfg, device)
+        dtype = pipe.transformer.dtype
+        embeds, negative = embeds.to(dtype), None if negative is None else negative.to(dtype)
+        pipe.scheduler.set_timesteps(args["num_inference_steps"], device=device)
+        latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, args["height"], args["width"],
+                                       args["num_frames"], torch.float32, device, args["generator"])
+        pipe.scheduler.set_begin_index(0)
+        run = DenoisingRun(pipe, args, device, embeds, negative, pipe.scheduler.timesteps, latents, do_cfg)
+        if pipe.config.expand_timesteps:  # Wan2.2-TI2V: a timestep per token (of the first latent channel, patch 2)
+            run.extra["token_mask"] = torch.ones(latents.shape, dtype=torch.float32, device=device)[0][0][:, ::2, ::2]
+        return run
+
+    def step_expert(self, run: DenoisingRun, step: int, t) -> Expert:
+        # Wan2.2-A14B: the low-noise expert (transformer_2, guidance_scale_2) below the boundary timestep.
+        pipe, boundary = run.pipe, run.pipe.config.boundary_ratio
+        if boundary is None or t >= boundary * pipe.scheduler.config.num_train_timesteps:
+            return super().step_expert(run, step, t)
+        scale = run.args.get("guidance_scale_2")
+        return Expert("transformer_2", pipe.transformer_2, run.args["guidance_scale"] if scale is None else scale)
+
+    def call_inputs(self, run: DenoisingRun, t, rows: int) -> dict:
+        latents = run.latents.to(run.pipe.transformer.dtype)
+        hidden = torch.cat([latents] * rows) if rows > 1 else latents
+        if "token_mask" in run.extra:
+            timestep = (run.extra["token_mask"] * t).flatten().unsqueeze(0).expand(hidden.shape[0], -1)
+        else:
+            timestep = t.expand(hidden.shape[0])
+        return {"hidden_states": hidden, "timestep": timestep, **run.call_inputs}
+
+    def cache_context_kwargs(self, run: DenoisingRun, step: int) -> dict:
+        return {"step_index": step, "sigma": float(run.pipe.scheduler.sigmas[step]),
+                "num_inference_steps": len(run.timesteps)}
+
+    def decode_latents(self, run: DenoisingRun):
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        vae = run.pipe.vae
+        latents = run.latents.to(get_module_execution_device(vae), dtype=vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        video = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+        return run.pipe.video_processor.postprocess_video(video, output_type=run.args["output_type"])
+
+    # -------------------------------------------------------------------------------------------- tiny twin
 
     def tiny_vae(self, diffusers, tiny):
         return diffusers.AutoencoderKLWan(

@@ -1,0 +1,92 @@
+"""stas's own denoising loop: the family pipeline's `__call__` rebuilt from the pipeline's own parts, with guidance
+by a diffusers guider (`diffusers.guiders`) and every transformer call announced to the hooks.
+
+The family's backbone supplies each part as its pipeline computes it (stas.backbones: `denoising_run` encodes the
+prompt, sets the timesteps, prepares the latents and per-video inputs such as CogVideoX's RoPE tables; `step_expert`
+picks the transformer and the step's guidance scale, e.g. CogVideoX's dynamic CFG; `call_inputs` the call's latents
+and timesteps, e.g. Wan2.2's per-token timesteps; `scheduler_step`; `decode`). This module only orders them: per step
+the guider prepares its branches (cond, uncond, ...), the family groups them into transformer calls the way its
+pipeline does (Wan: one call per branch; CogVideoX: one call on [uncond, cond]), each call runs inside a
+`DenoisingCall` announcement (step, the branch of every row, the expert), and the guider combines the predictions.
+
+With `ClassifierFreeGuidance` this is `pipe(...)` bit for bit (tests/test_owned_loop.py): the guider computes
+`uncond + scale * (cond - uncond)` in the same operations and order as both pipelines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stas.backbones import Backbone, DenoisingRun, Expert
+from stas.methods.hooks import DenoisingCall, announced
+
+
+@dataclass
+class DenoiseOutput:
+    """What a pipeline returns: `frames[0]` is the video (the latents with output_type="latent")."""
+
+    frames: Any
+
+
+@dataclass
+class OwnedLoop:
+    """`denoise` for one backbone and guider, called like a pipeline: loop(pipe, prompt=..., generator=..., ...)."""
+
+    backbone: Backbone
+    guider: Any
+
+    def __call__(self, pipe, **args) -> DenoiseOutput:
+        return denoise(pipe, self.backbone, self.guider, **args)
+
+
+def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
+    """One video from `pipe`'s parts, guided by `guider`; `args` are the pipeline call's arguments (prompt,
+    generator, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, max_sequence_length,
+    output_type and the family's own, e.g. use_dynamic_cfg)."""
+    run = backbone.denoising_run(pipe, args)
+    # The pipelines decide CFG once per video (guidance_scale > 1); the guider then guides at each step's scale.
+    if run.do_cfg:
+        guider.enable()
+    else:
+        guider.disable()
+    with pipe.progress_bar(total=run.num_steps) as progress:
+        for step, t in enumerate(run.timesteps):
+            run.latents = denoising_step(run, backbone, guider, step, t)
+            progress.update()
+    frames = backbone.decode(run)
+    pipe.maybe_free_model_hooks()
+    return DenoiseOutput(frames)
+
+
+def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) -> torch.Tensor:
+    """The latents after one step: the guider's branches through the transformer, guided, then the scheduler."""
+    expert = backbone.step_expert(run, step, t)
+    guider.guidance_scale = expert.guidance_scale
+    guider.set_state(step, run.num_steps, t)
+    batches = guider.prepare_inputs({"encoder_hidden_states": (run.embeds, run.negative_embeds)})
+    by_branch = {branch_of(guider, batch): batch for batch in batches}
+    calls = backbone.cfg_calls(tuple(by_branch))
+    for index, branches in enumerate(calls):
+        announcement = DenoisingCall(step, index, calls, expert.name)
+        predictions = predict(run, backbone, expert, t, announcement, [by_branch[b] for b in branches])
+        for branch, prediction in zip(branches, predictions):
+            by_branch[branch].noise_pred = prediction
+    return backbone.scheduler_step(run, guider(batches).pred, step, t)
+
+
+def predict(run: DenoisingRun, backbone: Backbone, expert: Expert, t, call: DenoisingCall, batches) -> tuple:
+    """One transformer call on the branches `batches` stacked in rows: each branch's prediction."""
+    embeds = [batch.encoder_hidden_states for batch in batches]
+    inputs = backbone.call_inputs(run, t, len(batches))
+    with backbone.call_context(run, expert, call.branches, call.step), announced(expert.module, call):
+        output = expert.module(**inputs, encoder_hidden_states=torch.cat(embeds) if len(embeds) > 1 else embeds[0],
+                               attention_kwargs=None, return_dict=False)[0]
+    return backbone.prediction(output).chunk(len(batches))
+
+
+def branch_of(guider, batch) -> str:
+    """A guider batch's branch: its prediction name without "pred_" (pred_cond -> cond, pred_uncond -> uncond)."""
+    return getattr(batch, guider._identifier_key).removeprefix("pred_")
