@@ -146,6 +146,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
                     size = publish_mp4(frames, partial, path, cfg.model.fps)
                     seconds.append(time.perf_counter() - start)
                     row = video_row(cfg, item, path.relative_to(run_dir), frames, seconds[-1], size)
+                    row["nfe"] = loop.nfe  # network function evaluations: the cost to compare methods at
                     if steerer is not None:
                         row["steering"] = steering_record = steerer.record()
                     records.append(row)

@@ -171,3 +171,13 @@ def test_default_run_needs_no_arguments(cli, tmp_path):
     assert len(rows) == 4 and all((tmp_path / "run" / r["path"]).is_file() for r in rows)
     assert "4 video(s) generated" in result.stdout
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("model,overrides,nfe", [
+    ("tiny_wan21", [], 2 * 3),  # CFG: cond and uncond, 3 steps (two calls a step)
+    ("tiny_cogvideox", [], 2 * 3),  # one batched [uncond, cond] call a step still evaluates two branches
+    ("tiny_wan21", ["model.guidance_scale=1.0"], 3),  # no CFG: the cond branch only
+])
+def test_rows_record_the_network_function_evaluations(tmp_path, model, overrides, nfe):
+    gen(tmp_path / "run", f"model={model}", "prompts.prompts=[a cat]", "steer=none", *overrides)
+    assert rows_of(tmp_path / "run")[0]["nfe"] == nfe

@@ -26,9 +26,11 @@ from stas.methods.hooks import DenoisingCall, announced
 
 @dataclass
 class DenoiseOutput:
-    """What a pipeline returns: `frames[0]` is the video (the latents with output_type="latent")."""
+    """What a pipeline returns: `frames[0]` is the video (the latents with output_type="latent"); `nfe` the
+    network function evaluations it took: one per guider branch and step (a batched [uncond, cond] call is two)."""
 
     frames: Any
+    nfe: int = 0
 
 
 @dataclass
@@ -37,9 +39,12 @@ class OwnedLoop:
 
     backbone: Backbone
     guider: Any
+    nfe: int = 0  # of the last call
 
     def __call__(self, pipe, **args) -> DenoiseOutput:
-        return denoise(pipe, self.backbone, self.guider, **args)
+        output = denoise(pipe, self.backbone, self.guider, **args)
+        self.nfe = output.nfe
+        return output
 
 
 def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
@@ -52,17 +57,20 @@ def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
         guider.enable()
     else:
         guider.disable()
+    nfe = 0
     with pipe.progress_bar(total=run.num_steps) as progress:
         for step, t in enumerate(run.timesteps):
-            run.latents = denoising_step(run, backbone, guider, step, t)
+            run.latents, evaluations = denoising_step(run, backbone, guider, step, t)
+            nfe += evaluations
             progress.update()
     frames = backbone.decode(run)
     pipe.maybe_free_model_hooks()
-    return DenoiseOutput(frames)
+    return DenoiseOutput(frames, nfe)
 
 
-def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) -> torch.Tensor:
-    """The latents after one step: the guider's branches through the transformer, guided, then the scheduler."""
+def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) -> tuple[torch.Tensor, int]:
+    """The latents after one step (the guider's branches through the transformer, guided, then the scheduler) and
+    the branches evaluated."""
     expert = backbone.step_expert(run, step, t)
     guider.guidance_scale = expert.guidance_scale
     guider.set_state(step, run.num_steps, t)
@@ -74,7 +82,7 @@ def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) 
         predictions = predict(run, backbone, expert, t, announcement, [by_branch[b] for b in branches])
         for branch, prediction in zip(branches, predictions):
             by_branch[branch].noise_pred = prediction
-    return backbone.scheduler_step(run, guider(batches).pred, step, t)
+    return backbone.scheduler_step(run, guider(batches).pred, step, t), len(batches)
 
 
 def predict(run: DenoisingRun, backbone: Backbone, expert: Expert, t, call: DenoisingCall, batches) -> tuple:
