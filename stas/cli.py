@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stas.config import ConfigError, check_override, config_groups, register_configs
+from stas.config import ConfigError, check_override, config_groups, register_configs, validate_paths
 from stas.errors import UserError
 from stas.paths import CONF_DIR
 from stas.rundir import check_writable
@@ -28,21 +28,24 @@ def fail(tool: str, message: str, code: int = 2):
 
 
 class OutputDirCheck(Callback):
-    """Creates the output directory before Hydra does and checks it can be written (a re-run into a read-only run
-    directory), so that an unwritable one is a message, not a traceback, before Hydra writes anything."""
+    """Checks paths.root and creates the output directory before Hydra does, checking it can be written (a re-run
+    into a read-only run directory), so that an unwritable one is a message, not a traceback, before Hydra writes
+    anything."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        self._make(config.hydra.run.dir, "hydra.run.dir")
+        self._make(config, config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        self._make(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._make(config, config.hydra.sweep.dir, "hydra.sweep.dir")
 
     @staticmethod
-    def _make(directory: str, key: str) -> None:
+    def _make(config, directory: str, key: str) -> None:
         try:
+            if "paths" in config:
+                validate_paths(config.paths)
             check_writable(Path(directory))
         except UserError as err:
-            fail("stas", f"{key}={err}")
+            fail("stas", str(err) if isinstance(err, ConfigError) else f"{key}={err}")
 
 
 def compose_config(overrides=(), with_hydra: bool = False, config_name: str = "config") -> DictConfig:

@@ -28,8 +28,8 @@ def test_three_families_generate_through_the_cli_in_one_multirun(cli, tmp_path):
     result = cli("stas.run", "-m", "model=tiny_wan21,tiny_wan22,tiny_cogvideox", ONE_PROMPT, "logger=none", "eval=none",
                  "model.steps=4", "progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for job, name in enumerate(["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]):
-        run_dir = tmp_path / "sweep" / str(job)
+    for name in ["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]:
+        (run_dir,) = (tmp_path / "sweep").glob(f"*,model={name},*")  # cells named by their overrides
         model = compose([f"model={name}"]).model
         (row,) = rows_of(run_dir)
         assert row["backbone"] == name and row["steer"] == "stas"

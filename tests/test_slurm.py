@@ -95,9 +95,10 @@ def test_submitit_local_launcher_runs_a_multirun(tmp_path):
                      "model.steps=2", "logger=none", "progress=false", "eval=none", f"hydra.sweep.dir={sweep}",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for subdir in ("0", "1"):
-        rows = (sweep / subdir / "generation.jsonl").read_text().splitlines()
-        assert len(rows) == 1 and (sweep / subdir / json.loads(rows[0])["path"]).is_file()
+    for steer in ("none", "stas"):  # cells named by their overrides
+        cell = sweep / f"model.steps=2,prompts.prompts=[a cat],steer={steer}"
+        rows = (cell / "generation.jsonl").read_text().splitlines()
+        assert len(rows) == 1 and (cell / json.loads(rows[0])["path"]).is_file()
     assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -174,6 +175,12 @@ class AnalysisConfig:
 
 
 @dataclass
+class PathsConfig:
+    # Where outputs go: runs under <root>/runs/, sweeps under <root>/multirun/ (relative to the working directory)
+    root: str = "."
+
+
+@dataclass
 class StasConfig:
     model: ModelConfig = MISSING
     steer: SteerConfig = MISSING
@@ -183,10 +190,13 @@ class StasConfig:
     logger: LoggerConfig = MISSING
     shard: ShardConfig = field(default_factory=ShardConfig)
     experiment: Optional[str] = None
-    name: str = "default"  # experiment name: W&B group, output folder
+    # Experiment name: the output folder (runs/<name>/<time>) and W&B group; null: named by what runs,
+    # runs/<model>/<steer>/<time> (a sweep: multirun/<time>/<its overrides>)
+    name: Optional[str] = None
     seed: int = 0
     progress: bool = True
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 SCHEMAS = {
@@ -200,9 +210,31 @@ SCHEMAS = {
 }
 
 
+MAX_DIR_NAME = 200  # bytes; file systems allow 255 per name
+
+
 def path_safe(text: str) -> str:
-    """A sweep's override_dirname as one directory name: a group override such as steer/window=late has a '/'."""
-    return str(text).replace("/", ".")
+    """A sweep's override_dirname as one directory name: a group override such as steer/window=late has a '/' (made
+    '.'), Hydra escapes spaces and ':' (a\\ cat: the backslashes go); a name longer than MAX_DIR_NAME bytes is cut and
+    ends with a hash of the whole; nothing at all is `run`."""
+    name = str(text).replace("/", ".").replace("\\", "").replace("\0", "")
+    if len(name.encode("utf-8")) > MAX_DIR_NAME:
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+        name = name.encode("utf-8")[: MAX_DIR_NAME - 13].decode("utf-8", "ignore") + "-" + digest
+    return name or "run"
+
+
+def run_name(name, *parts) -> str:
+    """`${run_name:${name},${model.name},${steer.name}}`: the user's name, or else what runs as folders
+    (tiny_wan21/stas)."""
+    if name is not None and str(name) != "":
+        return str(name)
+    return "/".join(path_safe(part) for part in parts)
+
+
+def named_folder(name) -> str:
+    """`${named_folder:${name}}`: `<name>/` when a name is given, else nothing (multirun/<time> of an unnamed sweep)."""
+    return "" if name is None or str(name) == "" else f"{name}/"
 
 
 def repo_path(relative: str) -> str:
@@ -215,7 +247,8 @@ def register_configs() -> None:
     """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass).
     Once per process: ConfigStore keeps what is stored, and loading every experiment again costs a quarter second
     per composed config."""
-    for name, resolver in (("path_safe", path_safe), ("repo", repo_path)):
+    for name, resolver in (("path_safe", path_safe), ("repo", repo_path), ("run_name", run_name),
+                           ("named_folder", named_folder)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()
