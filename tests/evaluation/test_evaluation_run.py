@@ -113,6 +113,21 @@ def test_evaluate_cli_is_idempotent_and_caches_per_video(default_run, tmp_path):
                                                                                                   abs=1e-12)
 
 
+def test_evaluating_a_fully_scored_run_opens_no_wandb_run(tmp_path, capsys):
+    cfg, run_dir = make_run(tmp_path, ["eval.evaluators=[pixel]"])
+    args = [str(run_dir), "eval.evaluators=[pixel]", "logger=wandb", "logger.mode=offline", "progress=false"]
+    evaluate_main(args)
+    assert "scored now: pixel 2" in capsys.readouterr().out
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    before = (run_dir / METRICS_FILE).read_bytes()
+    evaluate_main(args)  # exits 0 (returns)
+    out = capsys.readouterr().out
+    assert out.startswith("stas.evaluate: nothing to evaluate: 2 video(s) already scored (no W&B run opened)\n")
+    assert "already scored (cached): pixel 2" in out and "scored now" not in out
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # no second W&B run
+    assert (run_dir / METRICS_FILE).read_bytes() == before
+
+
 @pytest.mark.slow
 def test_bad_videos_and_missing_or_broken_vbench_weights_fail_alone(tmp_path):
     cache = tmp_path / "vbench-cache"
