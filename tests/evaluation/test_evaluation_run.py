@@ -231,11 +231,15 @@ def test_vbench_worker_in_another_interpreter_and_its_catalogue(tmp_path):
     assert set(CACHE_FILES) == set(DIMENSIONS)
     # An interpreter without vbench: every dimension is skipped with the reason
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
-    cfg, run_dir = make_run(tmp_path, [*FLICKERING, f"eval.vbench.python={tmp_path / 'venv' / 'bin' / 'python'}"])
+    cfg, run_dir = make_run(tmp_path, ["eval.evaluators=[pixel,vbench]",
+                                       "eval.vbench.dimensions=[temporal_flickering,subject_consistency]",
+                                       f"eval.vbench.python={tmp_path / 'venv' / 'bin' / 'python'}"])
     summary = evaluate_run(cfg, run_dir)
     assert summary.scored == {"pixel": 2}
-    assert re.match(r"vbench is not installed in \S*venv/bin/python: pip install --no-deps vbench==0\.1\.5",
-                    summary.skipped["vbench/temporal_flickering"])
+    assert list(summary.skipped) == ["vbench"]  # said once, not once per dimension
+    assert re.match(r"all 2 dimension\(s\): vbench is not installed in \S*venv/bin/python: pip install --no-deps "
+                    r"vbench==0\.1\.5", summary.skipped["vbench"])
+    assert str(summary).count("vbench is not installed") == 1
     # Every file the probe asks for, once placed, satisfies it
     cache = tmp_path / "cache"
     for relative, _ in CACHE_FILES["subject_consistency"]:
