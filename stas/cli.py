@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stas.config import ConfigError, check_override, config_groups, register_configs, validate_paths
 from stas.errors import UserError
+from stas.local_jobs import print_pending
 from stas.paths import CONF_DIR
 from stas.rundir import RunDirGuard, check_writable, remove_empty_parents
 
@@ -166,6 +167,9 @@ def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Calla
             check_overrides(args.overrides)
         except ConfigError as err:
             fail(tool, str(err))
-        hydra_main()
+        try:
+            hydra_main()
+        finally:
+            print_pending()  # the output of submitit_local jobs, also when one failed
 
     return main

@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -90,16 +93,30 @@ def test_sbatch_scripts_are_valid_bash():
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_multirun(tmp_path):
+    """Each job's output reaches the console; the cells are named by their overrides; a job that fails is shown
+    with its error and leaves no directory."""
     sweep = tmp_path / "sweep"
     result = run_cli("stas.run", "-m", "hydra/launcher=local", "steer=none,stas", "prompts.prompts=[a cat]",
                      "model.steps=2", "logger=none", "progress=false", "eval=none", f"hydra.sweep.dir={sweep}",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for steer in ("none", "stas"):  # cells named by their overrides
-        cell = sweep / f"model.steps=2,prompts.prompts=[a cat],steer={steer}"
+    cells = {steer: sweep / f"model.steps=2,prompts.prompts=[a cat],steer={steer}" for steer in ("none", "stas")}
+    for steer, cell in cells.items():
         rows = (cell / "generation.jsonl").read_text().splitlines()
         assert len(rows) == 1 and (cell / json.loads(rows[0])["path"]).is_file()
-    assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
+        assert f"stas.run: tiny_wan21 / steer={steer}: 1 video(s) generated" in result.stdout
+        assert f"videos:  {cell / 'videos'}" in result.stdout
+    assert result.stdout.index("#0 : steer=none") < result.stdout.index("#1 : steer=stas")
+    assert "submitit INFO" not in result.stdout
+    assert list((sweep / ".submitit").iterdir()) and not (sweep / ".submitit" / "%j").exists()
+    failing = run_cli("stas.run", "-m", "hydra/launcher=local", "prompts.limit=1,0", "model.steps=2", "logger=none",
+                      "progress=false", "eval=none", f"hydra.sweep.dir={tmp_path / 'failing'}", cwd=tmp_path)
+    assert failing.returncode != 0
+    out = failing.stdout
+    assert "#0 : prompts.limit=1" in out and "stas.run: tiny_wan21 / steer=stas: 1 video(s) generated" in out
+    assert re.search(r"#1 : prompts\.limit=0 .*FAILED\n  stas\.run \(job 1\): error: prompts\.limit=0 must be", out)
+    assert sorted(p.name for p in (tmp_path / "failing").iterdir() if not p.name.startswith(".")) == [
+        "model.steps=2,prompts.limit=1", "multirun.yaml"]  # the failed cell made nothing: no directory
 
 
 @pytest.mark.slow
