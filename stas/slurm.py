@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -166,6 +167,9 @@ def write_cell_files(cell: Cell, launcher) -> None:
 def submit(overrides: list[str], shards: int, dry_run: bool, out=sys.stdout) -> dict:
     if shards < 1:
         raise UserError(f"--shards={shards} must be >= 1")
+    if not dry_run and shutil.which("sbatch") is None:  # before anything is written into a run directory
+        raise UserError("sbatch not found on PATH: run this on a Slurm login node (or use --dry-run to see what "
+                        "would be submitted)")
     if not any(o.split("=", 1)[0] == "hydra/launcher" for o in overrides):
         overrides = [*overrides, "hydra/launcher=slurm"]
     cells, base = plan(overrides)

@@ -86,6 +86,25 @@ def test_bad_submissions_are_clear(fake_sbatch, tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_submit_without_sbatch_writes_nothing(tmp_path):
+    """slurm/submit.sh on a machine without sbatch stops before writing anything into the runs (not after the
+    first run's files); --dry-run still works there."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin", "/bin"])
+    if shutil.which("sbatch", path=path):
+        pytest.skip("sbatch is installed here")
+    env = dict(os.environ, PATH=path, PYTHONPATH=str(REPO))
+    sweep = tmp_path / "sweep"
+    args = ["bash", str(REPO / "slurm" / "submit.sh"), "experiment=tiny_ablation_alpha", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().startswith("stas.slurm: error: sbatch not found on PATH")
+    assert not list(tmp_path.iterdir())
+    dry = subprocess.run([*args[:2], "--dry-run", *args[2:]], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert dry.returncode == 0 and "sbatch submissions (dry run" in dry.stdout, dry.stderr
+
+
 def test_sbatch_scripts_are_valid_bash():
     for script in sorted((REPO / "slurm").glob("*.sbatch")) + [REPO / "slurm" / "submit.sh"]:
         subprocess.run(["bash", "-n", str(script)], check=True)
