@@ -1,4 +1,5 @@
-"""Where runs go (named by what runs, `name=` and `paths.root` win, sweep cells named by their overrides)."""
+"""Where runs go (named by what runs, `name=` and `paths.root` win, sweep cells named by their overrides), and what
+`--help` explains."""
 
 import re
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from stas.config import ConfigError, path_safe, validate
+from stas.config.describe import describe_keys, undocumented
 
 from conftest import compose, run_cli
 
@@ -82,3 +84,33 @@ def test_a_bad_paths_root_writes_nothing(tmp_path):
     result = run_cli("stas.run", "paths.root=''", cwd=tmp_path)
     assert result.returncode == 2 and "paths.root='' must name a directory" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("overrides,config_name", [([], "config"), (["model=wan21_1.3b"], "config"),
+                                                    (["model=tiny_cogvideox"], "analyze")])
+def test_every_key_has_an_explanation(overrides, config_name):
+    """--help explains every key from the schema's comments: a field added without one fails here."""
+    assert undocumented(compose(overrides, config_name=config_name)) == []
+
+
+def test_help_text_has_each_key_its_value_and_what_it_does():
+    text = describe_keys(compose(["steer.alpha=2"]))
+    assert re.search(r"^  steer\.alpha=2\.0 +how hard to steer", text, re.M)
+    assert re.search(r"^  detect\.ratio=\S+ +massive: channel peak > max\(ratio", text, re.M)
+    assert re.search(r"^  model\.compile=none +none \| regional", text, re.M)
+    assert re.search(r"^  paths\.root=\. +Where outputs go", text, re.M)
+
+
+@pytest.mark.slow
+def test_help_explains_the_keys(tmp_path):
+    result = run_cli("stas.run", "--help", "steer.alpha=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "== Keys" in out and "model: cogvideox2b" in out
+    assert re.search(r"^  steer\.alpha=3\.0 +how hard to steer", out, re.M)
+    assert re.search(r"^  detect\.ratio=\S+ +massive: channel peak", out, re.M)
+    assert re.search(r"^  model\.compile=none +none \| regional", out, re.M)
+    assert not list(tmp_path.iterdir())  # --help writes nothing
+    analyze = run_cli("stas.analyze", "--help", cwd=tmp_path)
+    assert analyze.returncode == 0 and re.search(r"^  analysis\.min_frequency=0\.5 +calibration:", analyze.stdout,
+                                                 re.M)
