@@ -1,13 +1,17 @@
-"""Where runs go (named by what runs, `name=` and `paths.root` win, sweep cells named by their overrides), and what
-`--help` explains."""
+"""Where runs go (named by what runs, `name=` and `paths.root` win, sweep cells named by their overrides), what
+`--help` explains, and what the steer presets stas and stas_paper are."""
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
-from stas.config import ConfigError, path_safe, validate
+from stas.config import ConfigError, SteerConfig, path_safe, validate
 from stas.config.describe import describe_keys, undocumented
+from stas.paths import CONF_DIR
 
 from conftest import compose, run_cli
 
@@ -114,3 +118,13 @@ def test_help_explains_the_keys(tmp_path):
     analyze = run_cli("stas.analyze", "--help", cwd=tmp_path)
     assert analyze.returncode == 0 and re.search(r"^  analysis\.min_frequency=0\.5 +calibration:", analyze.stdout,
                                                  re.M)
+
+
+def test_stas_paper_pins_every_steer_value_and_steers_like_stas_today():
+    """stas follows the schema defaults; stas_paper writes out the paper's values, so the paper's experiments do
+    not move when the defaults do. Today they steer identically (if a default changes, say so in both files)."""
+    pinned = yaml.safe_load((CONF_DIR / "steer" / "stas_paper.yaml").read_text())
+    assert {f.name for f in fields(SteerConfig)} - set(pinned) == {"window"}  # window: the `early` option
+    stas, paper = (OmegaConf.to_container(compose([f"steer={name}"]).steer) for name in ("stas", "stas_paper"))
+    assert stas.pop("name") == "stas" and paper.pop("name") == "stas_paper"
+    assert stas == paper
