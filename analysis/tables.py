@@ -12,7 +12,8 @@ significant, verdict). Prompts are the unit of replication (samples of a prompt 
 paired sign-flip permutation test, corrected over every row with at least --min-pairs pairs (Holm by default); rows
 with fewer say "n too small". Rows keep the sweep's order (vanilla first) and name ablations by the option chosen
 (window=all). Logs the tables to W&B (job_type "aggregate") unless --wandb none. Exits 3 when a run is incomplete
-(it says what is missing), 2 on bad input. Details: docs/evaluation.md, "Statistics of the deltas".
+(it says what is missing), 2 on bad input. Run directories without any output (a run that failed before its first
+video) are skipped and named. Details: docs/evaluation.md, "Statistics of the deltas".
 """
 
 from __future__ import annotations
@@ -64,13 +65,18 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    skipped = []
     try:
-        runs = find_runs(args.paths)
+        runs = find_runs(args.paths, skipped)
         missing = [problem for run in runs for problem in missing_work(run)]
         check_writable(args.out)
     except UserError as err:
         print(f"tables: error: {err}", file=sys.stderr)
         return 2
+    if skipped:
+        print(f"tables: skipped {len(skipped)} run director{'y' if len(skipped) == 1 else 'ies'} without any output "
+              "(no video, no record: the run failed before its first video, or has not started):\n  "
+              + "\n  ".join(map(str, skipped)), file=sys.stderr)
     deltas = delta_table(runs, args.resamples, args.seed, permutations=args.permutations, min_pairs=args.min_pairs,
                          correction=args.correction, alpha=args.alpha)
     level = f"{100 * (1 - args.alpha):g}%"

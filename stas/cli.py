@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -12,10 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stas.config import ConfigError, check_override, config_groups, register_configs
+from stas.config import ConfigError, check_override, config_groups, register_configs, validate_paths
 from stas.errors import UserError
+from stas.local_jobs import print_pending
 from stas.paths import CONF_DIR
-from stas.rundir import check_writable
+from stas.rundir import RunDirGuard, check_writable, remove_empty_parents
 
 # Registered on import too: a submitit job process unpickles the task function (importing this module) and then
 # resolves the sweep's subdir, which uses the path_safe resolver.
@@ -27,22 +29,52 @@ def fail(tool: str, message: str, code: int = 2):
     raise SystemExit(code)
 
 
+# The run directory this process made (single runs): {absolute run dir: the topmost folder made for it}.
+MADE_HERE: dict[Path, Path] = {}
+
+
 class OutputDirCheck(Callback):
-    """Creates the output directory before Hydra does and checks it can be written (a re-run into a read-only run
-    directory), so that an unwritable one is a message, not a traceback, before Hydra writes anything."""
+    """Checks paths.root and creates the output directory before Hydra does, checking it can be written (a re-run
+    into a read-only run directory), so that an unwritable one is a message, not a traceback, before Hydra writes
+    anything. Notes which folders it made, so that a run that fails before making anything leaves none."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        self._make(config.hydra.run.dir, "hydra.run.dir")
+        self._make(config, config.hydra.run.dir, "hydra.run.dir", note=True)
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        self._make(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._make(config, config.hydra.sweep.dir, "hydra.sweep.dir")
 
     @staticmethod
-    def _make(directory: str, key: str) -> None:
+    def _make(config, directory: str, key: str, note: bool = False) -> None:
+        path = Path(os.path.abspath(directory))
+        missing = [folder for folder in (path, *path.parents) if not folder.exists()]
         try:
-            check_writable(Path(directory))
+            if "paths" in config:
+                validate_paths(config.paths)
+            check_writable(path)
         except UserError as err:
-            fail("stas", f"{key}={err}")
+            fail("stas", str(err) if isinstance(err, ConfigError) else f"{key}={err}")
+        if note and missing:
+            MADE_HERE[path] = missing[-1]
+
+
+def run_in(run_dir: Path, task: Callable[[], None]) -> None:
+    """Run `task` in `run_dir`; when it fails (an error, a kill by Ctrl-C) before the run made anything of its own,
+    the directory Hydra made for it goes (stas.rundir.cleanup says what counts; a directory other processes work
+    in, or one that held anything before, stays)."""
+    made = MADE_HERE.get(Path(os.path.abspath(run_dir)))
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    log_name = f"{HydraConfig.get().job.name}.log" if HydraConfig.initialized() else ""
+    guard = RunDirGuard(run_dir, log_name, made_here=made is not None or multirun)
+    finished = False
+    try:
+        task()
+        finished = True
+    finally:
+        # Silently: the error says what went wrong, and the directory held nothing but what this process made
+        if not finished and guard.remove_if_stub() and made is not None:
+            remove_empty_parents(run_dir, made)
+        guard.close()
 
 
 def compose_config(overrides=(), with_hydra: bool = False, config_name: str = "config") -> DictConfig:
@@ -114,6 +146,9 @@ def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Calla
 
     def task_function(cfg) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run_in(run_dir, lambda: checked_task(cfg, run_dir))
+
+    def checked_task(cfg, run_dir: Path) -> None:
         # Hydra saves the config with interpolations unresolved; keep the resolved one, which is what ran.
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
         try:
@@ -132,6 +167,9 @@ def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Calla
             check_overrides(args.overrides)
         except ConfigError as err:
             fail(tool, str(err))
-        hydra_main()
+        try:
+            hydra_main()
+        finally:
+            print_pending()  # the output of submitit_local jobs, also when one failed
 
     return main

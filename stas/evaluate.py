@@ -3,8 +3,8 @@
 The config is the run's own (its Hydra overrides, .hydra/overrides.yaml) with the evaluation settings of this
 command line: overrides of eval, logger, shard and progress (default: eval=default). Other overrides must agree
 with the run (so the run's full override list, as the Slurm scripts pass it, is fine). Re-running skips videos
-already scored. Examples:
-    python -m stas.evaluate runs/default/2026-01-01_12-00-00
+already scored; when every video is scored already it says so and opens no W&B run. Examples:
+    python -m stas.evaluate runs/tiny_wan21/stas/2026-01-01_12-00-00
     python -m stas.evaluate RUN_DIR eval.evaluators=[vbench] eval.vbench.dimensions=[temporal_flickering]
     python -m stas.evaluate RUN_DIR eval=vbench_standard eval.vbench.python=/opt/vbench-env/bin/python
     python -m stas.evaluate RUN_DIR shard.index=3 shard.count=8     # every 8th video, from the 4th
@@ -86,6 +86,14 @@ def evaluate(run_dir: Path, overrides: list[str]):
         raise ConfigError(f"eval.evaluators is empty (eval=none): name at least one of {', '.join(evaluator_names())}")
     check_writable(run_dir)
     evaluation = prepare_evaluation(cfg, run_dir)
+    evaluation.plan()
+    if not evaluation.has_work():  # everything that can run here has scored every video: no W&B run for nothing
+        summary = evaluation.finish(logger=None)
+        if summary.ran_anything:
+            print(f"{TOOL}: nothing to evaluate: {summary.videos} video(s) already scored (no W&B run opened)")
+        else:
+            raise UserError(f"no evaluator could run:\n{summary}")
+        return summary
     with RunLogger(cfg, run_dir, job_type="evaluate") as logger:
         summary = evaluation.run(logger)
     if not summary.ran_anything:

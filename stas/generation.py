@@ -21,9 +21,8 @@ from stas.loop import OwnedLoop, make_guider
 from stas.prompts import Item, load_prompts, make_items, shard_items
 from stas.rundir import (GENERATION_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_rows, file_lock,
                          record_files, remove_leftovers, shard_file, video_path, writing)
+from stas.rundir import PARTIAL_DIR, remove_empty_dir
 from stas.video import count_frames, publish_mp4, to_uint8
-
-PARTIAL_DIR = ".partial"
 
 
 def generation_file(run_dir: Path, index: int, count: int) -> Path:
@@ -157,6 +156,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
     logger.log_table("generation", list(records.rows.values()))
     if steering_record is not None:
         atomic_write_json(run_dir / "steering.json", steering_record)
+    remove_empty_dir(partial_dir)  # another process of the run that claims a video later makes it again
     return GenerationSummary(videos_dir, records.path, len(seconds), len(items) - len(todo), len(todo) - len(seconds),
                              sum(seconds) / len(seconds) if seconds else 0.0, steering_record)
 

@@ -12,8 +12,9 @@ class RunLogger:
     """One W&B run per job; `finish()` always runs (use it as a context manager) so multirun jobs never merge."""
 
     def __init__(self, cfg, run_dir: Path, job_type: str):
-        """A run's logger: group = the experiment name, tags = model and steering preset, the resolved config."""
-        group = cfg.logger.group or cfg.name
+        """A run's logger: group = the experiment name (else model/steer), tags = model and steering preset, the
+        resolved config."""
+        group = cfg.logger.group or cfg.get("name") or f"{cfg.model.name}/{cfg.steer.name}"
         self._start(cfg.logger, run_dir, job_type, group, OmegaConf.to_container(cfg, resolve=True),
                     [cfg.model.name, cfg.steer.name])
 

@@ -25,7 +25,7 @@ from stas.evaluation.significance import CORRECTIONS, adjust_pvalues, compare_pa
 from stas.evaluation.significance import paired_bootstrap  # noqa: F401  (re-exported: stas.results.paired_bootstrap)
 from stas.generation import generation_rows
 from stas.rundir import (IDENTITY_FILE, MANIFEST_FILE, METRIC_FIELDS, checked_records, flatten, hydra_job,
-                         load_identity, read_manifest)
+                         load_identity, read_manifest, run_dirs_below)
 
 # The paper's Table 1: column title -> VBench dimension, or the composite score.
 PAPER_COLUMNS = {
@@ -93,24 +93,29 @@ def _natural(text: str) -> tuple:
     return tuple(int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r"(\d+)", text)))
 
 
-def find_runs(paths: list[Path]) -> list[Run]:
+def find_runs(paths: list[Path], skipped: list[Path] | None = None) -> list[Run]:
     """Every run under the given run or sweep directories, with its metric rows (merged and shard files), in sweep
     order: the paths as given; below each, sweep folders in natural order, their runs by Hydra job number (then
-    natural order of the folder name, so that 10 comes after 9)."""
-    runs, seen = [], set()
+    natural order of the folder name, so that 10 comes after 9). Run directories without any output (failed before
+    their first video, or not started) are left out and added to `skipped`."""
+    runs, seen, skipped = [], set(), [] if skipped is None else skipped
     for path in map(Path, paths):
         if not path.is_dir():
             raise UserError(f"{path} is not a directory")
-        found = [path] if (path / IDENTITY_FILE).is_file() else [p.parent for p in path.rglob(IDENTITY_FILE)]
+        stubs, found = len(skipped), run_dirs_below(path, skipped)
         if not found:
-            raise UserError(f"{path} holds no run (no {IDENTITY_FILE} below it): is it a stas.run output directory?")
+            raise UserError(f"{path} holds no run (no {IDENTITY_FILE} below it): is it a stas.run output directory?"
+                            if len(skipped) == stubs else f"{path} holds no run with any output (no video, no "
+                            f"record): {', '.join(map(str, skipped[stubs:]))}")
         below = []
         for run_dir in found:
             if run_dir.resolve() in seen:
                 continue
             seen.add(run_dir.resolve())
             choices, job = hydra_job(run_dir)
-            below.append(Run(run_dir, _checked_identity(run_dir), _metric_rows(run_dir), choices, job))
+            metrics = {(row["video"], row["evaluator"], row["metric"]): row
+                       for row in checked_records(run_dir, "metrics", METRIC_FIELDS)}
+            below.append(Run(run_dir, _checked_identity(run_dir), list(metrics.values()), choices, job))
         runs += sorted(below, key=lambda run: (
             tuple(map(_natural, run.path.relative_to(path).parent.parts)),
             (0, run.job) if run.job is not None else (1, 0), _natural(run.path.name)))
@@ -128,12 +133,6 @@ def _checked_identity(run_dir: Path) -> dict:
             raise UserError(f"{run_dir / IDENTITY_FILE}: {key}={flat[key]!r} is not of the type stas.run "
                             f"writes ({kind.__name__})")
     return identity
-
-
-def _metric_rows(run_dir: Path) -> list[dict]:
-    rows = {(row["video"], row["evaluator"], row["metric"]): row
-            for row in checked_records(run_dir, "metrics", METRIC_FIELDS)}
-    return list(rows.values())
 
 
 def table_order(runs: list[Run]) -> list[Run]:

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ def expand_grid(overrides: list[str]) -> tuple[list[list[str]], object]:
     shard_keys = [o.input_line for o in parsed if o.get_key_element().startswith("shard.")]
     if shard_keys:
         raise UserError(f"{shard_keys[0]}: shards are set by --shards (one array task per shard)")
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    # As Hydra's sweeper writes them (a\ cat), so that the cells' directories are the ones a multirun uses
+    fixed = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if not o.is_sweep_override()]
     base = compose_config(fixed, with_hydra=True)
     sweeps = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}
     params = base.hydra.sweeper.params
@@ -82,16 +84,17 @@ def task_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not override_key(o).startswith("hydra")]
 
 
-def run_dir_of(cell_overrides: list[str], cfg) -> Path:
-    """The directory Hydra's multirun gives this cell: sweep dir / override_dirname (minus the excluded keys)."""
+def run_dir_of(cell_overrides: list[str], cfg, sweep_dir: Path | None = None) -> Path:
+    """The directory Hydra's multirun gives this cell: sweep dir / override_dirname (minus the excluded keys).
+    `sweep_dir`: the sweep's, resolved once (an unnamed sweep's has the time in it)."""
     exclude = set(cfg.hydra.job.config.override_dirname.exclude_keys)
     kept = sorted(o for o in task_overrides(cell_overrides) if override_key(o) not in exclude)
-    subdir = path_safe(",".join(kept)) or "run"
-    return Path(str(cfg.hydra.sweep.dir)) / subdir
+    return Path(sweep_dir or str(cfg.hydra.sweep.dir)) / path_safe(",".join(kept))
 
 
 def plan(overrides: list[str]) -> tuple[list[Cell], object]:
     cells, base = expand_grid(overrides)
+    sweep_dir = Path(str(base.hydra.sweep.dir))
     planned = []
     for cell_overrides in cells:
         cfg = compose_config(cell_overrides, with_hydra=True)
@@ -99,7 +102,7 @@ def plan(overrides: list[str]) -> tuple[list[Cell], object]:
             validate(cfg)
         except ConfigError as err:
             raise UserError(f"cell {' '.join(cell_overrides)}: {err}") from None
-        planned.append(Cell(cell_overrides, run_dir_of(cell_overrides, cfg).resolve()))
+        planned.append(Cell(cell_overrides, run_dir_of(cell_overrides, cfg, sweep_dir).resolve()))
     return planned, base
 
 
@@ -164,6 +167,9 @@ def write_cell_files(cell: Cell, launcher) -> None:
 def submit(overrides: list[str], shards: int, dry_run: bool, out=sys.stdout) -> dict:
     if shards < 1:
         raise UserError(f"--shards={shards} must be >= 1")
+    if not dry_run and shutil.which("sbatch") is None:  # before anything is written into a run directory
+        raise UserError("sbatch not found on PATH: run this on a Slurm login node (or use --dry-run to see what "
+                        "would be submitted)")
     if not any(o.split("=", 1)[0] == "hydra/launcher" for o in overrides):
         overrides = [*overrides, "hydra/launcher=slurm"]
     cells, base = plan(overrides)

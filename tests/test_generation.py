@@ -28,8 +28,8 @@ def test_three_families_generate_through_the_cli_in_one_multirun(cli, tmp_path):
     result = cli("stas.run", "-m", "model=tiny_wan21,tiny_wan22,tiny_cogvideox", ONE_PROMPT, "logger=none", "eval=none",
                  "model.steps=4", "progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for job, name in enumerate(["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]):
-        run_dir = tmp_path / "sweep" / str(job)
+    for name in ["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]:
+        (run_dir,) = (tmp_path / "sweep").glob(f"*,model={name},*")  # cells named by their overrides
         model = compose([f"model={name}"]).model
         (row,) = rows_of(run_dir)
         assert row["backbone"] == name and row["steer"] == "stas"
@@ -90,7 +90,7 @@ def test_resume_redoes_only_what_is_missing(tmp_path):
     assert [r["key"] for r in rows_of(run_dir)] == ["0:0", "0:1", "1:0", "1:1"]  # no duplicate, no torn line
     third = gen(run_dir, PROMPTS, "prompts.samples_per_prompt=2")
     assert (third.generated, third.skipped) == (0, 4)
-    assert not list((run_dir / ".partial").glob("*"))
+    assert not (run_dir / ".partial").exists()  # no claim left, and the empty folder tidied
 
 
 def test_another_config_into_the_same_run_dir_is_refused(tmp_path):

@@ -272,6 +272,26 @@ def test_bad_statistics_options_are_one_clear_line(tmp_path, capsys, option, val
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_tables_skip_run_directories_without_output_and_say_so(tmp_path, capsys):
+    fake_run(tmp_path / "sweep" / "steer=none", steer="none", metrics={("pixel", "consistency"): {"a cat": [0.9]}})
+    stub = tmp_path / "sweep" / "steer=stas"  # what a run that failed before its first video leaves
+    stub.mkdir()
+    (stub / "run_identity.yaml").write_text(yaml.safe_dump({"model": {"name": "m", "fps": 8},
+                                                            "steer": {"name": "stas", "enabled": True}}))
+    (stub / "items.jsonl").write_text('{"key": "0:0", "prompt": "a cat", "index": 0, "seed": 0}\n')
+    (stub / "videos").mkdir()
+    skipped = []
+    assert [run.path for run in find_runs([tmp_path / "sweep"], skipped)] == [tmp_path / "sweep" / "steer=none"]
+    assert skipped == [stub]
+    assert tables_main()([str(tmp_path / "sweep"), "--out", str(tmp_path / "t"), "--wandb", "none"]) == 0
+    captured = capsys.readouterr()
+    assert "tables: skipped 1 run directory without any output" in captured.err and str(stub) in captured.err
+    assert "Vanilla" in (tmp_path / "t" / "metrics_table.md").read_text()
+    assert "+STAS" not in (tmp_path / "t" / "metrics_table.md").read_text()
+    assert tables_main()([str(stub), "--out", str(tmp_path / "t2"), "--wandb", "none"]) == 2
+    assert f"{stub} holds no run with any output (no video, no record): {stub}" in capsys.readouterr().err
+
+
 def test_runs_are_in_sweep_order_numeric_vanilla_first(tmp_path):
     for num in range(12):  # hydra.job.num subdirectories: 10 and 11 come after 9
         fake_run(tmp_path / "numbered" / str(num), steer="none" if num == 11 else "stas", steer_keys={"alpha": num})

@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -83,6 +86,25 @@ def test_bad_submissions_are_clear(fake_sbatch, tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_submit_without_sbatch_writes_nothing(tmp_path):
+    """slurm/submit.sh on a machine without sbatch stops before writing anything into the runs (not after the
+    first run's files); --dry-run still works there."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin", "/bin"])
+    if shutil.which("sbatch", path=path):
+        pytest.skip("sbatch is installed here")
+    env = dict(os.environ, PATH=path, PYTHONPATH=str(REPO))
+    sweep = tmp_path / "sweep"
+    args = ["bash", str(REPO / "slurm" / "submit.sh"), "experiment=tiny_ablation_alpha", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().startswith("stas.slurm: error: sbatch not found on PATH")
+    assert not list(tmp_path.iterdir())
+    dry = subprocess.run([*args[:2], "--dry-run", *args[2:]], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert dry.returncode == 0 and "sbatch submissions (dry run" in dry.stdout, dry.stderr
+
+
 def test_sbatch_scripts_are_valid_bash():
     for script in sorted((REPO / "slurm").glob("*.sbatch")) + [REPO / "slurm" / "submit.sh"]:
         subprocess.run(["bash", "-n", str(script)], check=True)
@@ -90,15 +112,30 @@ def test_sbatch_scripts_are_valid_bash():
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_multirun(tmp_path):
+    """Each job's output reaches the console; the cells are named by their overrides; a job that fails is shown
+    with its error and leaves no directory."""
     sweep = tmp_path / "sweep"
     result = run_cli("stas.run", "-m", "hydra/launcher=local", "steer=none,stas", "prompts.prompts=[a cat]",
                      "model.steps=2", "logger=none", "progress=false", "eval=none", f"hydra.sweep.dir={sweep}",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for subdir in ("0", "1"):
-        rows = (sweep / subdir / "generation.jsonl").read_text().splitlines()
-        assert len(rows) == 1 and (sweep / subdir / json.loads(rows[0])["path"]).is_file()
-    assert list((sweep / ".submitit").iterdir())  # the jobs really went through submitit
+    cells = {steer: sweep / f"model.steps=2,prompts.prompts=[a cat],steer={steer}" for steer in ("none", "stas")}
+    for steer, cell in cells.items():
+        rows = (cell / "generation.jsonl").read_text().splitlines()
+        assert len(rows) == 1 and (cell / json.loads(rows[0])["path"]).is_file()
+        assert f"stas.run: tiny_wan21 / steer={steer}: 1 video(s) generated" in result.stdout
+        assert f"videos:  {cell / 'videos'}" in result.stdout
+    assert result.stdout.index("#0 : steer=none") < result.stdout.index("#1 : steer=stas")
+    assert "submitit INFO" not in result.stdout
+    assert list((sweep / ".submitit").iterdir()) and not (sweep / ".submitit" / "%j").exists()
+    failing = run_cli("stas.run", "-m", "hydra/launcher=local", "prompts.limit=1,0", "model.steps=2", "logger=none",
+                      "progress=false", "eval=none", f"hydra.sweep.dir={tmp_path / 'failing'}", cwd=tmp_path)
+    assert failing.returncode != 0
+    out = failing.stdout
+    assert "#0 : prompts.limit=1" in out and "stas.run: tiny_wan21 / steer=stas: 1 video(s) generated" in out
+    assert re.search(r"#1 : prompts\.limit=0 .*FAILED\n  stas\.run \(job 1\): error: prompts\.limit=0 must be", out)
+    assert sorted(p.name for p in (tmp_path / "failing").iterdir() if not p.name.startswith(".")) == [
+        "model.steps=2,prompts.limit=1", "multirun.yaml"]  # the failed cell made nothing: no directory
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ start-up, before any model is loaded, and raises `ConfigError` naming the field,
 from stas.config.overrides import check_override, config_groups
 from stas.config.schema import (EXPERIMENTS_DIR, SCHEMAS, AnalysisConfig, ModelConfig, PlantConfig, SteerConfig,
                                 StasConfig, load_group_option, path_safe, register_configs)
-from stas.config.validation import NUMERIC_BOUNDS, validate
+from stas.config.validation import NUMERIC_BOUNDS, validate, validate_paths
 from stas.errors import ConfigError
 
 __all__ = [
     "check_override", "config_groups", "EXPERIMENTS_DIR", "SCHEMAS", "AnalysisConfig", "ModelConfig", "PlantConfig",
     "SteerConfig", "StasConfig", "load_group_option", "path_safe", "register_configs", "NUMERIC_BOUNDS", "validate",
-    "ConfigError",
+    "validate_paths", "ConfigError",
 ]

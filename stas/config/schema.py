@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from stas.config.describe import keys_help
 from stas.core.massive import Detection
 from stas.errors import ConfigError
 from stas.evaluation.schema import EvalConfig
@@ -23,55 +25,55 @@ OFFLOAD_MODES = ("none", "model", "sequential")
 
 @dataclass
 class PlantConfig:
-    enabled: bool = True
-    channels: List[int] = field(default_factory=lambda: [5, 17, 26])
+    enabled: bool = True  # plant massive activations in the tiny twin (random weights have none)
+    channels: List[int] = field(default_factory=lambda: [5, 17, 26])  # the planted MA channels
     # Multiples of the mean |value| of the block output's other channels (stas.backbones.tiny), signed.
     magnitudes: List[float] = field(default_factory=lambda: [100.0, -80.0, 60.0])
-    first_frame: float = 1.0
-    boundary: float = 0.5
-    interior: float = 0.1
-    boundary_width: int = 1
-    boundary_unit: str = "rows"
-    layers: Optional[List[int]] = None
+    first_frame: float = 1.0  # profile on first-latent-frame tokens (x magnitude)
+    boundary: float = 0.5  # profile on boundary tokens of the later latent frames
+    interior: float = 0.1  # profile on the other tokens
+    boundary_width: int = 1  # boundary = the first and last `width` tokens or token rows of each later latent frame
+    boundary_unit: str = "rows"  # rows | tokens
+    layers: Optional[List[int]] = None  # blocks to plant in; null: every block
 
 
 @dataclass
 class TinyConfig:
-    seed: int = 0
-    num_layers: int = 2
-    num_heads: int = 2
+    seed: int = 0  # seed of the tiny twin's random weights
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 2  # attention heads
     head_dim: int = 64  # hidden_dim = num_heads x head_dim = 128: room for 3 planted MA channels to stand out
-    ffn_dim: int = 64
-    text_dim: int = 32
-    vae_base_dim: int = 3
+    ffn_dim: int = 64  # feed-forward width of a block
+    text_dim: int = 32  # width of the small T5 text encoder
+    vae_base_dim: int = 3  # base channels of the tiny VAE
     plant: PlantConfig = field(default_factory=PlantConfig)
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
-    family: str = MISSING
+    name: str = MISSING  # the model option (conf/model/<name>.yaml): W&B tag, run folder, tables' Model column
+    family: str = MISSING  # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox
     hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
-    revision: Optional[str] = None
-    tiny: Optional[TinyConfig] = None
-    num_layers: int = MISSING
-    hidden_dim: int = MISSING
-    height: int = MISSING
-    width: int = MISSING
-    num_frames: int = MISSING
-    steps: int = MISSING
-    guidance_scale: float = MISSING
-    flow_shift: Optional[float] = None
-    use_dynamic_cfg: bool = False
-    fps: int = MISSING
-    negative_prompt: str = ""
-    max_sequence_length: int = 226
-    dtype: str = "bfloat16"
-    vae_dtype: Optional[str] = None
-    device: str = "auto"
-    cpu_offload: str = "none"
-    vae_tiling: bool = False
-    vae_slicing: bool = False
+    revision: Optional[str] = None  # the checkpoint's revision on the hub; null: main
+    tiny: Optional[TinyConfig] = None  # the tiny twin's sizes and planted MAs (tiny_* models only)
+    num_layers: int = MISSING  # transformer blocks (checked against the loaded model)
+    hidden_dim: int = MISSING  # hidden-state channels (checked against the loaded model)
+    height: int = MISSING  # video height in pixels
+    width: int = MISSING  # video width in pixels
+    num_frames: int = MISSING  # video frames (latent frames: (F - 1) // 4 + 1)
+    steps: int = MISSING  # denoising steps
+    guidance_scale: float = MISSING  # classifier-free guidance scale; <= 1: no CFG (one branch)
+    flow_shift: Optional[float] = None  # the flow-matching scheduler's shift (Wan); null: the scheduler's own
+    use_dynamic_cfg: bool = False  # CogVideoX's dynamic CFG schedule
+    fps: int = MISSING  # frames per second of the written mp4
+    negative_prompt: str = ""  # the CFG negative prompt
+    max_sequence_length: int = 226  # text tokens given to the text encoder
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16: the pipeline's weights and compute
+    vae_dtype: Optional[str] = None  # the VAE's dtype (Wan); null: float32
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    cpu_offload: str = "none"  # none | model | sequential: diffusers' CPU offloading of the whole pipeline
+    vae_tiling: bool = False  # decode the video in spatial tiles (less memory)
+    vae_slicing: bool = False  # decode one batch element at a time (less memory)
     compile: str = "none"  # none | regional (the blocks, diffusers' compile_repeated_blocks) | full (forward)
     group_offload: str = "none"  # none | block_level | leaf_level (diffusers' group offloading of the transformer)
     group_offload_blocks: int = 1  # transformer blocks per group with group_offload=block_level
@@ -80,21 +82,21 @@ class ModelConfig:
 
 @dataclass
 class WindowConfig:
-    start: float = 0.0
-    end: float = 0.4
+    start: float = 0.0  # first step steered (a fraction of the steps, or a step index with unit=steps)
+    end: float = 0.4  # the window ends before this step
     unit: str = "fraction"  # fraction of the number of steps, or step indices; the window is [start, end)
 
 
 @dataclass
 class SteerConfig:
-    name: str = "stas"
-    enabled: bool = True
-    rule: str = "max_scaled"
-    alpha: float = 1.0
-    strength: float = 1.0
-    targets: str = "first_frame+boundary"
-    boundary_width: int = 1
-    boundary_unit: str = "rows"
+    name: str = "stas"  # the preset's name: run folder, W&B tag, the tables' Method column
+    enabled: bool = True  # false: plain CFG, nothing steered (steer=none)
+    rule: str = "max_scaled"  # the target: max_scaled (alpha x M x sign) | per_channel_max | scale | zero
+    alpha: float = 1.0  # how hard to steer: the target's multiple, in (0, 100] (max_scaled, per_channel_max, scale)
+    strength: float = 1.0  # h <- h + strength x (target - h), in (0, 1]: 1 replaces the value by the target
+    targets: str = "first_frame+boundary"  # tokens steered: first_frame | boundary | interior | all, joined by +
+    boundary_width: int = 1  # boundary = the first and last `width` tokens or token rows of each later latent frame
+    boundary_unit: str = "rows"  # rows | tokens
     dims: Any = "auto"  # auto | all | calibrated | calibrated_weak | calibrated_non_ma | [channel, ...]
     # max_scaled's M: the layer's largest true-MA peak (the paper's global maximum reference magnitude), or the
     # steered channels' own largest peak. The same for dims=auto; they differ for fixed channels (ablation_dims).
@@ -102,7 +104,7 @@ class SteerConfig:
     calibration: Optional[str] = None  # ma_dims.yaml written by stas.analyze
     layers: Any = "all"  # all | [index, ...] | "start:end"
     window: WindowConfig = field(default_factory=WindowConfig)
-    branches: str = "both"
+    branches: str = "both"  # CFG branches steered: cond | uncond | both
 
 
 @dataclass
@@ -112,7 +114,7 @@ class DetectConfig:
 
     rule: str = Detection.rule  # mean_abs | channel_peak | sun (conf/detect/<rule>.yaml: each with its ratio, floor)
     ratio: float = Detection.ratio  # massive: channel peak > max(ratio x the rule's scale, floor)
-    floor: float = Detection.floor
+    floor: float = Detection.floor  # the least peak that counts as massive, whatever the scale
     max_dims: int = Detection.max_dims  # at most this many channels per hidden state (the largest peaks)
     branches: str = "per_branch"  # per_branch: each CFG branch its own channels; shared: the cond branch's for both
 
@@ -129,31 +131,31 @@ class GuidanceConfig:
 @dataclass
 class PromptsConfig:
     source: str = "demo"  # demo | list | file | vbench
-    prompts: List[str] = field(default_factory=list)
-    path: Optional[str] = None
-    samples_per_prompt: int = 1
-    limit: Optional[int] = None
-    vbench_dimensions: Optional[List[str]] = None
+    prompts: List[str] = field(default_factory=list)  # the prompts of source=list (prompts=list)
+    path: Optional[str] = None  # source=file: a UTF-8 text file, one prompt a line; vbench: another full_info JSON
+    samples_per_prompt: int = 1  # videos per prompt; sample i uses seed + i
+    limit: Optional[int] = None  # only the first `limit` prompts
+    vbench_dimensions: Optional[List[str]] = None  # source=vbench: only the prompts of these VBench dimensions
 
 
 @dataclass
 class LoggerConfig:
     backend: str = "wandb"  # wandb | none
     mode: str = "offline"  # offline | online | disabled
-    project: str = "stas"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    log_videos: int = 4
-    init_timeout: int = 120
+    project: str = "stas"  # the W&B project
+    entity: Optional[str] = None  # the W&B user or team; null: your default
+    group: Optional[str] = None  # the W&B group; null: the experiment name, else model/steer
+    tags: List[str] = field(default_factory=list)  # extra W&B tags (model and steer preset are always added)
+    log_videos: int = 4  # sample videos uploaded per run
+    init_timeout: int = 120  # seconds W&B may take to start
 
 
 @dataclass
 class ShardConfig:
     # Only what is given here shards a run (None: 0 of 1): under a Slurm launcher $SLURM_ARRAY_TASK_ID numbers the
     # sweep's cells, not shards, so it is never read (the sbatch scripts pass shard.index/count explicitly).
-    index: Optional[int] = None
-    count: Optional[int] = None
+    index: Optional[int] = None  # this process makes every count-th video, from the index-th (0-based)
+    count: Optional[int] = None  # how many shards the run is split into
 
 
 ANALYSIS_PLOTS = ("tokens", "ratios", "channels", "profile")
@@ -167,8 +169,8 @@ class AnalysisConfig:
     steps: Any = "all"  # denoising steps captured: all | [index, ...] | "start:end"
     # (block, step) pairs whose per-token MA magnitude is kept (S floats each): the sequence plot, within-frame
     # profile and period. None: the middle captured block; the first captured step and the one nearest 10% of steps.
-    profile_layers: Any = None
-    profile_steps: Any = None
+    profile_layers: Any = None  # [index, ...] | null
+    profile_steps: Any = None  # [index, ...] | null: the steps of those pairs (see analysis.profile_layers)
     min_frequency: float = 0.5  # calibration: massive in at least this fraction of a block's observations
     weak: int = 4  # calibration: the next-ranked channels that do not qualify, per block
     non_ma: int = 4  # calibration: ordinary channels nearest the median peak, per block
@@ -178,8 +180,14 @@ class AnalysisConfig:
     resamples: int = 1000  # bootstrap resamples over prompts; null draws of the period test
     confidence: float = 0.95  # of the bootstrap intervals; the period test's level is 1 - confidence
     min_prompts: int = 3  # fewer prompts with MAs: the verdict is inconclusive
-    plots: List[str] = field(default_factory=lambda: list(ANALYSIS_PLOTS))
+    plots: List[str] = field(default_factory=lambda: list(ANALYSIS_PLOTS))  # tokens | ratios | channels | profile
     compare: List[str] = field(default_factory=list)  # analysis run directories to put side by side (no sampling)
+
+
+@dataclass
+class PathsConfig:
+    # Where outputs go: runs under <root>/runs/, sweeps under <root>/multirun/ (relative to the working directory)
+    root: str = "."
 
 
 @dataclass
@@ -192,11 +200,14 @@ class StasConfig:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     shard: ShardConfig = field(default_factory=ShardConfig)
-    experiment: Optional[str] = None
-    name: str = "default"  # experiment name: W&B group, output folder
-    seed: int = 0
-    progress: bool = True
+    experiment: Optional[str] = None  # a whole experiment (experiments/<name>.yaml): python -m stas.run -m experiment=x
+    # Experiment name: the output folder (runs/<name>/<time>) and W&B group; null: named by what runs,
+    # runs/<model>/<steer>/<time> (a sweep: multirun/<time>/<its overrides>)
+    name: Optional[str] = None
+    seed: int = 0  # sample i of every prompt uses seed + i (a CPU generator: the same frames on any device)
+    progress: bool = True  # progress bars on stderr
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 SCHEMAS = {
@@ -211,9 +222,32 @@ SCHEMAS = {
 }
 
 
+MAX_DIR_NAME = 200  # bytes; file systems allow 255 per name
+
+
 def path_safe(text: str) -> str:
-    """A sweep's override_dirname as one directory name: a group override such as steer/window=late has a '/'."""
-    return str(text).replace("/", ".")
+    """A sweep's override_dirname as one directory name: a group override such as steer/window=late has a '/' (made
+    '.'), Hydra escapes spaces and ':' (a\\ cat: the backslashes go); a name longer than MAX_DIR_NAME bytes is cut and
+    ends with a hash of the whole; nothing at all is `run`."""
+    name = str(text).replace("/", ".").replace("\\", "").replace("\0", "")
+    if len(name.encode("utf-8")) > MAX_DIR_NAME:
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+        name = name.encode("utf-8")[: MAX_DIR_NAME - 13].decode("utf-8", "ignore") + "-" + digest
+    return name or "run"
+
+
+def run_name(name, model, steer, guidance="cfg") -> str:
+    """`${run_name:${name},${model.name},${steer.name},${guidance.name}}`: the user's name, or else what runs as
+    folders: tiny_wan21/stas, and tiny_wan21/stas+apg with a guidance other than plain CFG."""
+    if name is not None and str(name) != "":
+        return str(name)
+    method = str(steer) if str(guidance) == "cfg" else f"{steer}+{guidance}"
+    return f"{path_safe(model)}/{path_safe(method)}"
+
+
+def named_folder(name) -> str:
+    """`${named_folder:${name}}`: `<name>/` when a name is given, else nothing (multirun/<time> of an unnamed sweep)."""
+    return "" if name is None or str(name) == "" else f"{name}/"
 
 
 def repo_path(relative: str) -> str:
@@ -226,7 +260,8 @@ def register_configs() -> None:
     """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass).
     Once per process: ConfigStore keeps what is stored, and loading every experiment again costs a quarter second
     per composed config."""
-    for name, resolver in (("path_safe", path_safe), ("repo", repo_path)):
+    for name, resolver in (("path_safe", path_safe), ("repo", repo_path), ("run_name", run_name),
+                           ("named_folder", named_folder), ("stas_keys", keys_help)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -293,6 +294,19 @@ def validate_logger(logger) -> None:
     check_allowed("logger.mode", logger.mode, ("offline", "online", "disabled"))
 
 
+def validate_paths(paths) -> None:
+    """paths.root: a directory (or none yet) that Hydra puts runs/ and multirun/ under; checked before Hydra makes
+    any folder there (stas.cli.OutputDirCheck) and by `validate`."""
+    root = paths.root
+    if not isinstance(root, str) or not root.strip():
+        raise ConfigError(f"paths.root={root!r} must name a directory, e.g. paths.root=/scratch/$USER/stas "
+                          "(default '.': runs/ and multirun/ in the working directory)")
+    if root.startswith("~"):
+        raise ConfigError(f"paths.root={root!r}: '~' is not expanded here; give the path, e.g. paths.root=$HOME/...")
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ConfigError(f"paths.root={root!r} is a file, not a directory")
+
+
 def _check_device(path: str, device: str) -> None:
     if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
         raise ConfigError(f"{path}={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
@@ -342,6 +356,7 @@ def validate(cfg) -> Backbone:
     validate_guidance(cfg.guidance)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)
+    validate_paths(cfg.paths)
     validate_eval(cfg.eval)
     validate_analysis(cfg.analysis, cfg.model)
     shard_of(cfg.shard)

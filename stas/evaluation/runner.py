@@ -168,9 +168,11 @@ class RunEvaluation:
         self.todo: dict[str, list[Video]] = {}  # scorer: the videos it still has to score
         self.readable: dict[str, list[Video]] = defaultdict(list)  # set-level scorer: its videos that decode
         self.seconds: dict[str, float] = defaultdict(float)
+        self.planned = False
 
     def run(self, logger=None) -> EvaluationSummary:
-        self.plan()
+        if not self.planned:
+            self.plan()
         self.score_decoded()
         self.score_sets()
         return self.finish(logger)
@@ -204,9 +206,14 @@ class RunEvaluation:
         self._append(error_row(video, scorer.evaluator, scorer.error_metric, error))
         _bump(self.summary.errors, scorer.name)
 
+    def has_work(self) -> bool:
+        """After `plan`: whether any scorer that can run here has a video left to score."""
+        return any(self.todo.values())
+
     def plan(self) -> None:
         """Each evaluator's scorers and the videos they still have to score; then each scorer with work gets ready
         (one that cannot run here is skipped with the reason)."""
+        self.planned = True
         summary = self.summary
         for evaluator in self.evaluators:
             for scorer in evaluator.scorers(self.videos):

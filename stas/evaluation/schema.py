@@ -20,7 +20,7 @@ from stas.evaluation.registry import evaluator_class, registered
 @dataclass
 class SharedEvalConfig:
     evaluators: List[str] = field(default_factory=list)  # registered names: pixel | dino | clip | vbench | ...
-    device: str = "auto"
+    device: str = "auto"  # where the evaluators run: auto | cpu | cuda | cuda:N
     batch_size: int = 32  # frames per forward pass of dino / clip
     temporal_compression: Optional[int] = None  # latent chunking of the chunk-aware metrics; default: the model's VAE
 

@@ -92,7 +92,11 @@ def file_lock(path: Path, wait: bool = True, remove: bool = False) -> Iterator[i
     path = Path(path)
     while True:
         with writing(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+            except FileNotFoundError:  # its folder was tidied away meanwhile (an empty .partial/ of a finished run)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -117,8 +117,7 @@ BAD = [
                                                        r"1-latent-frame video"),
     # keys that are not fields, values their field cannot hold
     (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, detect, eval, experiment, guidance, "
-                   r"logger, model, name, "
-                   r"progress, prompts, seed, shard, steer$"),
+                   r"logger, model, name, paths, progress, prompts, seed, shard, steer$"),
     (["+shard.indx=1"], r"^shard.indx is not a field of shard; fields: count, index$"),
     (["steer.targts=boundary"], r"^steer.targts is not a field of steer; fields: alpha, boundary_unit, "),
     (["~steer.calibratio"], r"^steer.calibratio is not a field of steer"),

@@ -113,6 +113,21 @@ def test_evaluate_cli_is_idempotent_and_caches_per_video(default_run, tmp_path):
                                                                                                   abs=1e-12)
 
 
+def test_evaluating_a_fully_scored_run_opens_no_wandb_run(tmp_path, capsys):
+    cfg, run_dir = make_run(tmp_path, ["eval.evaluators=[pixel]"])
+    args = [str(run_dir), "eval.evaluators=[pixel]", "logger=wandb", "logger.mode=offline", "progress=false"]
+    evaluate_main(args)
+    assert "scored now: pixel 2" in capsys.readouterr().out
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    before = (run_dir / METRICS_FILE).read_bytes()
+    evaluate_main(args)  # exits 0 (returns)
+    out = capsys.readouterr().out
+    assert out.startswith("stas.evaluate: nothing to evaluate: 2 video(s) already scored (no W&B run opened)\n")
+    assert "already scored (cached): pixel 2" in out and "scored now" not in out
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # no second W&B run
+    assert (run_dir / METRICS_FILE).read_bytes() == before
+
+
 @pytest.mark.slow
 def test_bad_videos_and_missing_or_broken_vbench_weights_fail_alone(tmp_path):
     cache = tmp_path / "vbench-cache"
@@ -216,11 +231,15 @@ def test_vbench_worker_in_another_interpreter_and_its_catalogue(tmp_path):
     assert set(CACHE_FILES) == set(DIMENSIONS)
     # An interpreter without vbench: every dimension is skipped with the reason
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
-    cfg, run_dir = make_run(tmp_path, [*FLICKERING, f"eval.vbench.python={tmp_path / 'venv' / 'bin' / 'python'}"])
+    cfg, run_dir = make_run(tmp_path, ["eval.evaluators=[pixel,vbench]",
+                                       "eval.vbench.dimensions=[temporal_flickering,subject_consistency]",
+                                       f"eval.vbench.python={tmp_path / 'venv' / 'bin' / 'python'}"])
     summary = evaluate_run(cfg, run_dir)
     assert summary.scored == {"pixel": 2}
-    assert re.match(r"vbench is not installed in \S*venv/bin/python: pip install --no-deps vbench==0\.1\.5",
-                    summary.skipped["vbench/temporal_flickering"])
+    assert list(summary.skipped) == ["vbench"]  # said once, not once per dimension
+    assert re.match(r"all 2 dimension\(s\): vbench is not installed in \S*venv/bin/python: pip install --no-deps "
+                    r"vbench==0\.1\.5", summary.skipped["vbench"])
+    assert str(summary).count("vbench is not installed") == 1
     # Every file the probe asks for, once placed, satisfies it
     cache = tmp_path / "cache"
     for relative, _ in CACHE_FILES["subject_consistency"]:

@@ -64,12 +64,14 @@ class VBench(Evaluator):
             raise ConfigError(f"eval.vbench.timeout={options.timeout!r} must be >= 1")
 
     def scorers(self, videos: list[Video]) -> list[Scorer]:
-        """A scorer per dimension that can run here (the probe skips the others, saying what they lack)."""
+        """A scorer per dimension that can run here (the probe skips the others, saying what they lack; when VBench
+        itself cannot run, one `vbench` entry says why)."""
         dimensions = list(self.options.dimensions)
         try:
             problems = self.runner.probe(dimensions)
-        except VBenchError as err:
-            problems = {dimension: str(err) for dimension in dimensions}
+        except VBenchError as err:  # VBench as a whole cannot run here (not installed, ...): say it once
+            self.context.skipped[self.name] = f"all {len(dimensions)} dimension(s): {err}"
+            return []
         scorers = []
         for dimension in dimensions:
             scorer = Scorer(self.name, done_metric=dimension, part=dimension)

@@ -1,0 +1,44 @@
+"""What the docs say a new user does and gets, checked against the code: the install lines, where runs go, which
+experiment evaluates how."""
+
+import re
+
+import pytest
+
+from stas.config import EXPERIMENTS_DIR
+
+from conftest import REPO, compose
+
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_installs_the_default_and_on_a_cpu_only_laptop():
+    first = README.split("```bash\n", 1)[1].splitlines()
+    assert first[0] == "pip install -e . && python -m stas.run"  # the default install stays what works here
+    cpu = re.search(r"pip install torch torchvision --index-url https://download\.pytorch\.org/whl/cpu\n"
+                    r"pip install -e \. && python -m stas\.run", README)
+    assert cpu, "the README says how to install the CPU-only torch wheels"
+
+
+def test_readme_names_run_directories_as_stas_makes_them():
+    assert compose([]).name is None and "runs/default" not in README
+    for text in ("runs/<model>/<steer>/<date>_<time>/", "runs/tiny_wan21/stas/", "multirun/<date>_<time>/",
+                 "paths.root"):
+        assert text in README
+
+
+def eval_choice(experiment: str) -> str:
+    from stas.cli import compose_config
+
+    return compose_config([f"experiment={experiment}"], with_hydra=True).hydra.runtime.choices["eval"]
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
+def test_evaluation_docs_say_which_eval_each_experiment_chooses(experiment):
+    docs = " ".join((REPO / "docs" / "evaluation.md").read_text().split())
+    choice = eval_choice(experiment)
+    if experiment == "paper_main":
+        assert choice == "vbench_standard" and "`experiment=paper_main` chooses `eval=vbench_standard`" in docs
+    else:
+        assert choice == "default"
+        assert "The ablations (`ablation_*`) and the `tiny_*` experiments choose no `eval` option" in docs
