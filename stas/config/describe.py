@@ -15,6 +15,7 @@ import inspect
 import io
 import textwrap
 import tokenize
+from dataclasses import is_dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -74,7 +75,9 @@ def entries(node: DictConfig, prefix: str = ""):
         if key == "hydra":
             continue
         child = node._get_node(name)
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+        # A schema node's keys are explained one by one; a free mapping (guidance.params) by its own field's comment.
+        if (isinstance(child, DictConfig) and not child._is_none() and not child._is_missing()
+                and is_dataclass(OmegaConf.get_type(child))):
             yield from entries(node[name], f"{key}.")
             continue
         yield key, _shown(node, name), field_help(schema, name)
