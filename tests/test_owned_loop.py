@@ -52,6 +52,7 @@ def test_owned_loop_gives_the_pipelines_frames_bit_for_bit(tiny_pipelines, twin,
     assert np.array_equal(frames, expected)
 
 
+@pytest.mark.slow  # the quick tier keeps the bit-for-bit CFG cases; the golden frames run the loop too
 @pytest.mark.parametrize("twin", TWINS)
 def test_owned_loop_with_steering_gives_the_pipelines_frames_and_record(tiny_pipelines, twin):
     cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, twin, "steer=stas")
@@ -64,6 +65,7 @@ def test_owned_loop_with_steering_gives_the_pipelines_frames_and_record(tiny_pip
     assert not np.array_equal(frames, vanilla)  # steering did something
 
 
+@pytest.mark.slow  # the quick tier keeps the bit-for-bit CFG cases; the golden frames run the loop too
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
 def test_cogvideox_dynamic_cfg_bit_for_bit_also_where_the_scale_comes_near_one(tiny_pipelines, scheduler):
     """3 DDIM steps: the dynamic scale at t=333 is 1 + 2.5e-13, where diffusers' own guider would skip the uncond
@@ -85,6 +87,7 @@ def test_cogvideox_dynamic_cfg_bit_for_bit_also_where_the_scale_comes_near_one(t
     assert not np.array_equal(plain, expected)  # why GuidesEveryStep exists
 
 
+@pytest.mark.slow  # the quick tier keeps the bit-for-bit CFG cases; the golden frames run the loop too
 @pytest.mark.parametrize("twin", TWINS)
 def test_latent_output_is_the_pipelines(tiny_pipelines, twin):
     cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, twin)
@@ -96,6 +99,7 @@ def test_latent_output_is_the_pipelines(tiny_pipelines, twin):
     assert torch.equal(latents, expected)
 
 
+@pytest.mark.slow  # the quick tier keeps the bit-for-bit CFG cases; the golden frames run the loop too
 @pytest.mark.parametrize("scale_2", [None, 3.0])
 def test_two_expert_wan_bit_for_bit_and_each_call_names_its_expert(tiny_pipelines, scale_2):
     """Wan2.2-A14B's layout on the tiny Wan twin: a second transformer (transformer_2, guidance_scale_2) below the
@@ -202,6 +206,7 @@ def test_announced_calls_label_steps_and_branches_where_counting_slips():
     assert not hasattr(module, "_stas_denoising_call")  # the announcement ends with its call
 
 
+@pytest.mark.slow  # the quick tier keeps the bit-for-bit CFG cases; the golden frames run the loop too
 @pytest.mark.parametrize("twin", ["tiny_wan21", "tiny_wan22"])
 def test_an_extra_pass_per_step_leaves_steering_where_it_was(tiny_pipelines, twin, monkeypatch):
     """With a guider that adds an ignored pass, the steered frames and record are plain CFG's: every call is
