@@ -22,7 +22,6 @@ import pandas as pd
 from stas.errors import UserError
 from stas.evaluation.scores import DIMENSIONS, QUALITY_DIMENSIONS, SEMANTIC_DIMENSIONS, vbench_scores
 from stas.evaluation.significance import CORRECTIONS, adjust_pvalues, compare_paired
-from stas.evaluation.significance import paired_bootstrap  # noqa: F401  (re-exported: stas.results.paired_bootstrap)
 from stas.generation import generation_rows
 from stas.rundir import (IDENTITY_FILE, MANIFEST_FILE, METRIC_FIELDS, checked_records, flatten, hydra_job,
                          load_identity, read_manifest, run_dirs_below)
