@@ -17,7 +17,7 @@ from stas.backbones import Backbone, load_pipeline
 from stas.core.selection import shard_of
 from stas.methods import StasSteerer, steering_calibration
 from stas.core.layout import TokenLayout
-from stas.loop import OwnedLoop, make_guider
+from stas.loop import OwnedLoop, make_changes, make_guider
 from stas.prompts import Item, load_prompts, make_items, shard_items
 from stas.rundir import (GENERATION_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_rows, file_lock,
                          record_files, remove_leftovers, shard_file, video_path, writing)
@@ -70,8 +70,18 @@ def make_steerer(cfg, backbone: Backbone) -> StasSteerer | None:
 
 
 def make_loop(cfg, backbone: Backbone) -> OwnedLoop:
-    """stas's own denoising loop with the guider of `cfg.guidance`."""
-    return OwnedLoop(backbone, make_guider(cfg.guidance))
+    """stas's own denoising loop with the guider of `cfg.guidance` (and its changes to the transformer)."""
+    return OwnedLoop(backbone, make_guider(cfg.guidance), make_changes(cfg.guidance, backbone))
+
+
+def sampling_kwargs(cfg, backbone: Backbone, loop: OwnedLoop) -> dict:
+    """The pipeline call's arguments of every video of a run: the model's, with fewer steps under
+    guidance.match_nfe for a guidance that pays extra transformer passes."""
+    kwargs = backbone.pipeline_kwargs(cfg.model)
+    if cfg.guidance.match_nfe:
+        kwargs["num_inference_steps"] = loop.steps_matching_nfe(kwargs["num_inference_steps"],
+                                                                backbone.uses_cfg(kwargs["guidance_scale"]))
+    return kwargs
 
 
 def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout,
@@ -132,7 +142,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
         pipe = load_pipeline(cfg.model, backbone)
         steerer, loop = make_steerer(cfg, backbone), make_loop(cfg, backbone)
         layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-        kwargs = backbone.pipeline_kwargs(cfg.model)
+        kwargs = sampling_kwargs(cfg, backbone, loop)
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
         with steerer.attach(pipe.transformer) if steerer is not None else nullcontext():
             for item in tqdm(todo, desc=f"videos (shard {index + 1}/{count})", disable=not cfg.progress):
@@ -145,7 +155,10 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
                     size = publish_mp4(frames, partial, path, cfg.model.fps)
                     seconds.append(time.perf_counter() - start)
                     row = video_row(cfg, item, path.relative_to(run_dir), frames, seconds[-1], size)
-                    row["nfe"] = loop.nfe  # network function evaluations: the cost to compare methods at
+                    # the cost to compare methods at: network function evaluations, and the steps they took
+                    row["nfe"], row["steps"] = loop.nfe, kwargs["num_inference_steps"]
+                    if loop.record() is not None:
+                        row["guidance_record"] = loop.record()
                     if steerer is not None:
                         row["steering"] = steering_record = steerer.record()
                     records.append(row)

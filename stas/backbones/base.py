@@ -83,6 +83,9 @@ class Backbone:
     text_tokens: ClassVar[str]  # how text enters the blocks; steering and capture only ever see the video tokens
     latents_frame_axis: ClassVar[int]  # axis of the latent frames in the latents a transformer call receives
     expand_timesteps: ClassVar[bool] = False  # a timestep per token (Wan2.2-TI2V)
+    # Self-attention runs on [text, video] tokens and returns (video, text) (joint attention, CogVideoX) instead of
+    # running on and returning the video tokens only.
+    joint_attention: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------------------------- the token grid
 
@@ -132,15 +135,54 @@ class Backbone:
         as the branches of its batch's rows in row order (equal chunks): how the family's pipeline batches them.
 
         Two-pass CFG calls the transformer with the cond batch, then the uncond batch; batched CFG calls it once on
-        torch.cat([uncond, cond]). Without CFG the one call is cond."""
+        torch.cat([uncond, cond]). Without CFG the one call is cond. A branch beyond CFG's (a guider's perturbed
+        pass, e.g. skip-layer guidance's cond_skip) is a call of its own after them in both layouts: the guider
+        changes the model for it (diffusers' `prepare_models`), which cannot happen for some rows of a batch."""
         if self.cfg_layout == "two_pass":
             return tuple((branch,) for branch in branches)
-        order = {branch: n for n, branch in enumerate(BATCHED_ORDER)}
-        return (tuple(sorted(branches, key=lambda branch: order.get(branch, len(order)))),)
+        batched = tuple(branch for branch in BATCHED_ORDER if branch in branches)
+        extra = tuple((branch,) for branch in branches if branch not in BATCHED_ORDER)
+        return ((batched,) if batched else ()) + extra
 
     def pipeline_cfg_calls(self, do_cfg: bool) -> tuple[tuple[str, ...], ...]:
         """The transformer calls of one step of the family's own pipeline (`pipe(...)`): plain CFG or none."""
         return self.cfg_calls(CFG_BRANCHES if do_cfg else CFG_BRANCHES[:1])
+
+    # ------------------------------------------------------------------------------------------ self-attention
+
+    def self_attentions(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The blocks' self-attention modules (diffusers' attention classes, not cross-attention), in block order."""
+        from diffusers.hooks._common import _ATTENTION_CLASSES
+
+        return [module for block in self.blocks(transformer) for module in block.modules()
+                if isinstance(module, _ATTENTION_CLASSES) and not module.is_cross_attention]
+
+    def attention_video_output(self, output):
+        """The video tokens of a self-attention module's output."""
+        return output[0] if self.joint_attention else output
+
+    def with_attention_video_output(self, output, video: torch.Tensor):
+        """A self-attention module's output with its video tokens replaced."""
+        return (video, *output[1:]) if self.joint_attention else video
+
+    def register_layer_skip(self, transformer: torch.nn.Module) -> None:
+        """Register the family's attention processors with diffusers' layer-skip hooks (skip-layer and perturbed-
+        attention guidance look a processor up to know what a skipped attention returns): diffusers 0.42 lists
+        neither WanAttnProcessor nor CogVideoXAttnProcessor2_0. A skipped self-attention returns its input."""
+        from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
+
+        def skipped(module, *args, **kwargs):
+            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if not self.joint_attention:
+                return hidden_states
+            return hidden_states, kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+
+        for module in self.self_attentions(transformer):
+            processor = type(module.processor)
+            try:
+                AttentionProcessorRegistry.get(processor)
+            except ValueError:  # not registered
+                AttentionProcessorRegistry.register(processor, AttentionProcessorMetadata(skip_processor_output_fn=skipped))
 
     # --------------------------------------------------------------------------------------- the pipeline call
 

@@ -122,10 +122,15 @@ class DetectConfig:
 @dataclass
 class GuidanceConfig:
     """How the branch predictions of a step are combined in stas's own loop (stas.loop): a diffusers guider
-    (stas.loop.guidance.GUIDERS). The scale is the model's (model.guidance_scale, model.use_dynamic_cfg)."""
+    (stas.loop.guidance.GUIDANCE). The scale is the model's (model.guidance_scale, model.use_dynamic_cfg)."""
 
-    name: str = "cfg"  # cfg (classifier-free guidance: `pipe(...)`'s frames bit for bit) | cfg_zero_star | apg
+    # cfg (classifier-free guidance: `pipe(...)`'s frames bit for bit) | cfg_zero_star | apg | slg | pag |
+    # enhance_a_video (README "Guidance": what each costs and where it comes from)
+    name: str = "cfg"
     params: Dict[str, Any] = field(default_factory=dict)  # the guider's own keyword arguments (diffusers' names)
+    # true: as many steps as keep the transformer passes (NFE) within plain CFG's at model.steps (fewer steps for a
+    # guidance that pays an extra pass); false: model.steps steps
+    match_nfe: bool = False
 
 
 @dataclass
@@ -255,13 +260,19 @@ def repo_path(relative: str) -> str:
     return str(REPO_DIR / relative)
 
 
+def middle_block(num_layers) -> int:
+    """`${middle_block:${model.num_layers}}`: the middle transformer block, where skip-layer and perturbed-attention
+    guidance perturb by default on every backbone."""
+    return int(num_layers) // 2
+
+
 @functools.cache
 def register_configs() -> None:
     """Register the root schema (conf/config.yaml lists it first, so every group is merged onto its dataclass).
     Once per process: ConfigStore keeps what is stored, and loading every experiment again costs a quarter second
     per composed config."""
     for name, resolver in (("path_safe", path_safe), ("repo", repo_path), ("run_name", run_name),
-                           ("named_folder", named_folder), ("stas_keys", keys_help)):
+                           ("named_folder", named_folder), ("stas_keys", keys_help), ("middle_block", middle_block)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()

@@ -22,7 +22,8 @@ from stas.core.selection import (WINDOW_UNITS, AnalysisSelection, analysis_selec
                                  window_steps)
 from stas.errors import ConfigError, check_allowed, check_at_least
 from stas.evaluation.schema import EVAL_BOUNDS, validate_eval
-from stas.loop import GUIDERS, make_guider
+from stas.loop import GUIDANCE, make_guider
+from stas.loop.guidance import skipped_layers
 from stas.methods.stas import steering_calibration
 
 SEED_MAX = 2**63 - 1  # int64, what torch.Generator, numpy and W&B all hold exactly
@@ -67,6 +68,10 @@ NUMERIC_BOUNDS = {
     "logger.log_videos": Bounds(0, 100000),
     "guidance.params.guidance_rescale": Bounds(0, 1),  # the guiders' rescale towards the cond prediction
     "guidance.params.zero_init_steps": Bounds(0, 10000),
+    **{f"guidance.params.{key}": Bounds(0, 100) for key in ("skip_layer_guidance_scale", "perturbed_guidance_scale")},
+    **{f"guidance.params.{kind}_{end}": Bounds(0, 1) for kind in ("skip_layer_guidance", "perturbed_guidance", "enhance")
+       for end in ("start", "stop")},
+    "guidance.params.enhance_weight": Bounds(-100, 100),  # below -frames the factor is 1: no enhancement
 }
 PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
 ALPHA_BOUNDS = Bounds(0, 100, low_open=True)  # for the rules that use alpha
@@ -275,9 +280,18 @@ def validate_detect(detect, steer) -> Detection:
         raise ConfigError(str(err)) from None
 
 
-def validate_guidance(guidance) -> None:
-    check_allowed("guidance.name", guidance.name, GUIDERS)
-    make_guider(guidance)  # its parameters: names the guider takes, values it accepts
+def validate_guidance(guidance, model) -> None:
+    check_allowed("guidance.name", guidance.name, GUIDANCE)
+    guider = make_guider(guidance)  # its parameters: names the guider takes, values it accepts
+    outside = [index for index in skipped_layers(guider) if not 0 <= index < model.num_layers]
+    if outside:
+        raise ConfigError(f"guidance={guidance.name} perturbs blocks {outside}, but {model.name} has blocks 0 to "
+                          f"{model.num_layers - 1} (model.num_layers={model.num_layers}); set the guider's layers "
+                          "in guidance.params")
+    params = guidance.params
+    if "enhance_start" in params and not params.enhance_start < params.get("enhance_stop", 1.0):
+        raise ConfigError(f"guidance.params.enhance_start={params.enhance_start} must be below "
+                          f"guidance.params.enhance_stop={params.get('enhance_stop', 1.0)}: the steps it enhances")
 
 
 def validate_prompts(prompts) -> None:
@@ -353,7 +367,7 @@ def validate(cfg) -> Backbone:
     backbone = validate_model(cfg.model)
     validate_steer(cfg.steer, cfg.model, backbone)
     validate_detect(cfg.detect, cfg.steer)
-    validate_guidance(cfg.guidance)
+    validate_guidance(cfg.guidance, cfg.model)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)
     validate_paths(cfg.paths)

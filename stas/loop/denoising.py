@@ -15,12 +15,15 @@ With `ClassifierFreeGuidance` this is `pipe(...)` bit for bit (tests/test_owned_
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from stas.backbones import Backbone, DenoisingRun, Expert
+from stas.core.layout import TokenLayout
+from stas.loop.guidance import skipped_layers
 from stas.methods.hooks import DenoisingCall, announced
 
 
@@ -35,16 +38,56 @@ class DenoiseOutput:
 
 @dataclass
 class OwnedLoop:
-    """`denoise` for one backbone and guider, called like a pipeline: loop(pipe, prompt=..., generator=..., ...)."""
+    """`denoise` for one backbone and guider, called like a pipeline: loop(pipe, prompt=..., generator=..., ...).
+    `changes`: Methods that change the transformer for every video (a guidance's, e.g. Enhance-A-Video)."""
 
     backbone: Backbone
     guider: Any
+    changes: tuple = ()
     nfe: int = 0  # of the last call
 
     def __call__(self, pipe, **args) -> DenoiseOutput:
-        output = denoise(pipe, self.backbone, self.guider, **args)
+        with ExitStack() as stack:
+            for change in self.changes:
+                stack.enter_context(change.attach(pipe.transformer))
+                layout = TokenLayout.for_video(self.backbone, args["height"], args["width"], args["num_frames"])
+                change.begin(layout, args["num_inference_steps"], self.backbone.uses_cfg(args["guidance_scale"]))
+            output = denoise(pipe, self.backbone, self.guider, **args)
         self.nfe = output.nfe
         return output
+
+    def record(self) -> dict | None:
+        """What the guidance's changes did in the last video (None without any)."""
+        return self.changes[0].record() if self.changes else None
+
+    def steps_matching_nfe(self, steps: int, do_cfg: bool) -> int:
+        """The most steps whose NFE under this guider is at most plain CFG's at `steps` (CFG: 2 a step, 1 without):
+        the guider's own count of branches per step, so a method that pays an extra pass in part of the steps
+        (skip-layer, perturbed-attention guidance) gets fewer steps, and one that pays none the same."""
+        budget = steps * (2 if do_cfg else 1)
+        best = 1
+        for candidate in range(1, budget + 1):
+            if branches_per_video(self.guider, candidate, do_cfg) <= budget:
+                best = candidate
+        return best
+
+
+def branches_per_video(guider, steps: int, do_cfg: bool) -> int:
+    """The transformer passes (NFE) of a video of `steps` steps under `guider`, counted as the loop calls it."""
+    decide_cfg(guider, do_cfg)
+    total = 0
+    for step in range(steps):
+        guider.set_state(step, steps, None)
+        total += guider.num_conditions
+    return total
+
+
+def decide_cfg(guider, do_cfg: bool) -> None:
+    """The pipelines decide CFG once per video (guidance_scale > 1); the guider then guides at each step's scale."""
+    if do_cfg:
+        guider.enable()
+    else:
+        guider.disable()
 
 
 def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
@@ -52,11 +95,9 @@ def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
     generator, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, max_sequence_length,
     output_type and the family's own, e.g. use_dynamic_cfg)."""
     run = backbone.denoising_run(pipe, args)
-    # The pipelines decide CFG once per video (guidance_scale > 1); the guider then guides at each step's scale.
-    if run.do_cfg:
-        guider.enable()
-    else:
-        guider.disable()
+    decide_cfg(guider, run.do_cfg)
+    if skipped_layers(guider):  # the guider hooks blocks for its perturbed pass (diffusers' layer-skip hooks)
+        backbone.register_layer_skip(pipe.transformer)
     nfe = 0
     with pipe.progress_bar(total=run.num_steps) as progress:
         for step, t in enumerate(run.timesteps):
@@ -79,7 +120,8 @@ def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) 
     calls = backbone.cfg_calls(tuple(by_branch))
     for index, branches in enumerate(calls):
         announcement = DenoisingCall(step, index, calls, expert.name)
-        predictions = predict(run, backbone, expert, t, announcement, [by_branch[b] for b in branches])
+        with prepared(guider, expert.module, branches):
+            predictions = predict(run, backbone, expert, t, announcement, [by_branch[b] for b in branches])
         for branch, prediction in zip(branches, predictions):
             by_branch[branch].noise_pred = prediction
     return backbone.scheduler_step(run, guider(batches).pred, step, t), len(batches)
@@ -93,6 +135,21 @@ def predict(run: DenoisingRun, backbone: Backbone, expert: Expert, t, call: Deno
         output = expert.module(**inputs, encoder_hidden_states=torch.cat(embeds) if len(embeds) > 1 else embeds[0],
                                attention_kwargs=None, return_dict=False)[0]
     return backbone.prediction(output).chunk(len(batches))
+
+
+@contextmanager
+def prepared(guider, module, branches: tuple[str, ...]):
+    """The guider's changes to the model for a call (diffusers' `prepare_models` / `cleanup_models`: skip-layer and
+    perturbed-attention guidance hook the blocks for their perturbed pass). The guiders count these calls to know
+    which branch comes next, as diffusers' modular pipelines call them once per branch in the guider's order:
+    `Backbone.cfg_calls` keeps that order for every branch a guider perturbs (it comes last, in a call of its own)."""
+    for _ in branches:
+        guider.prepare_models(module)
+    try:
+        yield
+    finally:
+        for _ in branches:
+            guider.cleanup_models(module)
 
 
 def branch_of(guider, batch) -> str:

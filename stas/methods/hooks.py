@@ -131,8 +131,10 @@ class DenoisingTracker:
         """The rows `branches` occupy in every call of a step that has them: the same in all such calls (two-pass
         CFG: the whole batch of the branch's call; batched CFG: a fixed half), so a traced hook can slice them
         statically and leave the calls without them to the per-call gate. None: no call has them."""
-        found = {(rows.start, rows.stop) for call in range(len(self.step_calls))
-                 if (rows := self.rows(branches, batch, call)) is not None}
+        # Each call holds as many rows per branch as this one (a guider's perturbed pass is a smaller call).
+        per_branch = batch // len(self.step_calls[self.call_in_step])
+        found = {(rows.start, rows.stop) for call, held in enumerate(self.step_calls)
+                 if (rows := self.rows(branches, per_branch * len(held), call)) is not None}
         if len(found) > 1:  # no family does this: a hook would need per-call rows
             raise RuntimeError(f"branches {branches} occupy different rows in different calls of a step: {found}")
         return slice(*found.pop()) if found else None

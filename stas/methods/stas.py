@@ -250,7 +250,8 @@ class StasSteerer(Method):
 
     def _new_state(self, device: torch.device, batch: int) -> CallState:
         tracker = self.tracker
-        rows = tracker.steered_rows(self.branches, batch)
+        # A call of no CFG branch (a guider's perturbed pass) is never steered, also by a traced hook (rows None).
+        rows = tracker.steered_rows(self.branches, batch) if tracker.branches_of_call(batch) else None
         groups, cond_rows = 1, slice(None)
         if rows is not None:
             inside = [(name, span) for name, span in tracker.branches_of_call(batch)

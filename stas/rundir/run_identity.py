@@ -25,6 +25,8 @@ NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "experiment",
 # Config groups added after runs were recorded -> the option (conf/<group>/<option>.yaml) older runs ran as: before
 # the guidance group stas.run sampled with pipe(...), whose frames guidance=cfg gives bit for bit (stas.loop).
 ADDED_GROUPS = {"guidance": "cfg"}
+# Config keys added after runs were recorded -> the value older runs ran with.
+ADDED_KEYS = {"guidance.match_nfe": False}
 
 
 def identity(cfg) -> dict:
@@ -66,8 +68,13 @@ def load_identity(run_dir: Path) -> dict:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a {type(data).__name__}, not the mapping of config keys stas.run writes")
-    return {**{group: read_yaml(CONF_DIR / group / f"{option}.yaml") for group, option in ADDED_GROUPS.items()},
+    data = {**{group: read_yaml(CONF_DIR / group / f"{option}.yaml") for group, option in ADDED_GROUPS.items()},
             **data}
+    for dotted, value in ADDED_KEYS.items():
+        node, key = dotted.split(".")
+        if isinstance(data.get(node), dict):
+            data[node].setdefault(key, value)
+    return data
 
 
 def hydra_job(run_dir: Path) -> tuple[dict[str, str] | None, int | None]:

@@ -126,7 +126,7 @@ BAD = [
     (["shard.index="], r"^shard.index='' must be an integer$"),
     (["model.guidance_scale=high"], r"^model.guidance_scale='high' must be a number in \[0, 100\]$"),
     (["progress=sometimes"], r"^progress='sometimes' must be true or false$"),
-    (["guidance.name=apg2"], r"^guidance.name='apg2' is not allowed; allowed: cfg, cfg_zero_star, apg$"),
+    (["guidance.name=apg2"], r"^guidance.name='apg2' is not allowed; allowed: cfg, cfg_zero_star, apg, slg, pag, enhance_a_video$"),
     (["guidance=apg", "+guidance.params.etaa=0"], r"^guidance.params.etaa is not a parameter of diffusers' "
                                                   r"AdaptiveProjectedGuidance \(guidance=apg\); parameters: "),
     (["+guidance.params.guidance_scale=3"], r"^guidance.params.guidance_scale is set by the loop from "

@@ -23,6 +23,7 @@ class CogVideoX(Backbone):
     block_returns_tuple = True
     text_tokens = "separate stream (encoder_hidden_states), joined with video tokens only inside attention"
     latents_frame_axis = 1  # latents are (B, F, C, H, W)
+    joint_attention = True
 
     def pipeline_kwargs(self, model_cfg) -> dict:
         return {**super().pipeline_kwargs(model_cfg), "use_dynamic_cfg": model_cfg.use_dynamic_cfg}
