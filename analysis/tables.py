@@ -6,7 +6,9 @@ intervals, sign-flip p-values corrected for multiple comparisons, and effect siz
 
 Writes paper_table.{md,tex} (the paper's Table 1 columns, percent; when a column cannot be computed, a note names
 the VBench dimensions it lacks, and with no VBench dimension at all the files hold only that explanation),
-metrics_table.{md,tex} and results.csv (every metric, the unit in each column name: % or raw), deltas.{md,tex} and
+metrics_table.{md,tex} and results.csv (every metric, the unit in each column name: % or raw; NFE, the transformer
+passes per video, in every table), methods_table.{md,tex} and methods.csv (one row per backbone x guidance x
+steering: NFE, steps and seconds per video beside the scores), deltas.{md,tex} and
 deltas.csv (steered minus vanilla per metric: n_pairs, delta, ci_low, ci_high, effect_size_dz, p_value, p_adjusted,
 significant, verdict). Prompts are the unit of replication (samples of a prompt are averaged first); the p-value is a
 paired sign-flip permutation test, corrected over every row with at least --min-pairs pairs (Holm by default); rows
@@ -28,8 +30,9 @@ from omegaconf import OmegaConf
 from stas.errors import UserError
 from stas.evaluation.significance import CORRECTIONS, least_pairs
 from stas.loggers import RunLogger
-from stas.results import (delta_display, delta_table, find_runs, metrics_table, missing_work, paper_table,
-                          paper_table_notes, to_latex, to_markdown)
+from stas.results import (delta_display, delta_table, find_runs, methods_table, metrics_table, missing_work,
+                          paper_table, paper_table_notes)
+from stas.table_files import to_latex, to_markdown
 from stas.rundir import atomic_write_text, check_writable
 
 NO_PAPER_TABLE = "No paper table: no run has the VBench dimensions of any of its columns."
@@ -83,13 +86,16 @@ def main(argv=None) -> int:
     tables = {  # name: (table, caption, digits)
         "paper_table": (paper_table(runs), "VBench scores (percent), one row per backbone and method.", 2),
         "metrics_table": (metrics_table(runs), "Every metric, mean over prompts (VBench in percent, others raw).", 4),
+        "methods_table": (methods_table(runs), "Guidance methods with and without steering at their cost: transformer "
+                          "passes (NFE), steps and seconds per video, beside every metric.", 4),
         "deltas": (delta_display(deltas), f"Steered minus vanilla, paired over prompts: {level} bootstrap interval, "
                    f"sign-flip p-value, {CORRECTIONS[args.correction]} over the rows with at least {args.min_pairs} "
                    f"pairs, significant when the adjusted p <= {args.alpha:g}; d_z = mean / sd of the per-prompt "
                    "differences.", 4),
     }
     notes = paper_table_notes(runs)
-    has_paper = bool(np.isfinite(tables["paper_table"][0].iloc[:, 2:].to_numpy(float)).any())
+    paper = tables["paper_table"][0]
+    has_paper = bool(np.isfinite(paper[[c for c in paper.columns if c.endswith("(%)")]].to_numpy(float)).any())
     for name, (frame, caption, digits) in tables.items():
         markdown, latex = to_markdown(frame, digits) + "\n", to_latex(frame, caption, f"tab:{name}", digits)
         if name == "paper_table":
@@ -97,6 +103,7 @@ def main(argv=None) -> int:
         atomic_write_text(args.out / f"{name}.md", markdown)
         atomic_write_text(args.out / f"{name}.tex", latex)
     atomic_write_text(args.out / "results.csv", tables["metrics_table"][0].to_csv(index=False))
+    atomic_write_text(args.out / "methods.csv", tables["methods_table"][0].to_csv(index=False))
     atomic_write_text(args.out / "deltas.csv", deltas.to_csv(index=False))
     print(f"{len(runs)} run(s) from {', '.join(map(str, args.paths))}\n")
     _print_tables(args, tables, deltas, notes, has_paper)
@@ -121,6 +128,9 @@ def _print_tables(args, tables, deltas, notes, has_paper) -> None:
     if has_paper:
         print(to_markdown(tables["paper_table"][0]) + "\n")
     print("".join(f"paper_table: {line}\n" for line in notes) + ("\n" if notes else ""), end="")
+    methods = tables["methods_table"][0]
+    if methods["Guidance"].nunique() > 1:  # a comparison of guidance methods: show what each cost
+        print(to_markdown(methods[["Model", "Guidance", "Method", "NFE", "Steps", "Seconds"]]) + "\n")
     if deltas.empty:
         return
     print(to_markdown(tables["deltas"][0], digits=4) + "\n")

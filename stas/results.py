@@ -69,6 +69,10 @@ class Run:
         return bool(self.identity["steer"]["enabled"])
 
     @property
+    def guidance(self) -> str:
+        return str(self.identity.get("guidance", {}).get("name", "cfg"))
+
+    @property
     def method(self) -> str:
         if not self.steered:
             return "Vanilla"
@@ -231,8 +235,10 @@ def paper_table(runs: list[Run]) -> pd.DataFrame:
         record = {"Model": run.model, "Method": labels[id(run)]}
         for title, name in PAPER_COLUMNS.items():
             record[f"{title} ({PERCENT})"] = values.get(name if name in COMPOSITES else f"vbench/{name}", np.nan)
+        record["NFE"] = video_costs(run)["nfe"]
         records.append(record)
-    return pd.DataFrame.from_records(records, columns=["Model", "Method", *(f"{t} ({PERCENT})" for t in PAPER_COLUMNS)])
+    return pd.DataFrame.from_records(records, columns=["Model", "Method", *(f"{t} ({PERCENT})" for t in PAPER_COLUMNS),
+                                                       "NFE"])
 
 
 def paper_table_notes(runs: list[Run]) -> list[str]:
@@ -258,9 +264,41 @@ def paper_table_notes(runs: list[Run]) -> list[str]:
 def metrics_table(runs: list[Run]) -> pd.DataFrame:
     """Every metric of every run, one row per run in sweep order, the unit in each column name ('%' or 'raw')."""
     labels = dict(zip(map(id, runs), run_labels(runs)))
-    records = [{"Model": run.model, "Method": labels[id(run)],
+    records = [{"Model": run.model, "Method": labels[id(run)], "NFE": video_costs(run)["nfe"],
                 **{f"{k} ({unit_of(k)})": v for k, v in run_values(run).items()}} for run in table_order(runs)]
     return pd.DataFrame.from_records(records)
+
+
+def methods_table(runs: list[Run]) -> pd.DataFrame:
+    """The methods compared at their cost: one row per backbone x guidance x steering (models in the order first
+    found, guidance methods in the order first found, vanilla first), with each run's mean NFE (transformer passes),
+    steps and seconds per video beside its scores (Total Score when VBench gave it, and every other metric)."""
+    labels = dict(zip(map(id, runs), run_labels(runs)))
+    models = list(dict.fromkeys(run.model for run in runs))
+    guidances = list(dict.fromkeys(run.guidance for run in runs))
+    records = []
+    for run in sorted(runs, key=lambda run: (models.index(run.model), guidances.index(run.guidance), run.steered)):
+        costs, values = video_costs(run), run_values(run)
+        records.append({"Model": run.model, "Guidance": run.guidance, "Method": labels[id(run)],
+                        "NFE": costs["nfe"], "Steps": costs["steps"], "Seconds": costs["seconds"],
+                        **{f"{k} ({unit_of(k)})": v for k, v in values.items()}})
+    return pd.DataFrame.from_records(records)
+
+
+COST_FIELDS = ("nfe", "steps", "seconds")  # of a generation row: what a video cost
+
+
+def video_costs(run: Run) -> dict[str, float]:
+    """Mean NFE (transformer passes), steps and seconds per recorded video of a run; NaN for what a run did not record
+    (NFE came with stas's own loop). A UserError names a row whose value is not a number (untrusted input)."""
+    values = {name: [] for name in COST_FIELDS}
+    for row in generation_rows(run.path, whole_only=False).values():
+        for name, value in ((name, row.get(name)) for name in COST_FIELDS if row.get(name) is not None):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise UserError(f"{run.path}: the generation row of {row['key']!r} has {name}={value!r}; it must be "
+                                "a number")
+            values[name].append(float(value))
+    return {name: float(np.mean(found)) if found else np.nan for name, found in values.items()}
 
 
 def vanilla_partner(run: Run, runs: list[Run]) -> Run | None:
@@ -357,41 +395,3 @@ def missing_work(run: Run) -> list[str]:
         problems.append(f"{run.path}: {len(unscored)} of {len(generated)} videos have no metrics "
                         f"(run: python -m stas.evaluate {run.path})")
     return problems
-
-
-# ------------------------------------------------------------------------------------------------------- writing
-
-
-def to_markdown(frame: pd.DataFrame, digits: int = 2) -> str:
-    """A pipe table; NaN (a value not evaluated) as an en dash, not 'nan'."""
-    return frame.astype(object).where(frame.notna(), None).to_markdown(index=False, floatfmt=f".{digits}f",
-                                                                       missingval="–")
-
-
-LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(LATEX_SPECIAL.get(char, char) for char in str(text))
-
-
-def to_latex(frame: pd.DataFrame, caption: str, label: str, digits: int = 2) -> str:
-    """A booktabs table; numbers right-aligned, NaN as an en dash."""
-
-    def cell(value):
-        if isinstance(value, (bool, np.bool_)):
-            return "yes" if value else "no"
-        if isinstance(value, (int, np.integer)):
-            return str(value)
-        if isinstance(value, (float, np.floating)):
-            return "--" if np.isnan(value) else f"{value:.{digits}f}"
-        return latex_escape(value)
-
-    align = "".join("r" if pd.api.types.is_numeric_dtype(frame[c]) else "l" for c in frame.columns)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}", rf"\label{{{label}}}",
-             rf"\begin{{tabular}}{{{align}}}", r"\toprule",
-             " & ".join(latex_escape(c) for c in frame.columns) + r" \\", r"\midrule"]
-    lines += [" & ".join(cell(v) for v in row) + r" \\" for row in frame.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"

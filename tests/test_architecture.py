@@ -20,7 +20,7 @@ LAYERS = (
     ("stas.generation", "stas.loop"),
     ("stas.ma", "stas.evaluation"),
     ("stas.config", "stas.loggers"),
-    ("stas.merge", "stas.results", "stas.cli", "stas.apply", "stas.local_jobs"),
+    ("stas.merge", "stas.results", "stas.table_files", "stas.cli", "stas.apply", "stas.local_jobs"),
     ("stas.run", "stas.analyze", "stas.evaluate", "stas.slurm"),
     ("stas",),  # the package's public names (stas/__init__.py)
 )

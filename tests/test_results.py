@@ -12,8 +12,9 @@ import yaml
 from stas.evaluation.significance import (adjust_pvalues, effect_size_dz, least_pairs, prompt_contributions,
                                           sign_flip_pvalue)
 from stas.evaluation.significance import paired_bootstrap
-from stas.results import (delta_display, delta_table, find_runs, metrics_table, paper_table,
-                          paper_table_notes, run_labels, table_order, to_latex, to_markdown, vanilla_partner)
+from stas.results import (delta_display, delta_table, find_runs, methods_table, metrics_table, paper_table,
+                          paper_table_notes, run_labels, table_order, vanilla_partner)
+from stas.table_files import to_latex, to_markdown
 
 from conftest import REPO, run_cli
 
