@@ -43,3 +43,27 @@ def test_evaluation_docs_say_which_eval_each_experiment_chooses(experiment):
     else:
         assert choice == "default"
         assert "The ablations (`ablation_*`) and the `tiny_*` experiments choose no `eval` option" in docs
+
+
+def test_readme_side_by_side_example_runs_as_written(capsys):
+    """The offline example: its stas.run lines write the run directories its side_by_side line reads, and every
+    option it passes is one the script has."""
+    import importlib.util
+
+    from stas.cli import compose_config
+
+    block = README.split("**Side by side.**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    runs, (compare,) = [line for line in block.splitlines() if "stas.run" in line], [
+        line for line in block.splitlines() if "side_by_side.py" in line]
+    for line in runs:
+        overrides = line.split("#")[0].split()[3:]
+        folder = compose_config(overrides, with_hydra=True).hydra.run.dir.rsplit("/", 1)[0]
+        assert folder.removeprefix("./") in compare.split(), (line, folder)
+    spec = importlib.util.spec_from_file_location("side_by_side_script", REPO / "analysis" / "side_by_side.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    options = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
+    assert {"--out", "--diff", "--diff-gain"} <= options
+    assert [flag for flag in compare.split() if flag.startswith("--") and flag not in options] == []

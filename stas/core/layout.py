@@ -39,6 +39,12 @@ def parse_targets(target: str) -> tuple[str, ...]:
     return names
 
 
+def chunk_of(frame: int, temporal_compression: int) -> int:
+    """The latent frame a pixel frame is encoded into: the causal VAEs encode pixel frame 0 alone, then groups of
+    `temporal_compression` frames (latent frame k >= 1 holds pixel frames c*k-c+1 .. c*k)."""
+    return 0 if frame == 0 else (frame - 1) // temporal_compression + 1
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Latent token grid: `frames` latent frames of `height` x `width` tokens each (after patchifying)."""

@@ -11,10 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def chunk_of(frame: int, temporal_compression: int) -> int:
-    """The latent frame a pixel frame is encoded into."""
-    return 0 if frame == 0 else (frame - 1) // temporal_compression + 1
+from stas.core.layout import chunk_of
 
 
 def chunk_pairs(num_frames: int, temporal_compression: int = 4) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

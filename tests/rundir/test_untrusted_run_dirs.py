@@ -11,6 +11,7 @@ import pytest
 
 from stas.evaluate import main as evaluate_main
 from stas.merge import main as merge_main
+from stas.video import read_mp4
 
 from conftest import REPO, run_cli
 from test_generation import gen
@@ -374,6 +375,102 @@ def test_side_by_side_pairs_runs_by_prompt_and_seed(base_run, tmp_path, capsys):
     assert "share no generated video of the same prompt and seed" in one_line_error(capsys.readouterr().err,
                                                                                     "side_by_side")
     assert not (tmp_path / "none").exists()
+
+
+@pytest.fixture(scope="module")
+def vanilla_run(tmp_path_factory):
+    """base_run's prompts and seeds without steering (steer=none)."""
+    run = tmp_path_factory.mktemp("vanilla") / "run"
+    gen(run, PROMPTS, "model.steps=2", "steer=none")
+    return run
+
+
+def latent_marks(frames, right, y):
+    """The frames whose latent row is amber (a new latent frame starts) at column `right`, row `y` (H.264 blurs
+    colours a little: amber is red high and blue low, the grey between marks has red low)."""
+    red, blue = frames[:, y, right, 0].astype(int), frames[:, y, right, 2].astype(int)
+    assert all((r > 200 and b < 80) or r < 100 for r, b in zip(red, blue)), list(zip(red, blue))
+    return [t for t, r in enumerate(red) if r > 200]
+
+
+@pytest.mark.slow
+def test_side_by_side_marks_latent_chunks_and_shows_what_steering_changed(vanilla_run, base_run, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Vanilla | STAS | x4 |STAS - vanilla| of the tiny Wan twin: 17 frames, latent rows amber at the backbone's chunk
+    starts (4x: 0, 1, 5, 9, 13; a made-up 2x moves them), the difference panel lit, and black for a run beside
+    itself."""
+    from stas.backbones import FAMILIES
+
+    side_by_side = load_script("side_by_side")
+    assert side_by_side([str(vanilla_run), str(base_run), "--out", str(tmp_path / "c"), "--diff"]) == 0
+    assert "2 comparison video(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.mp4")) == ["a cat-0.mp4", "a dog-0.mp4"]
+    frames = read_mp4(tmp_path / "c" / "a cat-0.mp4")
+    assert frames.shape == (17, 16 + 64 + 2 * 14, 3 * 96 + 2 * 4, 3)
+    latent_row = 16 + 64 + 14 + 7
+    for left in (0, 100, 200):
+        assert latent_marks(frames, left + 93, latent_row) == [0, 1, 5, 9, 13]
+    changed = frames[:, 16:80, 203:293].astype(float).mean()
+    assert side_by_side([str(base_run), str(base_run), "--out", str(tmp_path / "self"), "--diff"]) == 0
+    unchanged = read_mp4(tmp_path / "self" / "a cat-0.mp4")[:, 16:80, 203:293].astype(float)
+    assert unchanged.mean() < 1 and changed > 10 * max(unchanged.mean(), 0.1), (changed, unchanged.mean())
+    monkeypatch.setattr(FAMILIES["wan21"], "temporal_compression", 2)  # from the backbone, not a constant 4
+    assert side_by_side([str(vanilla_run), str(base_run), "--out", str(tmp_path / "c2"), "--prompts", "1"]) == 0
+    frames = read_mp4(tmp_path / "c2" / "a cat-0.mp4")
+    assert frames.shape == (17, 16 + 64 + 2 * 14, 2 * 96 + 4, 3)
+    assert latent_marks(frames, 93, latent_row) == [0, 1, 3, 5, 7, 9, 11, 13, 15]
+
+
+@pytest.mark.slow
+def test_side_by_side_scales_other_resolutions_and_cuts_to_the_shortest_video(base_run, tmp_path, capsys):
+    """A 9-frame 48x64 run beside the 17-frame 64x96 one: scaled to 64 rows (85 columns), cut to 9 frames; a
+    difference of the two aspect ratios is refused before anything is written."""
+    short = tmp_path / "short"
+    gen(short, PROMPTS, "model.steps=2", "steer=none", "model.num_frames=9", "model.height=48", "model.width=64")
+    side_by_side = load_script("side_by_side")
+    assert side_by_side([str(base_run), str(short), "--out", str(tmp_path / "c"), "--prompts", "1"]) == 0
+    assert "a cat-0.mp4: the runs' videos have 17, 9 frames: cut to the shortest (9)" in capsys.readouterr().out
+    frames = read_mp4(tmp_path / "c" / "a cat-0.mp4")
+    assert frames.shape == (9, 16 + 64 + 2 * 14, 96 + 4 + 85 + 1, 3)  # + 1: H.264 needs an even width
+    assert side_by_side([str(base_run), str(short), "--out", str(tmp_path / "d"), "--diff"]) == 2
+    assert ("a difference panel needs videos of one aspect ratio: scaled to one height they are 96x64 and 85x64 "
+            in one_line_error(capsys.readouterr().err, "side_by_side"))
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--diff", "--diff-gain", "0"], "--diff-gain=0: must be a number in (0, 255] (default 4"),
+    (["--diff", "--diff-gain", "nan"], "--diff-gain=nan: must be a number in (0, 255]"),
+    (["--diff", "--diff-gain", "-4"], "--diff-gain=-4: must be a number in (0, 255]"),
+    (["--diff-gain", "8"], "--diff-gain=8 needs --diff"),
+    (["--height", "3"], "--height=3: must be an integer in [16, 4096] pixels"),
+    (["--prompts", "0"], "--prompts=0: must be at least 1"),
+])
+def test_side_by_side_refuses_bad_options(base_run, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert load_script("side_by_side")([str(base_run), str(base_run), "--out", str(out), *args]) == 2
+    assert message in one_line_error(capsys.readouterr().err, "side_by_side")
+    assert not out.exists()
+
+
+def test_side_by_side_refuses_missing_runs_and_unknown_backbones(run_copy, base_run, tmp_path, capsys):
+    side_by_side, out = load_script("side_by_side"), tmp_path / "out"
+    assert side_by_side([str(base_run), str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert f"{tmp_path / 'missing'} is not a directory" in one_line_error(capsys.readouterr().err, "side_by_side")
+    several = tmp_path / "several"
+    for name in ("a", "b"):
+        shutil.copytree(base_run, several / name, symlinks=True)
+    assert side_by_side([str(base_run), str(several), "--out", str(out)]) == 2
+    assert (f"{several} holds 2 runs ({several / 'a'}, {several / 'b'}): give the directory of one of them"
+            in one_line_error(capsys.readouterr().err, "side_by_side"))
+    retype_identity(run_copy, "model", "family", "sora")
+    assert side_by_side([str(base_run), str(run_copy), "--out", str(out)]) == 2
+    assert ("run_identity.yaml: model.family='sora' is not a backbone family stas knows (allowed: "
+            in one_line_error(capsys.readouterr().err, "side_by_side"))
+    with pytest.raises(SystemExit) as exited:  # argparse: its usage line, then the field and the value
+        side_by_side([str(base_run), str(base_run), "--out", str(out), "--diff", "--diff-gain", "x"])
+    assert exited.value.code == 2 and "argument --diff-gain: invalid float value: 'x'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 # ---- found by an adversarial pass: the run's own files as links, strict JSON, loops, folders, alias bombs
