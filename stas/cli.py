@@ -29,6 +29,7 @@ def fail(tool: str, message: str, code: int = 2):
     raise SystemExit(code)
 
 
+MULTIRUN_FILE = "multirun.yaml"  # a sweep's config, in its sweep directory
 # The run directory this process made (single runs): {absolute run dir: the topmost folder made for it}.
 MADE_HERE: dict[Path, Path] = {}
 
@@ -36,13 +37,17 @@ MADE_HERE: dict[Path, Path] = {}
 class OutputDirCheck(Callback):
     """Checks paths.root and creates the output directory before Hydra does, checking it can be written (a re-run
     into a read-only run directory), so that an unwritable one is a message, not a traceback, before Hydra writes
-    anything. Notes which folders it made, so that a run that fails before making anything leaves none."""
+    anything. Notes which folders it made, so that a run that fails before making anything leaves none; a sweep's
+    multirun.yaml is written before its first job."""
 
     def on_run_start(self, config, **kwargs) -> None:
         self._make(config, config.hydra.run.dir, "hydra.run.dir", note=True)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._make(config, config.hydra.sweep.dir, "hydra.sweep.dir")
+        # The sweep's record, before any job runs, so that it stays when a job fails: Hydra's basic sweeper writes
+        # the same file again; the Optuna sweeper (hydra/sweeper=search) writes none of its own.
+        OmegaConf.save(config, Path(str(config.hydra.sweep.dir)) / MULTIRUN_FILE)
 
     @staticmethod
     def _make(config, directory: str, key: str, note: bool = False) -> None:
@@ -141,7 +146,8 @@ def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Calla
 
     The command line's overrides are checked against the schema before Hydra composes (`check_overrides`: a key
     that is not a field or a value of the wrong type). A UserError becomes one line on stderr and exit code 2 (in a
-    multirun too: a sweep with a bad value stops at the first job that has it, before that job writes anything).
+    multirun too: a sweep with a bad value stops at the first job that has it, before that job writes anything;
+    the sweep directory keeps its multirun.yaml).
     """
 
     def task_function(cfg) -> None:
