@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import hydra
 from hydra.experimental.callback import Callback
@@ -63,18 +63,19 @@ class OutputDirCheck(Callback):
             MADE_HERE[path] = missing[-1]
 
 
-def run_in(run_dir: Path, task: Callable[[], None]) -> None:
-    """Run `task` in `run_dir`; when it fails (an error, a kill by Ctrl-C) before the run made anything of its own,
-    the directory Hydra made for it goes (stas.rundir.cleanup says what counts; a directory other processes work
-    in, or one that held anything before, stays)."""
+def run_in(run_dir: Path, task: Callable[[], Any]) -> Any:
+    """Run `task` in `run_dir` and return what it returns; when it fails (an error, a kill by Ctrl-C) before the run
+    made anything of its own, the directory Hydra made for it goes (stas.rundir.cleanup says what counts; a directory
+    other processes work in, or one that held anything before, stays)."""
     made = MADE_HERE.get(Path(os.path.abspath(run_dir)))
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     log_name = f"{HydraConfig.get().job.name}.log" if HydraConfig.initialized() else ""
     guard = RunDirGuard(run_dir, log_name, made_here=made is not None or multirun)
     finished = False
     try:
-        task()
+        result = task()
         finished = True
+        return result
     finally:
         # Silently: the error says what went wrong, and the directory held nothing but what this process made
         if not finished and guard.remove_if_stub() and made is not None:
@@ -140,7 +141,8 @@ def override_key(override: str) -> str:
 
 
 def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Callable[[], None]:
-    """A console entry point running `task(cfg, run_dir)` under Hydra with the stas config tree.
+    """A console entry point running `task(cfg, run_dir)` under Hydra with the stas config tree; what the task
+    returns is the job's return value, which a sweeper that optimises (Optuna) reads.
 
     `config_name` is the primary config in conf/ (config.yaml; analyze.yaml for stas.analyze).
 
@@ -150,15 +152,15 @@ def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Calla
     the sweep directory keeps its multirun.yaml).
     """
 
-    def task_function(cfg) -> None:
+    def task_function(cfg):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        run_in(run_dir, lambda: checked_task(cfg, run_dir))
+        return run_in(run_dir, lambda: checked_task(cfg, run_dir))
 
-    def checked_task(cfg, run_dir: Path) -> None:
+    def checked_task(cfg, run_dir: Path):
         # Hydra saves the config with interpolations unresolved; keep the resolved one, which is what ran.
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
         try:
-            task(cfg, run_dir)
+            return task(cfg, run_dir)
         except UserError as err:
             job = f" (job {HydraConfig.get().job.num})" if HydraConfig.get().mode == RunMode.MULTIRUN else ""
             fail(tool + job, str(err))
