@@ -30,9 +30,19 @@ def test_ablation_dims_cells_ask_for_the_calibration():
         validate(compose(["experiment=ablation_dims", "steer.dims=calibrated"]))
 
 
-def test_launchers_compose():
-    for path in sorted((CONF_DIR / "hydra" / "launcher").glob("*.yaml")):
-        compose([f"hydra/launcher={path.stem}"])
+def test_launchers_and_sweepers_compose():
+    for group in ("launcher", "sweeper"):
+        for path in sorted((CONF_DIR / "hydra" / group).glob("*.yaml")):
+            compose([f"hydra/{group}={path.stem}"])
+
+
+def test_the_search_sweeper_takes_its_direction_from_search_direction():
+    from stas.cli import compose_config
+
+    cfg = compose_config(["hydra/sweeper=search", "search.direction=minimize"], with_hydra=True)
+    assert cfg.hydra.sweeper.direction == "minimize" and cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    search = compose_config(["experiment=tiny_search"], with_hydra=True)
+    assert search.hydra.sweeper.direction == "maximize" and search.search.metric == "pixel/consistency"
 
 
 BAD = [
