@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import hydra
 from hydra.experimental.callback import Callback
@@ -29,6 +29,7 @@ def fail(tool: str, message: str, code: int = 2):
     raise SystemExit(code)
 
 
+MULTIRUN_FILE = "multirun.yaml"  # a sweep's config, in its sweep directory
 # The run directory this process made (single runs): {absolute run dir: the topmost folder made for it}.
 MADE_HERE: dict[Path, Path] = {}
 
@@ -36,13 +37,17 @@ MADE_HERE: dict[Path, Path] = {}
 class OutputDirCheck(Callback):
     """Checks paths.root and creates the output directory before Hydra does, checking it can be written (a re-run
     into a read-only run directory), so that an unwritable one is a message, not a traceback, before Hydra writes
-    anything. Notes which folders it made, so that a run that fails before making anything leaves none."""
+    anything. Notes which folders it made, so that a run that fails before making anything leaves none; a sweep's
+    multirun.yaml is written before its first job."""
 
     def on_run_start(self, config, **kwargs) -> None:
         self._make(config, config.hydra.run.dir, "hydra.run.dir", note=True)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._make(config, config.hydra.sweep.dir, "hydra.sweep.dir")
+        # The sweep's record, before any job runs, so that it stays when a job fails: Hydra's basic sweeper writes
+        # the same file again; the Optuna sweeper (hydra/sweeper=search) writes none of its own.
+        OmegaConf.save(config, Path(str(config.hydra.sweep.dir)) / MULTIRUN_FILE)
 
     @staticmethod
     def _make(config, directory: str, key: str, note: bool = False) -> None:
@@ -58,18 +63,19 @@ class OutputDirCheck(Callback):
             MADE_HERE[path] = missing[-1]
 
 
-def run_in(run_dir: Path, task: Callable[[], None]) -> None:
-    """Run `task` in `run_dir`; when it fails (an error, a kill by Ctrl-C) before the run made anything of its own,
-    the directory Hydra made for it goes (stas.rundir.cleanup says what counts; a directory other processes work
-    in, or one that held anything before, stays)."""
+def run_in(run_dir: Path, task: Callable[[], Any]) -> Any:
+    """Run `task` in `run_dir` and return what it returns; when it fails (an error, a kill by Ctrl-C) before the run
+    made anything of its own, the directory Hydra made for it goes (stas.rundir.cleanup says what counts; a directory
+    other processes work in, or one that held anything before, stays)."""
     made = MADE_HERE.get(Path(os.path.abspath(run_dir)))
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     log_name = f"{HydraConfig.get().job.name}.log" if HydraConfig.initialized() else ""
     guard = RunDirGuard(run_dir, log_name, made_here=made is not None or multirun)
     finished = False
     try:
-        task()
+        result = task()
         finished = True
+        return result
     finally:
         # Silently: the error says what went wrong, and the directory held nothing but what this process made
         if not finished and guard.remove_if_stub() and made is not None:
@@ -135,24 +141,26 @@ def override_key(override: str) -> str:
 
 
 def hydra_entry(tool: str, task: Callable, config_name: str = "config") -> Callable[[], None]:
-    """A console entry point running `task(cfg, run_dir)` under Hydra with the stas config tree.
+    """A console entry point running `task(cfg, run_dir)` under Hydra with the stas config tree; what the task
+    returns is the job's return value, which a sweeper that optimises (Optuna) reads.
 
     `config_name` is the primary config in conf/ (config.yaml; analyze.yaml for stas.analyze).
 
     The command line's overrides are checked against the schema before Hydra composes (`check_overrides`: a key
     that is not a field or a value of the wrong type). A UserError becomes one line on stderr and exit code 2 (in a
-    multirun too: a sweep with a bad value stops at the first job that has it, before that job writes anything).
+    multirun too: a sweep with a bad value stops at the first job that has it, before that job writes anything;
+    the sweep directory keeps its multirun.yaml).
     """
 
-    def task_function(cfg) -> None:
+    def task_function(cfg):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        run_in(run_dir, lambda: checked_task(cfg, run_dir))
+        return run_in(run_dir, lambda: checked_task(cfg, run_dir))
 
-    def checked_task(cfg, run_dir: Path) -> None:
+    def checked_task(cfg, run_dir: Path):
         # Hydra saves the config with interpolations unresolved; keep the resolved one, which is what ran.
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
         try:
-            task(cfg, run_dir)
+            return task(cfg, run_dir)
         except UserError as err:
             job = f" (job {HydraConfig.get().job.num})" if HydraConfig.get().mode == RunMode.MULTIRUN else ""
             fail(tool + job, str(err))

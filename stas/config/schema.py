@@ -21,6 +21,7 @@ DETECT_BRANCHES = ("per_branch", "shared")
 REFERENCES = ("ma_max", "steered")
 DIMS_MODES = ("auto", "all", "calibrated", "calibrated_weak", "calibrated_non_ma")
 OFFLOAD_MODES = ("none", "model", "sequential")
+SEARCH_DIRECTIONS = ("maximize", "minimize")
 
 
 @dataclass
@@ -190,6 +191,17 @@ class AnalysisConfig:
 
 
 @dataclass
+class SearchConfig:
+    """A hyperparameter search (hydra/sweeper=search, Optuna): what each run returns to the sweeper."""
+
+    # The objective: a metric of the run's metrics.json, `evaluator/metric` (e.g. pixel/consistency, its pooled
+    # value where it has one, else its mean over videos) or vbench/quality_score | semantic_score | total_score;
+    # its evaluator must be in eval.evaluators. null: the run returns nothing (no search).
+    metric: Optional[str] = None
+    direction: str = "maximize"  # maximize | minimize: the sweeper's direction (hydra/sweeper=search reads it)
+
+
+@dataclass
 class PathsConfig:
     # Where outputs go: runs under <root>/runs/, sweeps under <root>/multirun/ (relative to the working directory)
     root: str = "."
@@ -212,6 +224,7 @@ class StasConfig:
     seed: int = 0  # sample i of every prompt uses seed + i (a CPU generator: the same frames on any device)
     progress: bool = True  # progress bars on stderr
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 

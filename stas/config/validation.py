@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
                             backbone_from_config)
 from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
-                               StasConfig)
+                               SEARCH_DIRECTIONS, StasConfig)
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
 from stas.core.massive import CALIBRATION_KINDS, DETECTION_RULES, RULE_PRESETS, Detection
 from stas.core.rules import RULES_WITH_ALPHA, check_rule
@@ -321,6 +321,23 @@ def validate_paths(paths) -> None:
         raise ConfigError(f"paths.root={root!r} is a file, not a directory")
 
 
+def validate_search(search, evaluation, shard) -> None:
+    """search.metric names a metric the run's own evaluation writes into its metrics.json (stas.run returns it)."""
+    check_allowed("search.direction", search.direction, SEARCH_DIRECTIONS)
+    if search.metric is None:
+        return
+    evaluator, _, metric = str(search.metric).partition("/")
+    if not (evaluator and metric):
+        raise ConfigError(f"search.metric={search.metric!r} must be evaluator/metric as metrics.json names it, e.g. "
+                          "pixel/consistency or vbench/quality_score")
+    if evaluator not in evaluation.evaluators:
+        raise ConfigError(f"search.metric={search.metric!r} needs {evaluator!r} in eval.evaluators (now "
+                          f"{list(evaluation.evaluators)}): the objective is read from the run's metrics.json")
+    if shard_of(shard)[1] > 1:
+        raise ConfigError(f"search.metric={search.metric!r} cannot be read from a sharded run (shard.count="
+                          f"{shard.count}): each shard scores only its videos and writes no metrics.json")
+
+
 def _check_device(path: str, device: str) -> None:
     if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
         raise ConfigError(f"{path}={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
@@ -372,6 +389,7 @@ def validate(cfg) -> Backbone:
     validate_logger(cfg.logger)
     validate_paths(cfg.paths)
     validate_eval(cfg.eval)
+    validate_search(cfg.search, cfg.eval, cfg.shard)
     validate_analysis(cfg.analysis, cfg.model)
     shard_of(cfg.shard)
     return backbone

@@ -17,11 +17,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from stas.errors import UserError
 from stas.evaluation.scores import DIMENSIONS, vbench_scores
 
 METRICS_STAGE = "metrics"  # rows in metrics.jsonl, or shards/metrics-III-of-KKK.jsonl (stas.rundir.shard_file)
 METRICS_FILE = f"{METRICS_STAGE}.jsonl"
 AGGREGATE_FILE = "metrics.json"
+VBENCH_SCORES = ("quality_score", "semantic_score", "total_score")  # in an aggregate's "vbench", where computed
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,37 @@ def summary_values(aggregate: dict) -> dict:
     flat = {f"eval/{name}": entry["mean"] for name, entry in aggregate["metrics"].items()}
     vbench = aggregate.get("vbench", {})
     flat.update({f"eval/vbench/{d}": value for d, value in vbench.get("dimensions", {}).items()})
-    flat.update({f"eval/vbench/{score}": vbench[score]
-                 for score in ("quality_score", "semantic_score", "total_score") if score in vbench})
+    flat.update({f"eval/vbench/{score}": vbench[score] for score in VBENCH_SCORES if score in vbench})
     flat["eval/errors"] = len(aggregate["errors"])
     return flat
+
+
+def aggregate_values(aggregate: dict) -> dict[str, float]:
+    """{name: number} of an aggregate that a search can optimise: every `evaluator/metric` (its pooled value where it
+    has one, as VBench aggregates, else its mean over videos) and `vbench/<score>` for the VBench scores computed."""
+    values = {name: entry.get("pooled", entry["mean"]) for name, entry in aggregate.get("metrics", {}).items()}
+    vbench = aggregate.get("vbench", {})
+    values.update({f"vbench/{score}": vbench[score] for score in VBENCH_SCORES if score in vbench})
+    return values
+
+
+def aggregate_value(aggregate: dict, name: str, where: str) -> float:
+    """The value `name` of an aggregate read from `where` (a metrics.json); a UserError naming the metric, the
+    metrics there, and why an evaluator gave none (skipped, or every video failed) when it is not there."""
+    values = aggregate_values(aggregate)
+    if name in values:
+        return float(values[name])
+    available = ", ".join(sorted(values)) or "none"
+    lines = [f"search.metric={name!r} is not in {where}; its metrics: {available}"]
+    evaluator, _, metric = name.partition("/")
+    needs = aggregate.get("vbench", {}).get("missing", {}).get(metric) if evaluator == "vbench" else None
+    if needs:
+        lines.append(f"VBench's {metric} needs the dimension(s) {', '.join(needs)} too")
+    for scorer, reason in aggregate.get("skipped", {}).items():
+        if scorer.split("/")[0] == evaluator:
+            first = reason[0] if isinstance(reason, list) and reason else reason
+            lines.append(f"{scorer} was skipped: {first}")
+    failed = sum(f"{error.get('evaluator')}/{error.get('metric')}" == name for error in aggregate.get("errors", []))
+    if failed:
+        lines.append(f"{failed} video(s) could not be scored for it (\"errors\" in {where})")
+    raise UserError("; ".join(lines))

@@ -19,7 +19,7 @@ HYDRA_DIR = ".hydra"
 # hold the directory keep their files here too, and a refused process puts them back.
 HELD_HYDRA_DIR = f"{HYDRA_DIR}/held"
 # Keys that change where or how fast a run goes, not what it produces.
-NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "experiment", "name", "paths",
+NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "search", "experiment", "name", "paths",
                 "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing", "model.compile",
                 "model.group_offload", "model.group_offload_blocks")
 # Config groups added after runs were recorded -> the option (conf/<group>/<option>.yaml) older runs ran as: before

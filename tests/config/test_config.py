@@ -30,9 +30,19 @@ def test_ablation_dims_cells_ask_for_the_calibration():
         validate(compose(["experiment=ablation_dims", "steer.dims=calibrated"]))
 
 
-def test_launchers_compose():
-    for path in sorted((CONF_DIR / "hydra" / "launcher").glob("*.yaml")):
-        compose([f"hydra/launcher={path.stem}"])
+def test_launchers_and_sweepers_compose():
+    for group in ("launcher", "sweeper"):
+        for path in sorted((CONF_DIR / "hydra" / group).glob("*.yaml")):
+            compose([f"hydra/{group}={path.stem}"])
+
+
+def test_the_search_sweeper_takes_its_direction_from_search_direction():
+    from stas.cli import compose_config
+
+    cfg = compose_config(["hydra/sweeper=search", "search.direction=minimize"], with_hydra=True)
+    assert cfg.hydra.sweeper.direction == "minimize" and cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    search = compose_config(["experiment=tiny_search"], with_hydra=True)
+    assert search.hydra.sweeper.direction == "maximize" and search.search.metric == "pixel/consistency"
 
 
 BAD = [
@@ -117,7 +127,7 @@ BAD = [
                                                        r"1-latent-frame video"),
     # keys that are not fields, values their field cannot hold
     (["+seedd=1"], r"^seedd is not a field of the config; fields: analysis, detect, eval, experiment, guidance, "
-                   r"logger, model, name, paths, progress, prompts, seed, shard, steer$"),
+                   r"logger, model, name, paths, progress, prompts, search, seed, shard, steer$"),
     (["+shard.indx=1"], r"^shard.indx is not a field of shard; fields: count, index$"),
     (["steer.targts=boundary"], r"^steer.targts is not a field of steer; fields: alpha, boundary_unit, "),
     (["~steer.calibratio"], r"^steer.calibratio is not a field of steer"),
@@ -140,6 +150,12 @@ BAD = [
     (["eval.pixel.size=100000"], r"^eval.pixel.size=100000 must be an integer in \[1, 1024\]$"),
     (["eval.temporal_compression=1000000"], r"^eval.temporal_compression=1000000 must be an integer in \[1, 64\]$"),
     (["logger.log_videos=-1"], r"^logger.log_videos=-1 must be an integer in \[0, 100000\]$"),
+    # a search's objective (search.metric): read from the run's own metrics.json
+    (["search.direction=up"], r"^search.direction='up' is not allowed; allowed: maximize, minimize$"),
+    (["search.metric=consistency"], r"^search.metric='consistency' must be evaluator/metric as metrics.json names it"),
+    (["eval=none", "search.metric=pixel/consistency"], r"^search.metric='pixel/consistency' needs 'pixel' in "
+                                                        r"eval.evaluators \(now \[\]\)"),
+    (["search.metric=pixel/consistency", "shard.count=2", "shard.index=0"], r"cannot be read from a sharded run"),
 ]
 
 
@@ -161,6 +177,7 @@ GOOD = [
     ["model.num_frames=1", "steer.targets=first_frame"], ["model.steps=4", "steer.window.end=0.25"],
     ["shard.index=2", "shard.count=3"], ["seed=${model.steps}"], ["hydra.run.dir=x"],
     ["steer=none", "steer.alpha=nan"], ["steer=none", "model.steps=1"],  # unused steer values are not checked
+    ["search.metric=pixel/consistency", "search.direction=minimize"], ["search.metric=vbench/quality_score"],
 ]
 
 

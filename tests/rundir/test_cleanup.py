@@ -1,6 +1,6 @@
 """Stub run directories: a run that fails before making anything of its own leaves no directory; anything with a
 video, a record, a file someone put there or another live process of the run is kept; readers skip stubs and say so;
-a finished run leaves no empty .partial/ or log."""
+a finished run leaves no empty .partial/ or log; a sweep whose cells fail keeps its multirun.yaml."""
 
 import json
 import os
@@ -142,3 +142,18 @@ def test_failed_runs_leave_nothing_and_finished_ones_no_empty_leftovers(tmp_path
     assert json.loads((run_dir / "generation.jsonl").read_text().splitlines()[0])["steer"] == "stas"
     assert yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["name"] == "run"
     assert os.listdir(run_dir / "videos")
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_first_cell_fails_keeps_its_multirun_yaml(tmp_path):
+    """A real 2-cell multirun whose first cell fails validation: one line naming the job and the value, exit 2, the
+    failed cell leaves no directory, and the sweep's record (multirun.yaml, written before any job) stays."""
+    sweep = tmp_path / "sweep"
+    result = run_cli("stas.run", "-m", "model.steps=0,2", "prompts.limit=1", "logger=none", "eval=none",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "stas.run (job 0): error: model.steps=0 must be an integer in [1, 10000]"
+    assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"]
+    recorded = yaml.safe_load((sweep / "multirun.yaml").read_text())
+    assert "model.steps=0,2" in recorded["hydra"]["overrides"]["task"]
