@@ -148,6 +148,27 @@ def test_steering_steers_the_same_tokens_with_an_image(tiny_pipelines, images):
     assert np.array_equal(steered, expected) and json.loads(expected_record) == record
 
 
+def test_apply_stas_on_a_users_image_to_video_pipeline_equals_stas_run(tiny_pipelines, images):
+    """stas.apply_stas on WanImageToVideoPipeline (Wan2.2-TI2V, expand_timesteps) called with an image: the frames
+    stas's steered loop makes; Wan2.1's image pipeline (no expand_timesteps) is not taken for Wan2.2."""
+    import stas
+    from stas.backbones import backbone_of_pipeline
+
+    cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, "tiny_wan22", "steer=stas")
+    i2v = i2v_pipeline(pipe)
+    assert backbone_of_pipeline(i2v).family == "wan22"
+    steerer = make_steerer(cfg, backbone)
+    expected, record = frames_of(pipe, kwargs, layout, make_loop(cfg, backbone), item_with(images[0]), steerer)
+    with stas.apply_stas(i2v) as steering:
+        frames, _ = frames_of(i2v, kwargs, layout, None, item_with(images[0]))
+        assert steering.record() == json.loads(record)
+    assert np.array_equal(frames, expected)
+    from diffusers import WanImageToVideoPipeline
+
+    with pytest.raises(BackboneError, match="WanImageToVideoPipeline is no family stas knows"):
+        backbone_of_pipeline(WanImageToVideoPipeline(**pipe.components))
+
+
 def test_text_only_backbones_refuse_an_image(tiny_pipelines, images, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"a cat on a mat\n{PROMPT}\t{images[0]}\n")

@@ -147,6 +147,15 @@ class Wan22(Wan21):
     takes_image = True  # WanImageToVideoPipeline's expand_timesteps conditioning (Wan21.image_run)
     latent_channels = 48
 
+    @classmethod
+    def describes(cls, pipe) -> bool:
+        """A WanPipeline with expand_timesteps, or a user's WanImageToVideoPipeline of Wan2.2-TI2V (stas.apply_stas):
+        the same transformer, token grid and two-pass CFG."""
+        import diffusers
+
+        return super().describes(pipe) or (isinstance(pipe, diffusers.WanImageToVideoPipeline)
+                                            and bool(getattr(pipe.config, "expand_timesteps", False)))
+
     def tiny_vae(self, diffusers, tiny):
         # The Wan2.2 residual VAE: 48 latent channels, 2x2 pixel patchify before the 8x convolutional stack.
         return diffusers.AutoencoderKLWan(
