@@ -170,14 +170,16 @@ BAD_IMAGE_FILES = [
 ]
 
 
-@pytest.mark.parametrize("text,message", BAD_IMAGE_FILES, ids=["missing", "directory", "not_image", "tabs", "no_prompt"])
+@pytest.mark.parametrize("text,message", BAD_IMAGE_FILES,
+                         ids=["missing", "directory", "not_image", "tabs", "no_prompt"])
 def test_a_bad_image_in_a_prompt_file_names_the_file_line_and_what_is_allowed(tmp_path, text, message):
     write_png(tmp_path / "fox.png")
     (tmp_path / "pics").mkdir()
     (tmp_path / "notes.txt").write_text("not an image")
     path = tmp_path / "prompts.txt"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="^" + re.escape(f"prompts.path='{path}': " + message.format(folder=tmp_path))):
+    expected = f"prompts.path='{path}': " + message.format(folder=tmp_path)
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)):
         prompt_set(path)
 
 
@@ -198,7 +200,8 @@ BAD_JSON_FILES = [
 def test_a_bad_json_prompt_file_names_the_file_entry_and_what_is_allowed(tmp_path, entries, message):
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps(entries))
-    with pytest.raises(ConfigError, match="^" + re.escape(f"prompts.path='{path}': " + message.format(folder=tmp_path))):
+    expected = f"prompts.path='{path}': " + message.format(folder=tmp_path)
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)):
         prompt_set(path)
     path.write_text("[{\"prompt\": \"a cat\",}]")
     with pytest.raises(ConfigError, match=r"is not valid JSON: Expecting property name"):
