@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from stas.backbones import Backbone, load_pipeline
+from stas.backbones import Backbone, available_models, backbone_from_config, get_backbone, load_pipeline
 from stas.core.selection import shard_of
 from stas.methods import StasSteerer, steering_calibration
 from stas.core.layout import TokenLayout
+from stas.errors import ConfigError
 from stas.loop import OwnedLoop, make_changes, make_guider
-from stas.prompts import Item, load_prompts, make_items, shard_items
+from stas.prompts import Item, Prompt, load_prompt_set, make_items, shard_items
 from stas.rundir import (GENERATION_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_rows, file_lock,
                          record_files, remove_leftovers, shard_file, video_path, writing)
 from stas.rundir import PARTIAL_DIR, remove_empty_dir
@@ -60,7 +61,23 @@ def is_whole(video: Path, row: dict) -> bool:
 
 
 def run_items(cfg) -> list[Item]:
-    return make_items(load_prompts(cfg.prompts), cfg.prompts.samples_per_prompt, cfg.seed)
+    prompts = load_prompt_set(cfg.prompts)
+    check_images_taken(prompts, cfg.model)
+    return make_items(prompts, cfg.prompts.samples_per_prompt, cfg.seed)
+
+
+def check_images_taken(prompts: list[Prompt], model_cfg) -> None:
+    """A ConfigError naming the first prompt with an image when the model generates from text only."""
+    given = next((prompt for prompt in prompts if prompt.image is not None), None)
+    if given is None:
+        return
+    backbone = backbone_from_config(model_cfg)
+    if backbone.takes_image:
+        return
+    takers = [name for name in available_models() if get_backbone(name).takes_image]
+    raise ConfigError(f"{given.where} gives an image ({given.image!r}), but model={backbone.name} (family "
+                      f"{backbone.family}) generates from text only; models that take an image: {', '.join(takers)}. "
+                      "Remove the image from the prompt file, or choose one of those models.")
 
 
 def make_steerer(cfg, backbone: Backbone) -> StasSteerer | None:
@@ -93,15 +110,24 @@ def sample(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: 
 def run_pipeline(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, layout: TokenLayout,
                  loop: OwnedLoop | None = None):
     """The output for one item (stas.analyze asks for output_type='latent' and reads its hooks) of `loop` (stas's
-    own, see make_loop), or of the pipeline's own `pipe(...)` when None."""
+    own, see make_loop), or of the pipeline's own `pipe(...)` when None. An item with an image passes it as `image`
+    (to `pipe(...)` too, which must then take one: WanImageToVideoPipeline)."""
     if steerer is not None:
         steerer.begin(layout, kwargs["num_inference_steps"],
                       do_cfg=steerer.backbone.uses_cfg(kwargs["guidance_scale"]))
     generator = torch.Generator(device="cpu").manual_seed(item.seed)
+    image = {} if item.image_file is None else {"image": load_image(item.image_file)}
     with torch.inference_mode():
         if loop is None:
-            return pipe(prompt=item.prompt, generator=generator, **kwargs)
-        return loop(pipe, prompt=item.prompt, generator=generator, **kwargs)
+            return pipe(prompt=item.prompt, generator=generator, **image, **kwargs)
+        return loop(pipe, prompt=item.prompt, generator=generator, **image, **kwargs)
+
+
+def load_image(path: str):
+    """The RGB image a prompt starts from, read as diffusers' load_image reads it (EXIF orientation applied)."""
+    from diffusers.utils import load_image as diffusers_load_image
+
+    return diffusers_load_image(path)
 
 
 @dataclass
@@ -181,6 +207,7 @@ def video_row(cfg, item: Item, path: Path, frames, seconds: float, size: int) ->
         "prompt_index": item.prompt_index,
         "index": item.index,
         "seed": item.seed,
+        **item.image_fields(),
         "path": str(path),
         "bytes": size,
         "backbone": cfg.model.name,

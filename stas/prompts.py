@@ -1,8 +1,14 @@
-"""Prompt sources (demo list, text file, the VBench suite) and the (prompt, sample, seed) items of a run."""
+"""Prompt sources (demo list, text or JSON file, the VBench suite) and the (prompt, sample, seed) items of a run.
+
+A prompt file may give an image per prompt (image-to-video backbones, e.g. Wan2.2-TI2V): `prompt<TAB>image path`
+lines, or a `.json` file holding a list of {"prompt": ..., "image": ...} objects; image paths are relative to the
+prompt file's folder. Each image is read and hashed (sha256) when the prompts are loaded, so a missing, unreadable
+or changed image is known before anything is generated."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -15,14 +21,41 @@ MAX_STEM_BYTES = 230
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
+PROMPT_FILE_FORMATS = ("one prompt a line, optionally prompt<TAB>image path", 'a .json list of {"prompt": ..., '
+                       '"image": ...} objects ("image" optional)')
+JSON_KEYS = ("prompt", "image")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a prompt set, with the image it starts from (image-to-video) or None: the path as the prompt
+    file gives it (`image`), where it was found (`image_file`) and the sha256 of its bytes; `where` names the line or
+    entry of the prompt file for messages."""
+
+    text: str
+    image: str | None = None
+    image_file: str | None = None
+    image_sha256: str | None = None
+    where: str = ""
+
+    @property
+    def identity(self) -> tuple[str, str | None]:
+        """What makes two prompts the same (a repeat is dropped): the text and the image's bytes."""
+        return self.text, self.image_sha256
+
+
 @dataclass(frozen=True)
 class Item:
-    """One video of a run: prompt `prompt_index` (0-based), sample `index` (VBench's 0-4), sampled with `seed`."""
+    """One video of a run: prompt `prompt_index` (0-based), sample `index` (VBench's 0-4), sampled with `seed`;
+    `image`, `image_file`, `image_sha256` as in Prompt (None for a text-only prompt)."""
 
     prompt_index: int
     prompt: str
     index: int
     seed: int
+    image: str | None = None
+    image_file: str | None = None
+    image_sha256: str | None = None
 
     @property
     def key(self) -> str:
@@ -33,7 +66,13 @@ class Item:
         return f"{safe_stem(self.prompt)}-{self.index}.mp4"
 
     def manifest_row(self) -> dict:
-        return {"key": self.key, "prompt": self.prompt, "index": self.index, "seed": self.seed, "file": self.filename}
+        row = {"key": self.key, "prompt": self.prompt, "index": self.index, "seed": self.seed, "file": self.filename}
+        return {**row, **self.image_fields()}
+
+    def image_fields(self) -> dict:
+        """The image of a generation row or manifest row (none for a text-only prompt): its path as the prompt file
+        gives it and its sha256, which makes the run reproducible and refuses a changed image on resume."""
+        return {} if self.image is None else {"image": self.image, "image_sha256": self.image_sha256}
 
 
 def safe_stem(prompt: str) -> str:
@@ -59,22 +98,44 @@ def vbench_info_path() -> Path:
 
 
 def load_prompts(cfg) -> list[str]:
-    """The prompts a `prompts` config names, in order, without duplicates."""
+    """The prompt texts a `prompts` config names, in order, without duplicates (see load_prompt_set)."""
+    return [prompt.text for prompt in load_prompt_set(cfg)]
+
+
+def load_prompt_set(cfg) -> list[Prompt]:
+    """The prompts a `prompts` config names, in order, without duplicates (the same text with the same image)."""
     if cfg.source in ("demo", "list"):
-        prompts = [str(p) for p in cfg.prompts]
+        prompts = [Prompt(str(p)) for p in cfg.prompts]
     elif cfg.source == "file":
-        prompts = [line.strip() for line in prompt_lines(cfg.path) if line.strip()]
+        prompts = prompt_file(cfg.path)
     else:
-        prompts = vbench_prompts(cfg.path, set(cfg.vbench_dimensions or []))
+        prompts = [Prompt(text) for text in vbench_prompts(cfg.path, set(cfg.vbench_dimensions or []))]
         if cfg.vbench_dimensions and not prompts:
             raise ConfigError(f"prompts.vbench_dimensions={sorted(cfg.vbench_dimensions)} matches no VBench prompt")
-    prompts = list(dict.fromkeys(prompts))
+    unique: dict[tuple, Prompt] = {}
+    for prompt in prompts:
+        unique.setdefault(prompt.identity, prompt)
+    prompts = list(unique.values())
+    check_one_image_per_prompt(prompts)
     if cfg.limit is not None:
         prompts = prompts[: cfg.limit]
     if not prompts:
         where = f" in {cfg.path}" if cfg.source == "file" else ""
         raise ConfigError(f"prompts ({cfg.source}) is empty{where}: give at least one prompt")
     return prompts
+
+
+def check_one_image_per_prompt(prompts: list[Prompt]) -> None:
+    """A ConfigError when one prompt text comes with two different images (or with and without one): videos are
+    named, paired across runs and grouped by their prompt text (VBench's naming)."""
+    first: dict[str, Prompt] = {}
+    for prompt in prompts:
+        other = first.setdefault(prompt.text, prompt)
+        if other is not prompt:
+            images = [f"image {p.image!r}" if p.image is not None else "no image" for p in (other, prompt)]
+            raise ConfigError(f"{other.where} and {prompt.where.rpartition(': ')[2]} give the prompt {prompt.text!r} "
+                              f"with {images[0]} and with {images[1]}; a prompt starts from one image (videos are "
+                              "named and paired by their prompt): word the prompts apart")
 
 
 def prompt_lines(path) -> list[str]:
@@ -102,16 +163,7 @@ def vbench_prompts(path, dimensions: set[str]) -> list[str]:
     objects with `prompt_en` and, to filter by `dimensions`, `dimension` (a list of names)."""
     where = f"prompts.path={str(path)!r}" if path else "VBench_full_info.json"
     source = Path(str(path)) if path else vbench_info_path()
-    try:
-        entries = json.loads(source.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such file (a VBench info JSON: a list of objects with 'prompt_en')") from None
-    except OSError as err:
-        raise ConfigError(f"{where}: cannot be read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{where}: is not UTF-8 text (byte at offset {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{where}: is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    entries = read_json(source, where, "a VBench info JSON: a list of objects with 'prompt_en'")
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: must be a JSON list of objects with 'prompt_en', not a {type(entries).__name__}")
     prompts = []
@@ -130,14 +182,106 @@ def vbench_prompts(path, dimensions: set[str]) -> list[str]:
     return prompts
 
 
+def read_json(source: Path, where: str, expected: str):
+    """The JSON value of a file; a ConfigError naming `where` when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(source.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file ({expected})") from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where}: is not UTF-8 text (byte at offset {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+
+
+# ------------------------------------------------------------------------------- prompt files with images
+
+
+def prompt_file(path) -> list[Prompt]:
+    """The prompts of a prompt file: a `.json` list of {"prompt", "image"} objects, else one prompt a line
+    (blank lines skipped), `prompt<TAB>image path` where the prompt starts from an image."""
+    if Path(str(path)).suffix.lower() == ".json":
+        return json_prompt_file(path)
+    prompts = []
+    for number, line in enumerate(prompt_lines(path), start=1):
+        where = f"prompts.path={str(path)!r}: line {number}"
+        text, _, image = line.partition("\t")
+        text, image = text.strip(), image.strip()
+        if "\t" in image:
+            raise ConfigError(f"{where} has {line.count(chr(9))} tabs; the format is {PROMPT_FILE_FORMATS[0]} "
+                              "(one tab, between the prompt and the image path)")
+        if not image:  # no tab, or nothing after it
+            if text:
+                prompts.append(Prompt(text, where=where))
+            continue
+        if not text:
+            raise ConfigError(f"{where} gives an image ({image!r}) but no prompt before the tab; the format is "
+                              f"{PROMPT_FILE_FORMATS[0]}")
+        prompts.append(image_prompt(text, image, path, where))
+    return prompts
+
+
+def json_prompt_file(path) -> list[Prompt]:
+    """The prompts of a JSON prompt file: a list of objects with a string "prompt" and, optionally, "image"."""
+    entries = read_json(Path(str(path)), f"prompts.path={str(path)!r}", f"a prompt file: {PROMPT_FILE_FORMATS[1]}")
+    if not isinstance(entries, list):
+        raise ConfigError(f"prompts.path={str(path)!r}: must be a JSON list of objects with \"prompt\" and, "
+                          f"optionally, \"image\", not a {type(entries).__name__}")
+    prompts = []
+    for number, entry in enumerate(entries):
+        where = f"prompts.path={str(path)!r}: entry {number}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+            raise ConfigError(f"{where} must be an object with a non-empty string \"prompt\" (and, optionally, "
+                              f"an \"image\" path), got {_shorten(entry)}")
+        unknown = sorted(set(entry) - set(JSON_KEYS))
+        if unknown:
+            raise ConfigError(f"{where} has key(s) {', '.join(map(repr, unknown))}; allowed: "
+                              f"{', '.join(map(repr, JSON_KEYS))}")
+        image = entry.get("image")
+        if image is not None and (not isinstance(image, str) or not image.strip()):
+            raise ConfigError(f"{where}: \"image\" must be a path (a non-empty string) or null, got "
+                              f"{_shorten(image)}")
+        text = entry["prompt"].strip()
+        prompts.append(Prompt(text, where=where) if image is None else image_prompt(text, image.strip(), path, where))
+    return prompts
+
+
+def image_prompt(text: str, image: str, prompt_path, where: str) -> Prompt:
+    """A prompt with its image, read, checked to be an image and hashed; the image path is relative to the prompt
+    file's folder (or absolute)."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(image).expanduser()
+    if not file.is_absolute():
+        file = Path(str(prompt_path)).parent / file
+    about = f"{where}: image {image!r} ({file})"
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{about}: no such file; image paths are relative to the prompt file's folder, or "
+                          "absolute") from None
+    except OSError as err:
+        raise ConfigError(f"{about}: cannot be read: {err.strerror or err}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ConfigError(f"{about}: is not an image Pillow can read (PNG, JPEG, WebP, ...): {err}") from None
+    return Prompt(text, image, str(file), hashlib.sha256(data).hexdigest(), where)
+
+
 def _shorten(value, limit: int = 80) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def make_items(prompts: list[str], samples_per_prompt: int, seed: int) -> list[Item]:
+def make_items(prompts: list[Prompt | str], samples_per_prompt: int, seed: int) -> list[Item]:
     """Every (prompt, sample) of a run; sample i of every prompt uses seed + i, so runs pair up by seed."""
-    items = [Item(p, prompt, i, seed + i) for p, prompt in enumerate(prompts) for i in range(samples_per_prompt)]
+    prompts = [prompt if isinstance(prompt, Prompt) else Prompt(prompt) for prompt in prompts]
+    items = [Item(p, prompt.text, i, seed + i, prompt.image, prompt.image_file, prompt.image_sha256)
+             for p, prompt in enumerate(prompts) for i in range(samples_per_prompt)]
     names: dict[str, Item] = {}
     for item in items:
         if item.filename in names:

@@ -83,6 +83,7 @@ class Backbone:
     text_tokens: ClassVar[str]  # how text enters the blocks; steering and capture only ever see the video tokens
     latents_frame_axis: ClassVar[int]  # axis of the latent frames in the latents a transformer call receives
     expand_timesteps: ClassVar[bool] = False  # a timestep per token (Wan2.2-TI2V)
+    takes_image: ClassVar[bool] = False  # image-to-video: a prompt may start from an image (args["image"] in the loop)
     # Self-attention runs on [text, video] tokens and returns (video, text) (joint attention, CogVideoX) instead of
     # running on and returning the video tokens only.
     joint_attention: ClassVar[bool] = False

@@ -138,7 +138,9 @@ class GuidanceConfig:
 class PromptsConfig:
     source: str = "demo"  # demo | list | file | vbench
     prompts: List[str] = field(default_factory=list)  # the prompts of source=list (prompts=list)
-    path: Optional[str] = None  # source=file: a UTF-8 text file, one prompt a line; vbench: another full_info JSON
+    # source=file: a UTF-8 text file, one prompt a line (prompt<TAB>image path: image-to-video), or a .json list of
+    # {"prompt", "image"} objects (images relative to the file); vbench: another full_info JSON
+    path: Optional[str] = None
     samples_per_prompt: int = 1  # videos per prompt; sample i uses seed + i
     limit: Optional[int] = None  # only the first `limit` prompts
     vbench_dimensions: Optional[List[str]] = None  # source=vbench: only the prompts of these VBench dimensions

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from stas.backbones import Backbone, DenoisingRun, Expert
+from stas.backbones import Backbone, BackboneError, DenoisingRun, Expert
 from stas.core.layout import TokenLayout
 from stas.loop.guidance import skipped_layers
 from stas.methods.hooks import DenoisingCall, announced
@@ -93,7 +93,9 @@ def decide_cfg(guider, do_cfg: bool) -> None:
 def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
     """One video from `pipe`'s parts, guided by `guider`; `args` are the pipeline call's arguments (prompt,
     generator, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, max_sequence_length,
-    output_type and the family's own, e.g. use_dynamic_cfg)."""
+    output_type and the family's own, e.g. use_dynamic_cfg; `image`, a PIL image, for an image-to-video backbone)."""
+    if args.get("image") is not None and not backbone.takes_image:
+        raise BackboneError(f"{backbone.name} generates from text only: it takes no image")
     run = backbone.denoising_run(pipe, args)
     decide_cfg(guider, run.do_cfg)
     if skipped_layers(guider):  # the guider hooks blocks for its perturbed pass (diffusers' layer-skip hooks)

@@ -112,6 +112,7 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
             "model": cfg.model.name, "family": backbone.family,
             "steer": cfg.steer.name if cfg.steer.enabled else "none",
             "prompts": [item.prompt for item in items], "seeds": [item.seed for item in items],
+            **({"images": [item.image_fields() for item in items]} if any(item.image for item in items) else {}),
             "layers": list(selection.layers), "steps": list(selection.steps), "num_steps": cfg.model.steps,
             "profile": [list(pair) for pair in selection.profile], "branches": list(capture.branches),
             "layout": {"frames": layout.frames, "height": layout.height, "width": layout.width},

@@ -134,7 +134,7 @@ def _check_or_record(run_dir: Path, cfg, manifest: list[dict]) -> None:
     if (not create_exclusive(run_dir / MANIFEST_FILE, jsonl_text(manifest).encode("utf-8"))
             and read_jsonl(run_dir / MANIFEST_FILE) != manifest):
         raise ConfigError(f"{run_dir} was started with other prompts (its {MANIFEST_FILE} differs): "
-                          "did the prompt file change? Use a new hydra.run.dir.")
+                          "did the prompt file, or one of its images, change? Use a new hydra.run.dir.")
 
 
 def _hydra_files(cfg) -> dict[str, str]:

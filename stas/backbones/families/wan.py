@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stas.backbones.base import DTYPES, Backbone, DenoisingRun, Expert, register_family
+from stas.backbones.base import DTYPES, Backbone, BackboneError, DenoisingRun, Expert, register_family
 
 
 @register_family("wan21")
@@ -36,6 +36,8 @@ class Wan21(Backbone):
         dtype = pipe.transformer.dtype
         embeds, negative = embeds.to(dtype), None if negative is None else negative.to(dtype)
         pipe.scheduler.set_timesteps(args["num_inference_steps"], device=device)
+        if args.get("image") is not None:
+            return self.image_run(pipe, args, device, embeds, negative, do_cfg)
         latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, args["height"], args["width"],
                                        args["num_frames"], torch.float32, device, args["generator"])
         pipe.scheduler.set_begin_index(0)
@@ -43,6 +45,33 @@ class Wan21(Backbone):
         if pipe.config.expand_timesteps:  # Wan2.2-TI2V: a timestep per token (of the first latent channel, patch 2)
             run.extra["token_mask"] = torch.ones(latents.shape, dtype=torch.float32, device=device)[0][0][:, ::2, ::2]
         return run
+
+    def image_run(self, pipe, args: dict, device, embeds, negative, do_cfg: bool) -> DenoisingRun:
+        """WanImageToVideoPipeline.__call__'s preparation with expand_timesteps (Wan2.2-TI2V): the image, resized to
+        the video, is VAE-encoded (argmax) and normalised into `condition`; `first_frame_mask` is 0 on latent frame 0
+        and 1 elsewhere. Every transformer call sees latent frame 0 as the encoded image at timestep 0 (call_inputs),
+        and the returned latents have it put back (decode); the scheduler steps the latents as they come."""
+        from diffusers import WanImageToVideoPipeline
+
+        if not pipe.config.expand_timesteps:  # Wan2.1-I2V's conditioning (mask channels, CLIP image) is another
+            raise BackboneError(f"{self.name}: image conditioning needs a WanPipeline with expand_timesteps")
+        image = pipe.video_processor.preprocess(args["image"], height=args["height"], width=args["width"])
+        # The I2V pipeline's own prepare_latents on this WanPipeline: it reads only the VAE and the config that the
+        # two Wan pipelines share, and draws the noise as WanPipeline.prepare_latents does.
+        latents, condition, first_frame_mask = WanImageToVideoPipeline.prepare_latents(
+            pipe, image.to(device, dtype=torch.float32), 1, pipe.vae.config.z_dim, args["height"], args["width"],
+            args["num_frames"], torch.float32, device, args["generator"])
+        run = DenoisingRun(pipe, args, device, embeds, negative, pipe.scheduler.timesteps, latents, do_cfg)
+        run.extra.update(condition=condition, first_frame_mask=first_frame_mask,
+                         token_mask=first_frame_mask[0][0][:, ::2, ::2])
+        return run
+
+    def conditioned(self, run: DenoisingRun) -> torch.Tensor:
+        """The latents with latent frame 0 the encoded image (image-to-video), as the I2V pipeline mixes them."""
+        if "condition" not in run.extra:
+            return run.latents
+        mask = run.extra["first_frame_mask"]
+        return (1 - mask) * run.extra["condition"] + mask * run.latents
 
     def step_expert(self, run: DenoisingRun, step: int, t) -> Expert:
         # Wan2.2-A14B: the low-noise expert (transformer_2, guidance_scale_2) below the boundary timestep.
@@ -53,7 +82,7 @@ class Wan21(Backbone):
         return Expert("transformer_2", pipe.transformer_2, run.args["guidance_scale"] if scale is None else scale)
 
     def call_inputs(self, run: DenoisingRun, t, rows: int) -> dict:
-        latents = run.latents.to(run.pipe.transformer.dtype)
+        latents = self.conditioned(run).to(run.pipe.transformer.dtype)
         hidden = torch.cat([latents] * rows) if rows > 1 else latents
         if "token_mask" in run.extra:
             timestep = (run.extra["token_mask"] * t).flatten().unsqueeze(0).expand(hidden.shape[0], -1)
@@ -64,6 +93,10 @@ class Wan21(Backbone):
     def cache_context_kwargs(self, run: DenoisingRun, step: int) -> dict:
         return {"step_index": step, "sigma": float(run.pipe.scheduler.sigmas[step]),
                 "num_inference_steps": len(run.timesteps)}
+
+    def decode(self, run: DenoisingRun):
+        run.latents = self.conditioned(run)
+        return super().decode(run)
 
     def decode_latents(self, run: DenoisingRun):
         from diffusers.utils.torch_utils import get_module_execution_device
@@ -111,7 +144,17 @@ class Wan22(Wan21):
 
     spatial_compression = 16
     expand_timesteps = True
+    takes_image = True  # WanImageToVideoPipeline's expand_timesteps conditioning (Wan21.image_run)
     latent_channels = 48
+
+    @classmethod
+    def describes(cls, pipe) -> bool:
+        """A WanPipeline with expand_timesteps, or a user's WanImageToVideoPipeline of Wan2.2-TI2V (stas.apply_stas):
+        the same transformer, token grid and two-pass CFG."""
+        import diffusers
+
+        return super().describes(pipe) or (isinstance(pipe, diffusers.WanImageToVideoPipeline)
+                                            and bool(getattr(pipe.config, "expand_timesteps", False)))
 
     def tiny_vae(self, diffusers, tiny):
         # The Wan2.2 residual VAE: 48 latent channels, 2x2 pixel patchify before the 8x convolutional stack.
