@@ -34,8 +34,13 @@ def guided_run(tiny_pipelines, twin: str, *overrides):
     return frames, seen, loop, kwargs["guidance_scale"]
 
 
-@pytest.mark.parametrize("twin", ["tiny_wan21", "tiny_cogvideox"])
-@pytest.mark.parametrize("name,weight_key", [("slg", "skip_layer_guidance_scale"), ("pag", "perturbed_guidance_scale")])
+SLOW = pytest.mark.slow  # the quick tier keeps one case per guidance, one per family
+
+
+@pytest.mark.parametrize("twin,name,weight_key", [
+    ("tiny_wan21", "slg", "skip_layer_guidance_scale"), ("tiny_cogvideox", "pag", "perturbed_guidance_scale"),
+    pytest.param("tiny_cogvideox", "slg", "skip_layer_guidance_scale", marks=SLOW),
+    pytest.param("tiny_wan21", "pag", "perturbed_guidance_scale", marks=SLOW)])
 def test_perturbed_pass_guidance_follows_the_guiders_math_and_leaves_no_hook(tiny_pipelines, twin, name, weight_key):
     """uncond + scale (cond - uncond) + w (cond - cond_perturbed) at the steps inside the window (diffusers: after
     step 0), CFG's at step 0; the perturbed pass differs from cond (the blocks were perturbed), the cond pass of step 0
@@ -75,7 +80,7 @@ def test_enhance_factor_is_the_papers_cross_frame_intensity():
     assert enhance_factor(query, key, frames, -frames) == 1.0  # clamped: never weakens the attention
 
 
-@pytest.mark.parametrize("twin", ["tiny_wan21", "tiny_cogvideox"])
+@pytest.mark.parametrize("twin", ["tiny_cogvideox", pytest.param("tiny_wan21", marks=SLOW)])
 def test_enhance_hook_scales_the_video_output_of_each_self_attention_by_one_factor(tiny_pipelines, twin):
     """The first self-attention of the first call (the same inputs with and without the method): its video output is
     the plain one times a single factor > 1; CogVideoX's text output is untouched."""
@@ -95,7 +100,7 @@ def test_enhance_hook_scales_the_video_output_of_each_self_attention_by_one_fact
         assert torch.equal(outputs["cfg"][1], outputs["enhance_a_video"][1])
 
 
-@pytest.mark.parametrize("twin", ["tiny_wan21", "tiny_cogvideox"])
+@pytest.mark.parametrize("twin", ["tiny_wan21", pytest.param("tiny_cogvideox", marks=SLOW)])
 def test_enhance_a_video_is_cfg_exactly_when_its_factor_is_one(tiny_pipelines, twin):
     cfg_frames, _, _, _ = guided_run(tiny_pipelines, twin, "guidance=cfg")
     frames, _, loop, _ = guided_run(tiny_pipelines, twin, "guidance=enhance_a_video")

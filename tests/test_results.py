@@ -383,3 +383,26 @@ def test_detection_settings_belong_to_the_method_not_the_pairing(tmp_path):
     assert len(deltas) == 2
     labels = run_labels(runs)
     assert labels[0] == "Vanilla" and all("detect.rule=" in label for label in labels[1:])
+
+
+@pytest.mark.slow
+def test_tiny_baselines_sweep_gives_the_methods_table_with_nfe(tmp_path, capsys):
+    """experiment=tiny_baselines (here 1 twin x {cfg, slg} x {none, STAS}, 1 prompt, 3 steps) then tables: one row per
+    guidance x steering with its NFE (skip-layer guidance pays a third pass after step 0), and each steered run
+    paired with the vanilla run of its own guidance."""
+    result = run_cli("stas.run", "-m", "experiment=tiny_baselines", "model=tiny_wan21", "guidance=cfg,slg",
+                     "steer=none,stas_paper", "prompts.limit=1", "model.steps=3", "logger=none", "progress=false",
+                     "eval.evaluators=[pixel]", f"paths.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "multirun" / "tiny_baselines"
+    assert tables_main()([str(sweep), "--out", str(tmp_path / "t"), "--wandb", "none"]) == 0
+    methods = pd.read_csv(tmp_path / "t" / "methods.csv")
+    assert [(g, m.split(" ")[0], nfe, steps) for g, m, nfe, steps in
+            zip(methods["Guidance"], methods["Method"], methods["NFE"], methods["Steps"])] == [
+        ("cfg", "Vanilla", 6, 3), ("cfg", "+STAS", 6, 3), ("slg", "Vanilla", 8, 3), ("slg", "+STAS", 8, 3)]
+    assert methods["pixel/consistency (raw)"].notna().all() and (methods["Seconds"] > 0).all()
+    assert "| NFE" in (tmp_path / "t" / "methods_table.md").read_text() or "NFE |" in (
+        tmp_path / "t" / "methods_table.md").read_text()
+    deltas = pd.read_csv(tmp_path / "t" / "deltas.csv")
+    assert sorted(set(deltas["method"])) == ["+STAS (guidance=cfg)", "+STAS (guidance=slg)"]
+    assert "| Guidance" in capsys.readouterr().out  # the cost of each method is printed
