@@ -116,6 +116,17 @@ def test_compiled_stas_options_equal_eager(overrides):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("guidance", ["slg", "enhance_a_video"])
+def test_compiled_guidance_methods_with_stas_equal_eager(guidance):
+    """The perturbed pass (diffusers' layer-skip hooks on and off per call) and Enhance-A-Video's attention hook
+    compile too: a graph or two more while warming up (a skipped block, an enhanced attention), none after it."""
+    eager = generate(build("tiny_wan21", "none", f"guidance={guidance}"), 1)[0]
+    warm, second = generate(build("tiny_wan21", "regional", f"guidance={guidance}"), 2)
+    assert_compiled_like_eager(eager, warm, second, warmup_recompiles=warm["counts"]["recompiles"])
+    assert warm["counts"]["recompiles"] <= 2
+
+
+@pytest.mark.slow
 def test_compiled_twin_without_steering_equals_eager():
     """The planted MAs alone (the planter's hooks) compile to one graph per frame and never recompile."""
     eager = generate(build("tiny_cogvideox", "none", "steer=none"), 1)[0]
