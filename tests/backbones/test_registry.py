@@ -62,7 +62,9 @@ def test_a_name_is_registered_once(toy_family):
 
 
 def test_a_method_from_another_module_is_registered_and_must_implement_the_interface():
-    assert METHODS == {"stas": StasSteerer}
+    from stas.methods.enhance_a_video import EnhanceAVideo
+
+    assert METHODS == {"stas": StasSteerer, "enhance_a_video": EnhanceAVideo}
 
     class Incomplete(Method):
         def attach(self, transformer):
