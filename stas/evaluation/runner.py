@@ -109,8 +109,13 @@ class EvaluationSummary:
         for score in ("quality_score", "semantic_score", "total_score"):
             if score in vbench:
                 lines.append(f"  vbench {score:<33} {vbench[score]:.2f} %")
+            elif score in vbench.get("withheld", {}):
+                lines.append(f"  vbench {score}: withheld, {vbench['withheld'][score]}")
             elif score in vbench.get("missing", {}):
                 lines.append(f"  vbench {score}: not computed, needs {len(vbench['missing'][score])} more dimension(s)")
+        for dimension, problem in vbench.get("invalid", {}).items():
+            lines.append(f"  FLAGGED vbench/{dimension}: raw value {vbench['dimensions'][dimension]!r} {problem} "
+                         "(kept in the rows; the scores built on it are withheld)")
         lines.append(f"  rows:      {self.rows_path}")
         if self.aggregate_path is not None:
             lines.append(f"  aggregate: {self.aggregate_path}")
