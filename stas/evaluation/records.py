@@ -5,7 +5,7 @@ video's content when it was scored: a regenerated video is scored again), plus `
 averages over frame pairs or frames that a pooled aggregate should count (VBench pools its consistency dimensions
 over frame pairs, not videos), `settings` for the frame-feature evaluators (what the value depends on besides the
 video: pixel size or weights, temporal compression), and `error` (with value null) when the video could not be
-scored.
+scored, or `excluded` (with value null) when the tool scored it and gives it no value by its own definition.
 `aggregate_metrics` is pure, so the merge of sharded runs can call it on the union of the shards' rows.
 """
 
@@ -56,6 +56,12 @@ def error_row(video: Video, evaluator: str, metric: str, error: str) -> dict:
     return {**metric_row(video, evaluator, metric, None), "error": error}
 
 
+def excluded_row(video: Video, evaluator: str, metric: str, reason: str) -> dict:
+    """A video the tool scored and gave no value by its own definition (VBench's color, no object detected): done,
+    not an error, not in the aggregate's values."""
+    return {**metric_row(video, evaluator, metric, None), "excluded": reason}
+
+
 def aggregate_metrics(rows) -> dict:
     """The per-run aggregate of metric rows.
 
@@ -63,12 +69,16 @@ def aggregate_metrics(rows) -> dict:
     every row has a weight) = sum(value * weight) / sum(weight), which is how VBench aggregates.
     vbench: the dimensions' values as VBench aggregates them, and vbench_scores of those (partial sets say what
     is missing; a value outside [0, 1] is "invalid" and the scores built on it "withheld", with the reason), and
-    "flagged": the videos whose rows hold such values. errors: the rows of videos that could not be scored.
+    "flagged": the videos whose rows hold such values. errors: the rows of videos that could not be scored;
+    excluded: the rows of videos the tool scored and gave no value by its own definition (VBench's color when the
+    object is never detected), left out of the values as VBench leaves them out.
     """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    errors = []
+    errors, excluded = [], []
     for row in rows:
-        if row.get("value") is None:
+        if row.get("value") is None and row.get("excluded"):
+            excluded.append({key: row.get(key) for key in ("video", "evaluator", "metric", "excluded")})
+        elif row.get("value") is None:
             errors.append({key: row.get(key) for key in ("video", "evaluator", "metric", "error")})
         else:
             groups[(row["evaluator"], row["metric"])].append(row)
@@ -81,7 +91,8 @@ def aggregate_metrics(rows) -> dict:
         if total > 0 and all("weight" in row for row in group):
             entry["pooled"] = sum(row["value"] * row["weight"] for row in group) / total
         metrics[f"{evaluator}/{metric}"] = entry
-    result = {"videos": len({row["video"] for row in rows}), "metrics": metrics, "errors": errors}
+    result = {"videos": len({row["video"] for row in rows}), "metrics": metrics, "errors": errors,
+              "excluded": excluded}
     dimensions = {d: metrics[f"vbench/{d}"].get("pooled", metrics[f"vbench/{d}"]["mean"])
                   for d in DIMENSIONS if f"vbench/{d}" in metrics}
     if dimensions:

@@ -81,8 +81,10 @@ class VBenchRunner:
         return {f"{e['prompt_en']}-{i}.mp4" for e in entries if dimension in e["dimension"]
                 for i in range(SAMPLES_PER_PROMPT)}
 
-    def evaluate(self, dimension: str, videos: list[Video], log_name: str) -> list[dict]:
-        """VBench's per-video results [{video, value, weight}] for one dimension on `videos`."""
+    def evaluate(self, dimension: str, videos: list[Video], log_name: str) -> dict:
+        """VBench's answer for one dimension on `videos`: its value (None when no video has one), its per-video
+        results `videos` [{video, value, weight}], and `left_out`: why a video without a result has none (color: no
+        object detected), or None when that is an error."""
         with tempfile.TemporaryDirectory(prefix=f"stas-vbench-{dimension}-") as tmp:
             videos_dir = Path(tmp) / "videos"
             videos_dir.mkdir()
@@ -98,7 +100,7 @@ class VBenchRunner:
                 "full_info": self.full_info,
                 "prompts": {video.name: video.prompt for video in videos},
             }, log_name, timeout=self.options.timeout)
-        return answer["videos"]
+        return answer
 
 
 def problems_message(entry: dict, cache_dir: str, python: str) -> str | None:

@@ -8,7 +8,8 @@ REQUEST is a JSON object; the answer is written as JSON to request["output"]. Ac
 - "evaluate": run one dimension (request["dimension"]) through VBench's own Python API in local mode (weights from
   the cache only) on the videos in request["videos_dir"], and return VBench's value and its per-video results,
   each with the weight VBench pools it with (frame pairs for the consistency dimensions, frames for the
-  frame-counting ones, else 1).
+  frame-counting ones, else 1), and for a dimension that leaves videos out by design (color: no object detected)
+  why a video without a result has none.
 stas checks every file VBench would otherwise fetch with wget or git clone before it calls VBench, so an offline
 machine gets a message instead of a hanging download.
 """
@@ -81,6 +82,10 @@ PACKAGES = {
     "temporal_style": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
     "overall_consistency": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
 }
+# Dimensions whose VBench code leaves a video out of its results by design, and why (the video is then recorded as
+# such, not as an error). color.py appends a video's result only `if cur_object>0`.
+LEFT_OUT = {"color": "VBench's color gives this video no value: GRiT detected the prompt's object (with a colour "
+                     "word) in none of its 16 sampled frames, and color leaves such a video out of its score"}
 PIP_NAMES = {"clip": "openai-clip (needs setuptools<81)", "pkg_resources": "setuptools<81",
              "detectron2": "detectron2 (not on PyPI: see its install guide)"}
 
@@ -155,11 +160,37 @@ def video_weight(dimension: str, result: dict) -> int:
     return 1
 
 
+def guard_no_detection(dimension: str) -> None:
+    """VBench's color divides by the number of videos with the object detected (color.py: `success_frame_count_all
+    / video_count`); when there is none it raises ZeroDivisionError, and its results (none: a video gets one only
+    when detected) are lost. Wrap its `color` so that exactly that division gives (None, []) instead; any other
+    error passes through."""
+    if dimension != "color":
+        return
+    import vbench.color as module
+
+    original = module.color
+
+    def color(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except ZeroDivisionError as err:
+            innermost = err.__traceback__
+            while innermost.tb_next is not None:
+                innermost = innermost.tb_next
+            if innermost.tb_frame.f_code is not original.__code__:  # raised elsewhere (in a model): a real error
+                raise
+            return None, []
+
+    module.color = color  # compute_color looks `color` up in its module when called
+
+
 def evaluate(request: dict) -> dict:
     import torch
     from vbench import VBench
 
     dimension = request["dimension"]
+    guard_no_detection(dimension)
     device = request.get("device") or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,7 +205,8 @@ def evaluate(request: dict) -> dict:
     return {
         "dimension": dimension,
         "device": device,
-        "value": float(value),
+        "value": None if value is None else float(value),
+        "left_out": LEFT_OUT.get(dimension),  # why a video without a result has none; None: it is an error
         "videos": [{"video": Path(r["video_path"]).name, "value": float(r["video_results"]),
                     "weight": video_weight(dimension, r)} for r in per_video],
     }
