@@ -72,13 +72,13 @@ PACKAGES = {
     "appearance_style": ["clip"],
     "human_action": ["clip", "timm"],
     "imaging_quality": ["pyiqa"],
-    "dynamic_degree": ["easydict"],
+    "dynamic_degree": ["easydict", "scipy"],
     "motion_smoothness": ["omegaconf"],
-    "object_class": ["detectron2", "fvcore"],
-    "multiple_objects": ["detectron2", "fvcore"],
-    "color": ["detectron2", "fvcore"],
-    "spatial_relationship": ["detectron2", "fvcore"],
-    "scene": ["transformers", "timm"],
+    "object_class": ["detectron2", "fvcore", "lvis"],
+    "multiple_objects": ["detectron2", "fvcore", "lvis"],
+    "color": ["detectron2", "fvcore", "lvis"],
+    "spatial_relationship": ["detectron2", "fvcore", "lvis"],
+    "scene": ["transformers", "timm", "fairscale"],
     "temporal_style": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
     "overall_consistency": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
 }
@@ -87,7 +87,8 @@ PACKAGES = {
 LEFT_OUT = {"color": "VBench's color gives this video no value: GRiT detected the prompt's object (with a colour "
                      "word) in none of its 16 sampled frames, and color leaves such a video out of its score"}
 PIP_NAMES = {"clip": "openai-clip (needs setuptools<81)", "pkg_resources": "setuptools<81",
-             "detectron2": "detectron2 (not on PyPI: see its install guide)"}
+             "detectron2": "detectron2 (not on PyPI: pip install --no-build-isolation "
+                           "'git+https://github.com/facebookresearch/detectron2.git')"}
 
 
 def cache_dir() -> Path:

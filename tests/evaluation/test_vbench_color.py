@@ -62,7 +62,7 @@ def color_frames(seed: int, frames: int = 17):
 @pytest.fixture
 def color_run(tmp_path, monkeypatch):
     site = tmp_path / "site"
-    for package in ("detectron2", "fvcore"):  # what the probe looks for; the stand-in never imports them
+    for package in ("detectron2", "fvcore", "lvis"):  # what the probe looks for; the stand-in never imports them
         (site / package).mkdir(parents=True)
         (site / package / "__init__.py").write_text("")
     (site / "sitecustomize.py").write_text(FAKE_GRIT)
