@@ -147,6 +147,86 @@ def probe(request: dict) -> dict:
     return answer
 
 
+def vbench_downloads(dimension: str) -> list:
+    """What VBench's own download code (vbench.utils.init_submodules, local mode) fetches into its cache for a
+    dimension: [{path, source}], read by running it with every file absent and its commands recorded, not run
+    (nothing is downloaded or created). A folder's path ends with '/'."""
+    import subprocess
+    import types
+    from unittest import mock
+    from urllib.parse import urlparse
+
+    import vbench.utils as utils
+
+    commands = []
+
+    def record(command, *args, **kwargs):
+        commands.append([str(part) for part in command])
+        return subprocess.CompletedProcess(command, 0)
+
+    def absent(*args, **kwargs):
+        return False
+
+    fake_path = types.SimpleNamespace(**{**vars(os.path), "isfile": absent, "isdir": absent, "exists": absent})
+    fake_os = types.SimpleNamespace(**{**vars(os), "path": fake_path, "makedirs": lambda *a, **k: None})
+    with mock.patch.object(utils, "os", fake_os), mock.patch.object(utils, "subprocess",
+                                                                    types.SimpleNamespace(run=record)):
+        submodules = utils.init_submodules([dimension], local=True)[dimension]
+    values = submodules.values() if isinstance(submodules, dict) else submodules
+    read = [value for value in values if isinstance(value, str) and value.startswith(str(utils.CACHE_DIR))]
+    entries = []
+    for command in commands:
+        if command[:2] == ["git", "clone"]:
+            entries.append({"path": command[3].rstrip("/") + "/", "source": "git clone " + command[2]})
+        elif command[0] == "wget":
+            url = next(part for part in command if part.startswith("http"))
+            folder = command[command.index("-P") + 1].rstrip("/")
+            entries.append({"path": f"{folder}/{os.path.basename(urlparse(url).path)}", "source": url})
+        elif command[0] == "unzip" and entries:  # RAFT: the zip is unpacked; the file VBench reads is inside
+            zipped = entries.pop()
+            folder = command[command.index("-d") + 1].rstrip("/")
+            entries += [{"path": path, "source": zipped["source"]} for path in read if path.startswith(folder + "/")]
+    return entries
+
+
+def weights(request: dict) -> dict:
+    """Every file each dimension needs: where VBench's own download code (init_submodules) says it comes from and
+    goes, then the ones VBench fetches elsewhere (the aesthetic head, ViCLIP's BPE vocabulary) from CACHE_FILES, and
+    DINO's copy in torch's hub cache; whether each is present. ViCLIP's BPE vocabulary is copied from the openai-clip
+    package (it ships the same file) when it is missing and that package is installed."""
+    import shutil
+
+    cache = cache_dir()
+    answer = {"python": sys.executable, "cache_dir": str(cache), "dimensions": {}}
+    if importlib.util.find_spec("vbench") is None:
+        answer["error"] = f"vbench is not installed in {sys.executable}: pip install --no-deps vbench==0.1.5"
+        return answer
+    clip = importlib.util.find_spec("clip")
+    for dimension in request["dimensions"]:
+        files = [{**entry, "declared_by": "vbench.utils.init_submodules"} for entry in vbench_downloads(dimension)]
+        known = [Path(entry["path"]) for entry in files]
+        for relative, source in CACHE_FILES[dimension]:
+            path = cache / relative
+            if not any(path == k or k in path.parents for k in known):
+                files.append({"path": str(path), "source": source,
+                              "declared_by": "stas.evaluation.vbench_worker (VBench fetches it in its own code)"})
+        if dimension == "subject_consistency":
+            files.append({"path": str(torch_hub_dir() / "checkpoints" / "dino_vitbase16_pretrain.pth"),
+                          "source": DINO_WEIGHTS, "declared_by": "DINO's hubconf (loads it from torch's hub cache)"})
+        for entry in files:
+            path = Path(entry["path"])
+            bpe = clip and Path(clip.origin).parent / path.name
+            if path == cache / VICLIP[1][0] and not path.is_file() and bpe and bpe.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(bpe, path)
+                entry["copied_from"] = str(bpe)
+            entry["present"] = path.is_dir() if entry["path"].endswith("/") else path.is_file()
+            entry["how"] = (f"{entry['source']} {path}" if entry["source"].startswith("git clone")
+                            else how_to_place(path, entry["source"]))
+        answer["dimensions"][dimension] = files
+    return answer
+
+
 def video_weight(dimension: str, result: dict) -> int:
     """How VBench pools this video's value into the dimension's value (see each compute_<dimension>)."""
     if dimension == "subject_consistency":
@@ -216,7 +296,7 @@ def evaluate(request: dict) -> dict:
 def main() -> int:
     request = json.loads(Path(sys.argv[1]).read_text())
     try:
-        answer = {"probe": probe, "evaluate": evaluate}[request["action"]](request)
+        answer = {"probe": probe, "evaluate": evaluate, "weights": weights}[request["action"]](request)
         code = 0
     except Exception as err:  # any failure inside VBench is this dimension's error, reported to stas
         answer = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
