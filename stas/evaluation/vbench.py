@@ -124,13 +124,16 @@ class VBenchRunner:
 def problems_message(entry: dict, cache_dir: str, python: str) -> str | None:
     """None when nothing is missing; else a first line saying what is missing, then each file's source and how to
     place it."""
-    files, packages = entry["missing_files"], entry["missing_packages"]
+    files, packages, incompatible = entry["missing_files"], entry["missing_packages"], entry.get("incompatible")
     parts = []
     if files:
         parts.append(f"{len(files)} weight file(s) missing from the VBench cache {cache_dir} "
                      "(VBENCH_CACHE_DIR or eval.vbench.cache_dir)")
     if packages:
         parts.append(f"package(s) missing in {python}: {', '.join(packages)}")
+    if incompatible:
+        parts.append(f"package(s) too new in {python}: {'; '.join(incompatible)}; run this dimension with VBench's "
+                     "own pins in a separate environment (eval.vbench.python, docs/evaluation.md)")
     if not parts:
         return None
     lines = ["; ".join(parts)]

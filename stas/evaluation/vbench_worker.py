@@ -82,6 +82,13 @@ PACKAGES = {
     "temporal_style": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
     "overall_consistency": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
 }
+# Versions a dimension's code does not run beside (seen with VBench 0.1.5): (distribution, the newest release line
+# that works, why). Such a dimension needs VBench's own pins: a separate environment (eval.vbench.python).
+TOO_NEW = {
+    "human_action": [("numpy", (1,), "numpy 2 removed numpy.lib.function_base"),
+                     ("timm", (1, 0, 12), "newer timm rejects the `cache_dir` argument")],
+    "scene": [("transformers", (4,), "Tag2Text's BERT breaks under transformers 5")],
+}
 # Dimensions whose VBench code leaves a video out of its results by design, and why (the video is then recorded as
 # such, not as an error). color.py appends a video's result only `if cur_object>0`.
 LEFT_OUT = {"color": "VBench's color gives this video no value: GRiT detected the prompt's object (with a colour "
@@ -143,8 +150,25 @@ def probe(request: dict) -> dict:
         answer["dimensions"][dimension] = {
             "missing_files": missing_files(dimension),
             "missing_packages": [PIP_NAMES.get(name, name) for name in packages],
+            "incompatible": too_new(dimension),
         }
     return answer
+
+
+def too_new(dimension: str) -> list:
+    """The installed packages a dimension's VBench code does not run beside (TOO_NEW), each with why."""
+    import re
+    from importlib import metadata
+
+    problems = []
+    for distribution, newest, why in TOO_NEW.get(dimension, []):
+        try:
+            version = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+        if tuple(int(n) for n in re.findall(r"\d+", version)[:len(newest)]) > newest:
+            problems.append(f"{distribution} {version} (needs {'.'.join(map(str, newest))}.x or older: {why})")
+    return problems
 
 
 def vbench_downloads(dimension: str) -> list:

@@ -83,3 +83,25 @@ def test_the_helper_refuses_unknown_dimensions(capsys):
         evaluate_main(["--vbench-weights", "eval.vbench.dimensions=[colour]"])
     assert caught.value.code == 2
     assert "eval.vbench.dimensions=['colour']: name VBench dimensions" in capsys.readouterr().err
+
+
+def test_the_probe_says_which_dimensions_cannot_run_beside_this_stack(tmp_path):
+    from importlib import metadata
+
+    numpy_2 = int(metadata.version("numpy").split(".")[0]) >= 2
+    transformers_5 = int(metadata.version("transformers").split(".")[0]) >= 5
+    if not (numpy_2 and transformers_5):
+        pytest.skip("this environment has VBench's own pins")
+    cache = tmp_path / "cache"
+    for dimension in ("human_action", "scene", "temporal_flickering"):
+        for relative, _ in CACHE_FILES[dimension]:
+            (cache / relative).parent.mkdir(parents=True, exist_ok=True)
+            (cache / relative).write_bytes(b"")
+    runner = VBenchRunner(compose([f"eval.vbench.cache_dir={cache}"]).eval.vbench, "cpu", tmp_path / "logs")
+    problems = runner.probe(["human_action", "scene", "temporal_flickering"])
+    assert problems["temporal_flickering"] is None
+    assert "package(s) too new in" in problems["human_action"]
+    assert f"numpy {metadata.version('numpy')} (needs 1.x or older: numpy 2 removed numpy.lib.function_base)" in \
+        problems["human_action"]
+    assert f"transformers {metadata.version('transformers')} (needs 4.x or older" in problems["scene"]
+    assert "eval.vbench.python" in problems["scene"]
