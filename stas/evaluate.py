@@ -8,11 +8,15 @@ already scored; when every video is scored already it says so and opens no W&B r
     python -m stas.evaluate RUN_DIR eval.evaluators=[vbench] eval.vbench.dimensions=[temporal_flickering]
     python -m stas.evaluate RUN_DIR eval=vbench_standard eval.vbench.python=/opt/vbench-env/bin/python
     python -m stas.evaluate RUN_DIR shard.index=3 shard.count=8     # every 8th video, from the 4th
+    python -m stas.evaluate --vbench-weights [eval=vbench_standard] [eval.vbench.cache_dir=...]   # no RUN_DIR
+The last lists every file the chosen VBench dimensions need (eval.vbench.dimensions), where each comes from, its
+place in VBench's cache and whether it is there, and copies ViCLIP's BPE vocabulary from the openai-clip package.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 from stas.cli import compose_config, fail, override_key
@@ -20,11 +24,14 @@ from stas.config import ConfigError, validate
 from stas.errors import UserError
 from stas.evaluation.registry import evaluator_names
 from stas.evaluation.runner import prepare_evaluation
+from stas.evaluation.scores import DIMENSIONS
+from stas.evaluation.vbench import VBenchError, VBenchRunner, weights_report
 from stas.rundir import check_writable, describe_differences, differing_keys, identity, load_identity, read_yaml
 from stas.loggers import RunLogger
 
 TOOL = "stas.evaluate"
 RUN_OVERRIDES = Path(".hydra") / "overrides.yaml"
+WEIGHTS_FLAG = "--vbench-weights"
 # What an evaluation sets itself; the run's own values of these are not carried over.
 EVALUATION_KEYS = ("eval", "logger", "shard", "progress")
 
@@ -101,10 +108,31 @@ def evaluate(run_dir: Path, overrides: list[str]):
     return summary
 
 
+def vbench_weights(overrides: list[str]) -> str:
+    """The weights helper: what each dimension of eval.vbench.dimensions needs in VBench's cache (composed like an
+    evaluation's config: eval=vbench_standard for all 16), asked of VBench's own interpreter (eval.vbench.python)."""
+    options = compose_config(overrides).eval.vbench
+    unknown = [d for d in options.dimensions if d not in DIMENSIONS]
+    if unknown or not options.dimensions:
+        raise ConfigError(f"eval.vbench.dimensions={list(options.dimensions)}: name VBench dimensions, of "
+                          f"{', '.join(DIMENSIONS)}")
+    runner = VBenchRunner(options, "cpu", Path(tempfile.gettempdir()) / "stas-vbench-weights")
+    try:
+        return weights_report(runner.weights(list(options.dimensions)))
+    except VBenchError as err:
+        raise UserError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in args):
         print(__doc__)
+        return
+    if WEIGHTS_FLAG in args:
+        try:
+            print(vbench_weights([arg for arg in args if arg != WEIGHTS_FLAG]))
+        except UserError as err:
+            fail(TOOL, str(err))
         return
     positional = [arg for arg in args if "=" not in arg]
     if len(positional) != 1:

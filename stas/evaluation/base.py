@@ -12,7 +12,9 @@ What an evaluator scores comes in *scorers*: by default one, the evaluator itsel
 - set-level (`batched = True`): `score_videos(scorer, videos)` gets every video it still has to score at once
   (VBench runs one process per dimension over all of them; FVD needs the whole set).
 Both return measurements, {metric: (value, weight)}: `weight` (or None) is what a pooled aggregate counts the value
-with (frame pairs, frames; see stas.evaluation.records).
+with (frame pairs, frames; see stas.evaluation.records). A set-level scorer may instead return `NoValue(reason)` for
+a video its tool scored and, by its own definition, gave no value (VBench's color when the object is never
+detected): that video gets a row with value null and `excluded` = reason, counts as done and is not an error.
 
 An evaluator that cannot run here (weights or packages missing, its tool failed) raises `EvaluatorUnavailable` from
 `prepare` or `score_videos`; it is skipped with that message and the others proceed.
@@ -35,6 +37,15 @@ RESERVED = ("evaluators", "device", "batch_size", "temporal_compression")  # eva
 
 class EvaluatorUnavailable(UserError):
     """An evaluator (or one of its scorers) cannot run here; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class NoValue:
+    """A set-level result: the tool scored this video and, by its own definition, gives it no value (VBench's color
+    leaves out a video where the object is never detected). Its row has value null and `excluded` = reason; it
+    counts as scored (not tried again, not an error) and stays out of the aggregate's values."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -120,10 +131,10 @@ class Evaluator:
         """Video-level: the measurements of one video from its frames, (T, H, W, 3) uint8 with T >= 2."""
         raise NotImplementedError(f"{type(self).__name__} is video-level (batched = False): implement score_video")
 
-    def score_videos(self, scorer: Scorer, videos: list[Video]) -> dict[str, Measurements | str]:
-        """Set-level (batched = True): {video name: measurements, or why that video could not be scored} for
-        `videos` (each decodes); a video left out gets an error row. Raise EvaluatorUnavailable when the whole
-        scorer failed."""
+    def score_videos(self, scorer: Scorer, videos: list[Video]) -> dict[str, Measurements | str | NoValue]:
+        """Set-level (batched = True): {video name: measurements, or why that video could not be scored, or
+        NoValue(why the tool gives it no value)} for `videos` (each decodes); a video left out gets an error row.
+        Raise EvaluatorUnavailable when the whole scorer failed."""
         raise NotImplementedError(f"{type(self).__name__} is set-level (batched = True): implement score_videos")
 
 

@@ -5,7 +5,7 @@ video's content when it was scored: a regenerated video is scored again), plus `
 averages over frame pairs or frames that a pooled aggregate should count (VBench pools its consistency dimensions
 over frame pairs, not videos), `settings` for the frame-feature evaluators (what the value depends on besides the
 video: pixel size or weights, temporal compression), and `error` (with value null) when the video could not be
-scored.
+scored, or `excluded` (with value null) when the tool scored it and gives it no value by its own definition.
 `aggregate_metrics` is pure, so the merge of sharded runs can call it on the union of the shards' rows.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stas.errors import UserError
-from stas.evaluation.scores import DIMENSIONS, vbench_scores
+from stas.evaluation.scores import DIMENSIONS, raw_value_problem, vbench_scores
 
 METRICS_STAGE = "metrics"  # rows in metrics.jsonl, or shards/metrics-III-of-KKK.jsonl (stas.rundir.shard_file)
 METRICS_FILE = f"{METRICS_STAGE}.jsonl"
@@ -56,18 +56,29 @@ def error_row(video: Video, evaluator: str, metric: str, error: str) -> dict:
     return {**metric_row(video, evaluator, metric, None), "error": error}
 
 
+def excluded_row(video: Video, evaluator: str, metric: str, reason: str) -> dict:
+    """A video the tool scored and gave no value by its own definition (VBench's color, no object detected): done,
+    not an error, not in the aggregate's values."""
+    return {**metric_row(video, evaluator, metric, None), "excluded": reason}
+
+
 def aggregate_metrics(rows) -> dict:
     """The per-run aggregate of metric rows.
 
     metrics: {"evaluator/metric": {mean, std, count, [pooled]}}: mean and sample std over videos; `pooled` (when
     every row has a weight) = sum(value * weight) / sum(weight), which is how VBench aggregates.
     vbench: the dimensions' values as VBench aggregates them, and vbench_scores of those (partial sets say what
-    is missing). errors: the rows of videos that could not be scored.
+    is missing; a value outside [0, 1] is "invalid" and the scores built on it "withheld", with the reason), and
+    "flagged": the videos whose rows hold such values. errors: the rows of videos that could not be scored;
+    excluded: the rows of videos the tool scored and gave no value by its own definition (VBench's color when the
+    object is never detected), left out of the values as VBench leaves them out.
     """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    errors = []
+    errors, excluded = [], []
     for row in rows:
-        if row.get("value") is None:
+        if row.get("value") is None and row.get("excluded"):
+            excluded.append({key: row.get(key) for key in ("video", "evaluator", "metric", "excluded")})
+        elif row.get("value") is None:
             errors.append({key: row.get(key) for key in ("video", "evaluator", "metric", "error")})
         else:
             groups[(row["evaluator"], row["metric"])].append(row)
@@ -80,12 +91,25 @@ def aggregate_metrics(rows) -> dict:
         if total > 0 and all("weight" in row for row in group):
             entry["pooled"] = sum(row["value"] * row["weight"] for row in group) / total
         metrics[f"{evaluator}/{metric}"] = entry
-    result = {"videos": len({row["video"] for row in rows}), "metrics": metrics, "errors": errors}
+    result = {"videos": len({row["video"] for row in rows}), "metrics": metrics, "errors": errors,
+              "excluded": excluded}
     dimensions = {d: metrics[f"vbench/{d}"].get("pooled", metrics[f"vbench/{d}"]["mean"])
                   for d in DIMENSIONS if f"vbench/{d}" in metrics}
     if dimensions:
-        result["vbench"] = {"dimensions": dimensions, **vbench_scores(dimensions)}
+        result["vbench"] = {"dimensions": dimensions, **vbench_scores(dimensions),
+                            "flagged": flagged_rows(groups)}
     return result
+
+
+def flagged_rows(groups: dict) -> dict[str, list[str]]:
+    """{dimension: the videos whose VBench row holds a raw value outside [0, 1]}: kept in the rows and in the
+    dimension's value, flagged here (a dimension value outside [0, 1] withholds the scores built on it)."""
+    flagged = {}
+    for dimension in DIMENSIONS:
+        videos = [row["video"] for row in groups.get(("vbench", dimension), []) if raw_value_problem(row["value"])]
+        if videos:
+            flagged[dimension] = videos
+    return flagged
 
 
 def summary_values(aggregate: dict) -> dict:
@@ -116,9 +140,12 @@ def aggregate_value(aggregate: dict, name: str, where: str) -> float:
     available = ", ".join(sorted(values)) or "none"
     lines = [f"search.metric={name!r} is not in {where}; its metrics: {available}"]
     evaluator, _, metric = name.partition("/")
-    needs = aggregate.get("vbench", {}).get("missing", {}).get(metric) if evaluator == "vbench" else None
+    vbench = aggregate.get("vbench", {}) if evaluator == "vbench" else {}
+    needs = vbench.get("missing", {}).get(metric)
     if needs:
         lines.append(f"VBench's {metric} needs the dimension(s) {', '.join(needs)} too")
+    if metric in vbench.get("withheld", {}):
+        lines.append(f"VBench's {metric} is withheld: {vbench['withheld'][metric]}")
     for scorer, reason in aggregate.get("skipped", {}).items():
         if scorer.split("/")[0] == evaluator:
             first = reason[0] if isinstance(reason, list) and reason else reason

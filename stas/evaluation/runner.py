@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from stas.backbones import backbone_from_config, resolve_device
 from stas.core.selection import shard_of
 from stas.errors import UserError
-from stas.evaluation.base import EvalContext, Evaluator, EvaluatorUnavailable, Measurements, Scorer
-from stas.evaluation.records import (AGGREGATE_FILE, METRICS_STAGE, Video, aggregate_metrics, error_row, metric_row,
-                                     row_key, summary_values)
+from stas.evaluation.base import EvalContext, Evaluator, EvaluatorUnavailable, Measurements, NoValue, Scorer
+from stas.evaluation.records import (AGGREGATE_FILE, METRICS_STAGE, Video, aggregate_metrics, error_row, excluded_row,
+                                     metric_row, row_key, summary_values)
 from stas.evaluation.registry import evaluator_class
 from stas.prompts import shard_items
 from stas.rundir import (MANIFEST_FILE, METRIC_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_records,
@@ -69,6 +69,7 @@ class EvaluationSummary:
     scored: dict[str, int] = field(default_factory=dict)  # scorer (pixel, dino, clip, vbench/<dim>): videos scored now
     cached: dict[str, int] = field(default_factory=dict)  # scorer: videos scored by an earlier run
     errors: dict[str, int] = field(default_factory=dict)  # scorer: videos that failed now
+    excluded: dict[str, int] = field(default_factory=dict)  # scorer: videos scored now that the tool gave no value
     skipped: dict[str, str] = field(default_factory=dict)  # scorer: why it could not run
     notes: list[str] = field(default_factory=list)
     seconds_per_video: dict[str, float] = field(default_factory=dict)
@@ -76,7 +77,7 @@ class EvaluationSummary:
 
     @property
     def ran_anything(self) -> bool:
-        return bool(self.scored or self.cached or self.errors)
+        return bool(self.scored or self.cached or self.errors or self.excluded)
 
     def __str__(self) -> str:
         index, count = self.shard
@@ -93,6 +94,9 @@ class EvaluationSummary:
             lines.append(f"  scored now: {counts(self.scored)} (seconds per video: {speed})")
         if self.cached:
             lines.append(f"  already scored (cached): {counts(self.cached)}")
+        if self.excluded:
+            lines.append(f"  no value by the tool's own definition (rows with value null and `excluded`, not scored "
+                         f"again): {counts(self.excluded)}")
         if self.errors:
             lines.append(f"  errors (rows with value null and an error): {counts(self.errors)}")
         for name, reason in self.skipped.items():
@@ -109,8 +113,13 @@ class EvaluationSummary:
         for score in ("quality_score", "semantic_score", "total_score"):
             if score in vbench:
                 lines.append(f"  vbench {score:<33} {vbench[score]:.2f} %")
+            elif score in vbench.get("withheld", {}):
+                lines.append(f"  vbench {score}: withheld, {vbench['withheld'][score]}")
             elif score in vbench.get("missing", {}):
                 lines.append(f"  vbench {score}: not computed, needs {len(vbench['missing'][score])} more dimension(s)")
+        for dimension, problem in vbench.get("invalid", {}).items():
+            lines.append(f"  FLAGGED vbench/{dimension}: raw value {vbench['dimensions'][dimension]!r} {problem} "
+                         "(kept in the rows; the scores built on it are withheld)")
         lines.append(f"  rows:      {self.rows_path}")
         if self.aggregate_path is not None:
             lines.append(f"  aggregate: {self.aggregate_path}")
@@ -180,7 +189,8 @@ class RunEvaluation:
     def _is_scored(self, video: Video, scorer: Scorer) -> bool:
         row = self.known.get(row_key({"video": video.name, "evaluator": scorer.evaluator,
                                       "metric": scorer.done_metric}))
-        return (row is not None and row.get("value") is not None and row.get("settings") == scorer.settings
+        done = row is not None and (row.get("value") is not None or bool(row.get("excluded")))
+        return (done and row.get("settings") == scorer.settings
                 and row.get("video_sha256") == video.sha256)  # scored from these very bytes, not an older video
 
     def _forget(self, video: Video, scorer: Scorer) -> None:
@@ -266,6 +276,11 @@ class RunEvaluation:
                 result = results.get(video.name, f"{evaluator.name} returned no result for this video")
                 if isinstance(result, str):
                     self._error(scorer, video, result)
+                elif isinstance(result, NoValue):
+                    self._forget(video, scorer)
+                    row = excluded_row(video, scorer.evaluator, scorer.done_metric, result.reason)
+                    self._append(row if scorer.settings is None else {**row, "settings": scorer.settings})
+                    _bump(self.summary.excluded, name)
                 else:
                     self._write(scorer, video, result)
                     _bump(self.summary.scored, name)
@@ -273,7 +288,9 @@ class RunEvaluation:
     def finish(self, logger) -> EvaluationSummary:
         """Compact the rows in video order, aggregate them, write metrics.json (unsharded), log to W&B."""
         summary = self.summary
-        summary.seconds_per_video = {name: self.seconds[name] / n for name, n in summary.scored.items()}
+        done = {name: summary.scored.get(name, 0) + summary.excluded.get(name, 0)
+                for name in {**summary.scored, **summary.excluded}}
+        summary.seconds_per_video = {name: self.seconds[name] / n for name, n in done.items()}
         order = {video.name: n for n, video in enumerate(self.videos)}
         self.records.compact(order=lambda row: (order.get(row["video"], len(order)), row["evaluator"], row["metric"]))
         rows = list(self.known.values())  # this file's and every other layout's rows

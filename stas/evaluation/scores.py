@@ -51,31 +51,50 @@ def _weighted_mean(raw: dict, dimensions) -> float:
     return sum(normalized_score(d, raw[d]) * w for d, w in zip(dimensions, weights)) / sum(weights)
 
 
+def raw_value_problem(value) -> str | None:
+    """Why a raw dimension value cannot enter VBench's scores (not a number, NaN, outside [0, 1]), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "not a number"
+    if math.isnan(value):
+        return "NaN"
+    if not 0.0 <= value <= 1.0:
+        return "outside [0, 1]"
+    return None
+
+
 def vbench_scores(raw: dict) -> dict:
     """VBench's Quality, Semantic and Total scores in percent from raw dimension values in [0, 1].
 
-    Returns the scores whose dimensions are all in `raw` (quality_score, semantic_score, total_score), each
-    dimension's normalised value in percent under "normalized", and under "missing" the dimensions each absent
-    score still needs. A Total is never computed from a partial set.
+    Returns the scores whose dimensions are all in `raw` with valid values (quality_score, semantic_score,
+    total_score), each valid dimension's normalised value in percent under "normalized", under "missing" the
+    dimensions each absent score still needs, under "invalid" each dimension whose raw value is not a number in
+    [0, 1] (NaN, out of range: broken or random weights) with why, and under "withheld" each score that is not
+    computed because one of its dimensions is invalid, with the reason. Never raises for a bad value: the value is
+    flagged and the scores built on it are withheld. A Total is never computed from a partial set.
     """
     unknown = sorted(set(raw) - set(NORMALIZATION))
     if unknown:
         raise ValueError(f"unknown VBench dimension(s) {unknown}; allowed: {', '.join(DIMENSIONS)}")
-    for dimension, value in raw.items():
-        if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"VBench dimension {dimension}={value!r}: a raw value must be a number in [0, 1]")
-    result: dict = {"normalized": {d: 100.0 * normalized_score(d, raw[d]) for d in DIMENSIONS if d in raw}}
-    missing = {}
-    for name, dimensions in (("quality_score", QUALITY_DIMENSIONS), ("semantic_score", SEMANTIC_DIMENSIONS)):
+    invalid = {d: problem for d in DIMENSIONS if d in raw and (problem := raw_value_problem(raw[d]))}
+    result: dict = {"normalized": {d: 100.0 * normalized_score(d, raw[d]) for d in DIMENSIONS
+                                   if d in raw and d not in invalid}}
+    missing, withheld = {}, {}
+    groups = (("quality_score", QUALITY_DIMENSIONS), ("semantic_score", SEMANTIC_DIMENSIONS),
+              ("total_score", DIMENSIONS))
+    for name, dimensions in groups:
         absent = [d for d in dimensions if d not in raw]
+        bad = [d for d in dimensions if d in invalid]
         if absent:
             missing[name] = absent
+        if bad:
+            withheld[name] = "raw value(s) not a number in [0, 1]: " + ", ".join(
+                f"{d}={raw[d]!r} ({invalid[d]})" for d in bad)
+        if absent or bad:
+            continue
+        if name == "total_score":
+            result[name] = ((QUALITY_WEIGHT * result["quality_score"] + SEMANTIC_WEIGHT * result["semantic_score"])
+                            / (QUALITY_WEIGHT + SEMANTIC_WEIGHT))
         else:
             result[name] = 100.0 * _weighted_mean(raw, dimensions)
-    if missing:
-        missing["total_score"] = [d for d in DIMENSIONS if d not in raw]
-    else:
-        result["total_score"] = ((QUALITY_WEIGHT * result["quality_score"] + SEMANTIC_WEIGHT * result["semantic_score"])
-                                 / (QUALITY_WEIGHT + SEMANTIC_WEIGHT))
-    result["missing"] = missing
+    result.update(missing=missing, invalid=invalid, withheld=withheld)
     return result

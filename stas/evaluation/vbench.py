@@ -18,9 +18,16 @@ from pathlib import Path
 
 from stas.errors import UserError
 from stas.evaluation.records import Video
+from stas.hub import hub_reachable
 
 WORKER = Path(__file__).with_name("vbench_worker.py")
 SAMPLES_PER_PROMPT = 5  # VBench's standard suite: {prompt}-{0..4}.mp4
+# Dimensions whose models load a tokenizer from the Hugging Face hub (bert-base-uncased, for GRiT and Tag2Text):
+# offline, each process would spend ~90 s retrying the hub unless HF_HUB_OFFLINE=1.
+HUB_DIMENSIONS = ("object_class", "multiple_objects", "color", "spatial_relationship", "scene")
+CLIP_FORMAT = ("clip_model/*.pt must be OpenAI's release files from the URLs above (TorchScript archives): "
+               "openai-clip's clip.load tries torch.jit.load first; its fallback for a plain state-dict file fails "
+               "under torch 2.14 with a bare `EOFError:`.")
 
 
 class VBenchError(UserError):
@@ -40,7 +47,7 @@ class VBenchRunner:
             self.env["VBENCH_CACHE_DIR"] = str(Path(options.cache_dir).expanduser())
         self.full_info: str | None = options.full_info
 
-    def _run(self, request: dict, log_name: str, timeout: float | None) -> dict:
+    def _run(self, request: dict, log_name: str, timeout: float | None, env: dict | None = None) -> dict:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.logs_dir / f"{log_name}.log"
         with tempfile.TemporaryDirectory(prefix="stas-vbench-") as tmp:
@@ -50,7 +57,7 @@ class VBenchRunner:
             with open(log_path, "w", encoding="utf-8") as log:
                 try:
                     process = subprocess.run([self.python, str(WORKER), str(request_path)], stdout=log,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or self.env,
                                              timeout=timeout)
                 except subprocess.TimeoutExpired:
                     raise VBenchError(f"timed out after {timeout} s (eval.vbench.timeout); log: {log_path}") from None
@@ -81,8 +88,10 @@ class VBenchRunner:
         return {f"{e['prompt_en']}-{i}.mp4" for e in entries if dimension in e["dimension"]
                 for i in range(SAMPLES_PER_PROMPT)}
 
-    def evaluate(self, dimension: str, videos: list[Video], log_name: str) -> list[dict]:
-        """VBench's per-video results [{video, value, weight}] for one dimension on `videos`."""
+    def evaluate(self, dimension: str, videos: list[Video], log_name: str) -> dict:
+        """VBench's answer for one dimension on `videos`: its value (None when no video has one), its per-video
+        results `videos` [{video, value, weight}], and `left_out`: why a video without a result has none (color: no
+        object detected), or None when that is an error."""
         with tempfile.TemporaryDirectory(prefix=f"stas-vbench-{dimension}-") as tmp:
             videos_dir = Path(tmp) / "videos"
             videos_dir.mkdir()
@@ -97,23 +106,65 @@ class VBenchRunner:
                 "device": self.device,
                 "full_info": self.full_info,
                 "prompts": {video.name: video.prompt for video in videos},
-            }, log_name, timeout=self.options.timeout)
-        return answer["videos"]
+            }, log_name, timeout=self.options.timeout, env=self.process_env(dimension))
+        return answer
+
+    def process_env(self, dimension: str) -> dict:
+        """The environment of a dimension's process: HF_HUB_OFFLINE=1 for those that load a hub tokenizer when the hub
+        cannot be reached (and the user set nothing), so they read the HF cache at once instead of retrying."""
+        if dimension in HUB_DIMENSIONS and "HF_HUB_OFFLINE" not in self.env and not hub_reachable():
+            return {**self.env, "HF_HUB_OFFLINE": "1"}
+        return self.env
+
+    def weights(self, dimensions: list[str]) -> dict:
+        """Every file each dimension needs (the worker's `weights` action): path, source, whether present."""
+        return self._run({"action": "weights", "dimensions": dimensions}, "weights", timeout=300)
 
 
 def problems_message(entry: dict, cache_dir: str, python: str) -> str | None:
     """None when nothing is missing; else a first line saying what is missing, then each file's source and how to
     place it."""
-    files, packages = entry["missing_files"], entry["missing_packages"]
+    files, packages, incompatible = entry["missing_files"], entry["missing_packages"], entry.get("incompatible")
     parts = []
     if files:
         parts.append(f"{len(files)} weight file(s) missing from the VBench cache {cache_dir} "
                      "(VBENCH_CACHE_DIR or eval.vbench.cache_dir)")
     if packages:
         parts.append(f"package(s) missing in {python}: {', '.join(packages)}")
+    if incompatible:
+        parts.append(f"package(s) too new in {python}: {'; '.join(incompatible)}; run this dimension with VBench's "
+                     "own pins in a separate environment (eval.vbench.python, docs/evaluation.md)")
     if not parts:
         return None
     lines = ["; ".join(parts)]
     for item in files:
         lines += [f"  {item['path']}", f"      from {item['source']}", f"      e.g. {item['how']}"]
+    return "\n".join(lines)
+
+
+def weights_report(answer: dict) -> str:
+    """The weights helper's listing: per dimension, each file (relative to the cache when inside it), present or
+    missing, its source, who declares it, and for a missing one how to place it."""
+    cache = Path(answer["cache_dir"])
+    lines = [f"VBench weights for {len(answer['dimensions'])} dimension(s); cache {cache} (VBENCH_CACHE_DIR or "
+             f"eval.vbench.cache_dir); VBench's Python {answer['python']}"]
+    missing = 0
+    for dimension, files in answer["dimensions"].items():
+        present = sum(entry["present"] for entry in files)
+        lines.append(f"{dimension}: " + (f"{present} of {len(files)} present" if files else "needs no file"))
+        for entry in files:
+            path = Path(entry["path"])
+            shown = entry["path"]
+            if cache in path.parents:
+                shown = str(path.relative_to(cache)) + ("/" if entry["path"].endswith("/") else "")
+            lines.append(f"  {'present' if entry['present'] else 'MISSING':<8} {shown}")
+            lines.append(f"           from {entry['source']} (declared by {entry['declared_by']})")
+            if "copied_from" in entry:
+                lines.append(f"           copied now from {entry['copied_from']}")
+            if not entry["present"]:
+                missing += 1
+                lines.append(f"           e.g. {entry['how']}")
+    lines.append(f"{missing} file(s) missing" if missing else "every file is present")
+    if any("clip_model/" in entry["path"] for files in answer["dimensions"].values() for entry in files):
+        lines.append(f"note: {CLIP_FORMAT}")
     return "\n".join(lines)

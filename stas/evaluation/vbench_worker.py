@@ -8,7 +8,8 @@ REQUEST is a JSON object; the answer is written as JSON to request["output"]. Ac
 - "evaluate": run one dimension (request["dimension"]) through VBench's own Python API in local mode (weights from
   the cache only) on the videos in request["videos_dir"], and return VBench's value and its per-video results,
   each with the weight VBench pools it with (frame pairs for the consistency dimensions, frames for the
-  frame-counting ones, else 1).
+  frame-counting ones, else 1), and for a dimension that leaves videos out by design (color: no object detected)
+  why a video without a result has none.
 stas checks every file VBench would otherwise fetch with wget or git clone before it calls VBench, so an offline
 machine gets a message instead of a hanging download.
 """
@@ -71,18 +72,30 @@ PACKAGES = {
     "appearance_style": ["clip"],
     "human_action": ["clip", "timm"],
     "imaging_quality": ["pyiqa"],
-    "dynamic_degree": ["easydict"],
+    "dynamic_degree": ["easydict", "scipy"],
     "motion_smoothness": ["omegaconf"],
-    "object_class": ["detectron2", "fvcore"],
-    "multiple_objects": ["detectron2", "fvcore"],
-    "color": ["detectron2", "fvcore"],
-    "spatial_relationship": ["detectron2", "fvcore"],
-    "scene": ["transformers", "timm"],
+    "object_class": ["detectron2", "fvcore", "lvis"],
+    "multiple_objects": ["detectron2", "fvcore", "lvis"],
+    "color": ["detectron2", "fvcore", "lvis"],
+    "spatial_relationship": ["detectron2", "fvcore", "lvis"],
+    "scene": ["transformers", "timm", "fairscale"],
     "temporal_style": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
     "overall_consistency": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
 }
+# Versions a dimension's code does not run beside (seen with VBench 0.1.5): (distribution, the newest release line
+# that works, why). Such a dimension needs VBench's own pins: a separate environment (eval.vbench.python).
+TOO_NEW = {
+    "human_action": [("numpy", (1,), "numpy 2 removed numpy.lib.function_base"),
+                     ("timm", (1, 0, 12), "newer timm rejects the `cache_dir` argument")],
+    "scene": [("transformers", (4,), "Tag2Text's BERT breaks under transformers 5")],
+}
+# Dimensions whose VBench code leaves a video out of its results by design, and why (the video is then recorded as
+# such, not as an error). color.py appends a video's result only `if cur_object>0`.
+LEFT_OUT = {"color": "VBench's color gives this video no value: GRiT detected the prompt's object (with a colour "
+                     "word) in none of its 16 sampled frames, and color leaves such a video out of its score"}
 PIP_NAMES = {"clip": "openai-clip (needs setuptools<81)", "pkg_resources": "setuptools<81",
-             "detectron2": "detectron2 (not on PyPI: see its install guide)"}
+             "detectron2": "detectron2 (not on PyPI: pip install --no-build-isolation "
+                           "'git+https://github.com/facebookresearch/detectron2.git')"}
 
 
 def cache_dir() -> Path:
@@ -137,7 +150,104 @@ def probe(request: dict) -> dict:
         answer["dimensions"][dimension] = {
             "missing_files": missing_files(dimension),
             "missing_packages": [PIP_NAMES.get(name, name) for name in packages],
+            "incompatible": too_new(dimension),
         }
+    return answer
+
+
+def too_new(dimension: str) -> list:
+    """The installed packages a dimension's VBench code does not run beside (TOO_NEW), each with why."""
+    import re
+    from importlib import metadata
+
+    problems = []
+    for distribution, newest, why in TOO_NEW.get(dimension, []):
+        try:
+            version = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+        if tuple(int(n) for n in re.findall(r"\d+", version)[:len(newest)]) > newest:
+            problems.append(f"{distribution} {version} (needs {'.'.join(map(str, newest))}.x or older: {why})")
+    return problems
+
+
+def vbench_downloads(dimension: str) -> list:
+    """What VBench's own download code (vbench.utils.init_submodules, local mode) fetches into its cache for a
+    dimension: [{path, source}], read by running it with every file absent and its commands recorded, not run
+    (nothing is downloaded or created). A folder's path ends with '/'."""
+    import subprocess
+    import types
+    from unittest import mock
+    from urllib.parse import urlparse
+
+    import vbench.utils as utils
+
+    commands = []
+
+    def record(command, *args, **kwargs):
+        commands.append([str(part) for part in command])
+        return subprocess.CompletedProcess(command, 0)
+
+    def absent(*args, **kwargs):
+        return False
+
+    fake_path = types.SimpleNamespace(**{**vars(os.path), "isfile": absent, "isdir": absent, "exists": absent})
+    fake_os = types.SimpleNamespace(**{**vars(os), "path": fake_path, "makedirs": lambda *a, **k: None})
+    with mock.patch.object(utils, "os", fake_os), mock.patch.object(utils, "subprocess",
+                                                                    types.SimpleNamespace(run=record)):
+        submodules = utils.init_submodules([dimension], local=True)[dimension]
+    values = submodules.values() if isinstance(submodules, dict) else submodules
+    read = [value for value in values if isinstance(value, str) and value.startswith(str(utils.CACHE_DIR))]
+    entries = []
+    for command in commands:
+        if command[:2] == ["git", "clone"]:
+            entries.append({"path": command[3].rstrip("/") + "/", "source": "git clone " + command[2]})
+        elif command[0] == "wget":
+            url = next(part for part in command if part.startswith("http"))
+            folder = command[command.index("-P") + 1].rstrip("/")
+            entries.append({"path": f"{folder}/{os.path.basename(urlparse(url).path)}", "source": url})
+        elif command[0] == "unzip" and entries:  # RAFT: the zip is unpacked; the file VBench reads is inside
+            zipped = entries.pop()
+            folder = command[command.index("-d") + 1].rstrip("/")
+            entries += [{"path": path, "source": zipped["source"]} for path in read if path.startswith(folder + "/")]
+    return entries
+
+
+def weights(request: dict) -> dict:
+    """Every file each dimension needs: where VBench's own download code (init_submodules) says it comes from and
+    goes, then the ones VBench fetches elsewhere (the aesthetic head, ViCLIP's BPE vocabulary) from CACHE_FILES, and
+    DINO's copy in torch's hub cache; whether each is present. ViCLIP's BPE vocabulary is copied from the openai-clip
+    package (it ships the same file) when it is missing and that package is installed."""
+    import shutil
+
+    cache = cache_dir()
+    answer = {"python": sys.executable, "cache_dir": str(cache), "dimensions": {}}
+    if importlib.util.find_spec("vbench") is None:
+        answer["error"] = f"vbench is not installed in {sys.executable}: pip install --no-deps vbench==0.1.5"
+        return answer
+    clip = importlib.util.find_spec("clip")
+    for dimension in request["dimensions"]:
+        files = [{**entry, "declared_by": "vbench.utils.init_submodules"} for entry in vbench_downloads(dimension)]
+        known = [Path(entry["path"]) for entry in files]
+        for relative, source in CACHE_FILES[dimension]:
+            path = cache / relative
+            if not any(path == k or k in path.parents for k in known):
+                files.append({"path": str(path), "source": source,
+                              "declared_by": "stas.evaluation.vbench_worker (VBench fetches it in its own code)"})
+        if dimension == "subject_consistency":
+            files.append({"path": str(torch_hub_dir() / "checkpoints" / "dino_vitbase16_pretrain.pth"),
+                          "source": DINO_WEIGHTS, "declared_by": "DINO's hubconf (loads it from torch's hub cache)"})
+        for entry in files:
+            path = Path(entry["path"])
+            bpe = clip and Path(clip.origin).parent / path.name
+            if path == cache / VICLIP[1][0] and not path.is_file() and bpe and bpe.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(bpe, path)
+                entry["copied_from"] = str(bpe)
+            entry["present"] = path.is_dir() if entry["path"].endswith("/") else path.is_file()
+            entry["how"] = (f"{entry['source']} {path}" if entry["source"].startswith("git clone")
+                            else how_to_place(path, entry["source"]))
+        answer["dimensions"][dimension] = files
     return answer
 
 
@@ -155,11 +265,37 @@ def video_weight(dimension: str, result: dict) -> int:
     return 1
 
 
+def guard_no_detection(dimension: str) -> None:
+    """VBench's color divides by the number of videos with the object detected (color.py: `success_frame_count_all
+    / video_count`); when there is none it raises ZeroDivisionError, and its results (none: a video gets one only
+    when detected) are lost. Wrap its `color` so that exactly that division gives (None, []) instead; any other
+    error passes through."""
+    if dimension != "color":
+        return
+    import vbench.color as module
+
+    original = module.color
+
+    def color(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except ZeroDivisionError as err:
+            innermost = err.__traceback__
+            while innermost.tb_next is not None:
+                innermost = innermost.tb_next
+            if innermost.tb_frame.f_code is not original.__code__:  # raised elsewhere (in a model): a real error
+                raise
+            return None, []
+
+    module.color = color  # compute_color looks `color` up in its module when called
+
+
 def evaluate(request: dict) -> dict:
     import torch
     from vbench import VBench
 
     dimension = request["dimension"]
+    guard_no_detection(dimension)
     device = request.get("device") or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,7 +310,8 @@ def evaluate(request: dict) -> dict:
     return {
         "dimension": dimension,
         "device": device,
-        "value": float(value),
+        "value": None if value is None else float(value),
+        "left_out": LEFT_OUT.get(dimension),  # why a video without a result has none; None: it is an error
         "videos": [{"video": Path(r["video_path"]).name, "value": float(r["video_results"]),
                     "weight": video_weight(dimension, r)} for r in per_video],
     }
@@ -183,7 +320,7 @@ def evaluate(request: dict) -> dict:
 def main() -> int:
     request = json.loads(Path(sys.argv[1]).read_text())
     try:
-        answer = {"probe": probe, "evaluate": evaluate}[request["action"]](request)
+        answer = {"probe": probe, "evaluate": evaluate, "weights": weights}[request["action"]](request)
         code = 0
     except Exception as err:  # any failure inside VBench is this dimension's error, reported to stas
         answer = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from stas.errors import ConfigError
-from stas.evaluation.base import Evaluator, EvaluatorUnavailable, Measurements, Scorer, register
+from stas.evaluation.base import Evaluator, EvaluatorUnavailable, Measurements, NoValue, Scorer, register
 from stas.evaluation.records import Video
 from stas.evaluation.scores import DIMENSIONS, NEED_STANDARD_PROMPTS
 from stas.evaluation.vbench import VBenchError, VBenchRunner
@@ -90,13 +90,16 @@ class VBench(Evaluator):
             scorers.append(scorer)
         return scorers
 
-    def score_videos(self, scorer: Scorer, videos: list[Video]) -> dict[str, Measurements | str]:
+    def score_videos(self, scorer: Scorer, videos: list[Video]) -> dict[str, Measurements | str | NoValue]:
         index, count = self.context.shard
         dimension = scorer.part
         log_name = dimension if count == 1 else f"{dimension}-{index:03d}-of-{count:03d}"
         try:
-            results = self.runner.evaluate(dimension, videos, log_name)
+            answer = self.runner.evaluate(dimension, videos, log_name)
         except VBenchError as err:
             raise EvaluatorUnavailable(f"VBench failed: {err}") from None
-        by_video = {result["video"]: {dimension: (result["value"], result["weight"])} for result in results}
-        return {video.name: by_video.get(video.name, "VBench returned no result for this video") for video in videos}
+        by_video = {result["video"]: {dimension: (result["value"], result["weight"])} for result in answer["videos"]}
+        # Each video's result depends on that video alone, so scoring the videos left (cached ones are not handed to
+        # VBench again) and pooling every row gives VBench's value on the run's complete set.
+        absent = NoValue(answer["left_out"]) if answer.get("left_out") else "VBench returned no result for this video"
+        return {video.name: by_video.get(video.name, absent) for video in videos}
