@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -17,7 +18,7 @@ from stas.backbones import Backbone, available_models, backbone_from_config, get
 from stas.core.selection import shard_of
 from stas.methods import StasSteerer, steering_calibration
 from stas.core.layout import TokenLayout
-from stas.errors import ConfigError
+from stas.errors import ConfigError, UserError
 from stas.loop import OwnedLoop, make_changes, make_guider
 from stas.prompts import Item, Prompt, load_prompt_set, make_items, shard_items
 from stas.rundir import (GENERATION_FIELDS, VIDEOS_DIR, JsonlRecords, atomic_write_json, checked_rows, file_lock,
@@ -43,6 +44,22 @@ def generation_rows(run_dir: Path, keys: set[str] | None = None, whole_only: boo
             if not whole_only or is_whole(video, row):
                 rows[row["key"]] = row
     return rows
+
+
+COST_FIELDS = ("nfe", "steps", "seconds")  # of a generation row: what a video cost
+
+
+def video_costs(run_dir: Path) -> dict[str, float]:
+    """Mean NFE (transformer passes), steps and seconds per recorded video of a run; NaN for what a run did not record
+    (NFE came with stas's own loop). A UserError names a row whose value is not a number (untrusted input)."""
+    values = {name: [] for name in COST_FIELDS}
+    for row in generation_rows(run_dir, whole_only=False).values():
+        for name, value in ((name, row.get(name)) for name in COST_FIELDS if row.get(name) is not None):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise UserError(f"{run_dir}: the generation row of {row['key']!r} has {name}={value!r}; it must be "
+                                "a number")
+            values[name].append(float(value))
+    return {name: float(np.mean(found)) if found else np.nan for name, found in values.items()}
 
 
 def is_whole(video: Path, row: dict) -> bool:

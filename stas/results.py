@@ -22,7 +22,7 @@ import pandas as pd
 from stas.errors import UserError
 from stas.evaluation.scores import DIMENSIONS, QUALITY_DIMENSIONS, SEMANTIC_DIMENSIONS, vbench_scores
 from stas.evaluation.significance import CORRECTIONS, adjust_pvalues, compare_paired
-from stas.generation import generation_rows
+from stas.generation import generation_rows, video_costs
 from stas.rundir import (IDENTITY_FILE, MANIFEST_FILE, METRIC_FIELDS, checked_records, flatten, hydra_job,
                          load_identity, read_manifest, run_dirs_below)
 
@@ -209,11 +209,15 @@ def composite_scores(dimension_means: dict[str, float]) -> dict[str, float]:
     return {name: scores[name] for name in COMPOSITES if scores.get(name) is not None}
 
 
+def dimension_means(run: Run) -> dict[str, float]:
+    """The run's raw VBench value of each dimension it has (mean over prompts)."""
+    return {m: float(np.mean(list(v.values()))) for m, v in _vbench_dims(run.per_prompt()).items()}
+
+
 def run_values(run: Run) -> dict[str, float]:
     """Every metric of a run ('evaluator/metric'), VBench dimensions and composite scores in percent."""
-    per_prompt = run.per_prompt()
-    values = {f"{e}/{m}": float(np.mean(list(v.values()))) for (e, m), v in per_prompt.items()}
-    dims = {m: float(np.mean(list(v.values()))) for m, v in _vbench_dims(per_prompt).items()}
+    values = {f"{e}/{m}": float(np.mean(list(v.values()))) for (e, m), v in run.per_prompt().items()}
+    dims = dimension_means(run)
     values.update({f"vbench/{m}": 100.0 * v for m, v in dims.items()})
     if dims:
         values.update(composite_scores(dims))
@@ -235,7 +239,7 @@ def paper_table(runs: list[Run]) -> pd.DataFrame:
         record = {"Model": run.model, "Method": labels[id(run)]}
         for title, name in PAPER_COLUMNS.items():
             record[f"{title} ({PERCENT})"] = values.get(name if name in COMPOSITES else f"vbench/{name}", np.nan)
-        record["NFE"] = video_costs(run)["nfe"]
+        record["NFE"] = video_costs(run.path)["nfe"]
         records.append(record)
     return pd.DataFrame.from_records(records, columns=["Model", "Method", *(f"{t} ({PERCENT})" for t in PAPER_COLUMNS),
                                                        "NFE"])
@@ -243,7 +247,8 @@ def paper_table(runs: list[Run]) -> pd.DataFrame:
 
 def paper_table_notes(runs: list[Run]) -> list[str]:
     """Why cells of the paper table are empty: for each column some run lacks, the VBench dimensions it needs and
-    which are missing; then how to get them. Empty when every cell has a value."""
+    which are missing, then how to get them; each score withheld for a raw value not in [0, 1]. Empty when every
+    cell has a value."""
     have = [{m for (e, m) in run.per_prompt() if e == "vbench"} for run in runs]
     labels = run_labels(runs)
     notes = []
@@ -258,13 +263,15 @@ def paper_table_notes(runs: list[Run]) -> list[str]:
         notes.append(f"{title} ({PERCENT}): VBench's {name} is missing in {who}." if len(needs) == 1 else
                      f"{title} ({PERCENT}) needs all {len(needs)} {COMPOSITE_KINDS[name]} dimensions; missing in "
                      f"{who}: {', '.join(missing)}.")
-    return notes + [HOW_TO_EVALUATE] if notes else []
+    withheld = [f"{run.model} {label}: {name} withheld, {reason}." for run, label in zip(runs, labels)
+                for name, reason in vbench_scores(dimension_means(run))["withheld"].items()]
+    return notes + [HOW_TO_EVALUATE] + withheld if notes else withheld
 
 
 def metrics_table(runs: list[Run]) -> pd.DataFrame:
     """Every metric of every run, one row per run in sweep order, the unit in each column name ('%' or 'raw')."""
     labels = dict(zip(map(id, runs), run_labels(runs)))
-    records = [{"Model": run.model, "Method": labels[id(run)], "NFE": video_costs(run)["nfe"],
+    records = [{"Model": run.model, "Method": labels[id(run)], "NFE": video_costs(run.path)["nfe"],
                 **{f"{k} ({unit_of(k)})": v for k, v in run_values(run).items()}} for run in table_order(runs)]
     return pd.DataFrame.from_records(records)
 
@@ -278,27 +285,11 @@ def methods_table(runs: list[Run]) -> pd.DataFrame:
     guidances = list(dict.fromkeys(run.guidance for run in runs))
     records = []
     for run in sorted(runs, key=lambda run: (models.index(run.model), guidances.index(run.guidance), run.steered)):
-        costs, values = video_costs(run), run_values(run)
+        costs, values = video_costs(run.path), run_values(run)
         records.append({"Model": run.model, "Guidance": run.guidance, "Method": labels[id(run)],
                         "NFE": costs["nfe"], "Steps": costs["steps"], "Seconds": costs["seconds"],
                         **{f"{k} ({unit_of(k)})": v for k, v in values.items()}})
     return pd.DataFrame.from_records(records)
-
-
-COST_FIELDS = ("nfe", "steps", "seconds")  # of a generation row: what a video cost
-
-
-def video_costs(run: Run) -> dict[str, float]:
-    """Mean NFE (transformer passes), steps and seconds per recorded video of a run; NaN for what a run did not record
-    (NFE came with stas's own loop). A UserError names a row whose value is not a number (untrusted input)."""
-    values = {name: [] for name in COST_FIELDS}
-    for row in generation_rows(run.path, whole_only=False).values():
-        for name, value in ((name, row.get(name)) for name in COST_FIELDS if row.get(name) is not None):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise UserError(f"{run.path}: the generation row of {row['key']!r} has {name}={value!r}; it must be "
-                                "a number")
-            values[name].append(float(value))
-    return {name: float(np.mean(found)) if found else np.nan for name, found in values.items()}
 
 
 def vanilla_partner(run: Run, runs: list[Run]) -> Run | None:

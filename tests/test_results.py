@@ -406,3 +406,21 @@ def test_tiny_baselines_sweep_gives_the_methods_table_with_nfe(tmp_path, capsys)
     deltas = pd.read_csv(tmp_path / "t" / "deltas.csv")
     assert sorted(set(deltas["method"])) == ["+STAS (guidance=cfg)", "+STAS (guidance=slg)"]
     assert "| Guidance" in capsys.readouterr().out  # the cost of each method is printed
+
+
+def test_a_score_withheld_for_an_out_of_range_value_is_named_in_the_notes(tmp_path):
+    """Random weights give raw values outside [0, 1] (aesthetic_quality -0.0027): the Quality score is withheld,
+    and the note says for which run and value; with every value in range the score is there and no note."""
+    from stas.evaluation.scores import QUALITY_DIMENSIONS
+
+    good = {("vbench", d): {"a cat": [0.5], "a dog": [0.6]} for d in QUALITY_DIMENSIONS}
+    fake_run(tmp_path / "good" / "0", steer="none", metrics=good)
+    assert not any("withheld" in note for note in paper_table_notes(find_runs([tmp_path / "good"])))
+    assert paper_table(find_runs([tmp_path / "good"]))["Quality Score (%)"].notna().all()
+    bad = {**good, ("vbench", "aesthetic_quality"): {"a cat": [-0.0027], "a dog": [-0.0027]}}
+    fake_run(tmp_path / "bad" / "0", steer="none", metrics=bad)
+    runs = find_runs([tmp_path / "bad"])
+    assert paper_table(runs)["Quality Score (%)"].isna().all()
+    notes = [note for note in paper_table_notes(runs) if "withheld" in note]
+    assert notes and notes[0].startswith("m Vanilla: quality_score withheld, raw value(s) not a number in [0, 1]: "
+                                         "aesthetic_quality=-0.0027")
