@@ -30,12 +30,14 @@ def load_pipeline(model_cfg, backbone: Backbone):
     check_pipeline_matches(pipe, backbone)
     # Before the memory options: accelerate's offload hooks then wrap the compiled code instead of being traced into
     # it; diffusers' group offloading runs its onload/offload outside the graphs (torch.compiler.disable).
-    compile_transformer(pipe.transformer, model_cfg.compile)
+    experts = list(backbone.experts(pipe).values())  # every expert transformer (Wan2.2-A14B: two)
+    for transformer in experts:
+        compile_transformer(transformer, model_cfg.compile)
     if model_cfg.vae_tiling:
         pipe.vae.enable_tiling()
     if model_cfg.vae_slicing:
         pipe.vae.enable_slicing()
-    place_pipeline(pipe, model_cfg, device)  # layerwise casting, group / CPU offloading
+    place_pipeline(pipe, model_cfg, device, experts)  # layerwise casting, group / CPU offloading
     pipe.set_progress_bar_config(leave=False, desc="denoising steps")
     return pipe
 

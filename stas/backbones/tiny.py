@@ -68,10 +68,14 @@ def build_tiny_pipeline(model_cfg, backbone: Backbone):
     tokenizer = build_tokenizer(model_cfg.max_sequence_length)
     text_encoder = build_text_encoder(tiny, len(tokenizer))
     vae, transformer, scheduler = backbone.tiny_components(diffusers, tiny, model_cfg)
+    experts = backbone.tiny_expert_components(diffusers, tiny, model_cfg)
     pipe = backbone.tiny_pipeline(diffusers, dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                                  transformer=transformer, scheduler=scheduler))
-    if tiny.plant.enabled:
-        plant_massive_activations(transformer, backbone, tiny.plant)
+                                                  transformer=transformer, scheduler=scheduler, **experts))
+    # Every expert gets planted MAs: the first `plant`, the others `plant_2` where given (their own channels).
+    for index, expert in enumerate(backbone.experts(pipe).values()):
+        plant = tiny.plant if index == 0 or getattr(tiny, "plant_2", None) is None else tiny.plant_2
+        if plant.enabled:
+            plant_massive_activations(expert, backbone, plant)
     return pipe
 
 
