@@ -8,6 +8,7 @@ tokens) and `scale` is the mean |value| of the block output's other channels, pe
 hidden state, the planted channels stay massive however the random state grows over the steps and blocks, under
 every detection rule that reads the state's scale, in every family. Analysis, calibration and steering all have
 something real to find; the planted channels, magnitudes and profile are in the model config (`model.tiny.plant`).
+A twin with two expert transformers (tiny_wan22_a14b) plants in both, the second with `model.tiny.plant_2` where given.
 """
 
 from __future__ import annotations
