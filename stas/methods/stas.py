@@ -178,9 +178,9 @@ class StasSteerer(Method):
         self.expert_channels = {expert: {layer: _fixed_channels(cfg, backbone, layers, layer) for layer in self.layers}
                                 for expert, layers in by_expert.items()}
         self.channels = self.expert_channels.get("*") or next(iter(self.expert_channels.values()))
-        # A layer whose calibrated channel list is empty has nothing to steer and gets no hook.
-        self.hooked_layers = [layer for layer, channels in self.channels.items() if channels is None or len(channels)]
+        self.hooked_layers = self.layers_of("*")  # a calibrated block without channels gets no hook
         self.step_experts: dict[int, str] = {}  # the expert of every steered step of the last pipeline call
+        self.expert_names: list[str] = ["transformer"]  # of the transformers attached to
         self.hooks = BlockHooks(backbone)
         self.tracker = self.hooks.tracker
         self.tracker.listeners.append(self._on_call)
@@ -194,12 +194,10 @@ class StasSteerer(Method):
         self._fixed_values = 0  # values steered at fixed channels, counted on the host
         self._detected_rows = 0  # batch rows the hooks detected channels for (massive_seen counts per row)
 
-    def channels_of(self, expert: str) -> dict[int, torch.Tensor | None]:
-        """{layer: fixed channels (None: detected per call)} of an expert transformer."""
+    def channels_of(self, expert: str) -> dict[int, torch.Tensor | None]:  # None: detected per call
         return self.expert_channels.get(expert, self.channels)
 
-    def layers_of(self, expert: str) -> list[int]:
-        """The blocks of an expert that steer something (a calibrated channel list may be empty)."""
+    def layers_of(self, expert: str) -> list[int]:  # the blocks that steer something (a calibrated list may be empty)
         return [layer for layer, channels in self.channels_of(expert).items() if channels is None or len(channels)]
 
     @contextmanager
@@ -207,6 +205,7 @@ class StasSteerer(Method):
         """`transformer`: one transformer, or {expert name: transformer} (`Backbone.experts(pipe)`): every expert's
         blocks are steered, each with its own calibrated channels when the calibration has them."""
         experts = expert_modules(transformer)
+        self.expert_names = list(experts)
         self._hooked = {(name, layer): LayerSteering(self, layer, self.channels_of(name)[layer])
                         for name in experts for layer in self.layers_of(name)}
         self._placed = False
@@ -330,10 +329,10 @@ class StasSteerer(Method):
             "tokens_total": layout.num_tokens,
             "dims": self.cfg.dims if isinstance(self.cfg.dims, str) else "list",
             "values_steered": int(self.values_steered),  # (batch row, token, channel) entries the rule was applied to
-            # the steered steps of each expert transformer (Wan2.2-A14B: transformer, then transformer_2)
-            "experts": {expert: sorted(step for step, name in self.step_experts.items() if name == expert)
-                        for expert in dict.fromkeys(self.step_experts.values())},
         }
+        if len(self.expert_names) > 1:  # the steered steps of each expert transformer (Wan2.2-A14B)
+            record["experts"] = {expert: sorted(step for step, name in self.step_experts.items() if name == expert)
+                                 for expert in self.expert_names}
         detection = self.params.detection
         record["detection"] = {"rule": detection.rule, "ratio": detection.ratio, "floor": detection.floor,
                                "max_dims": detection.max_dims,

@@ -74,7 +74,7 @@ def test_steering_changes_the_low_noise_expert_too(twin):
     late = compose([f"model={TWIN}", "logger=none", "steer=stas", "steer.window.unit=steps", "steer.window.start=3",
                     "steer.window.end=5"])
     steered, record = sample(backbone, pipe, late, make_steerer(late, backbone), make_loop(late, backbone))
-    assert record["experts"] == {"transformer_2": [3, 4]} and record["values_steered"] > 0
+    assert record["experts"] == {"transformer": [], "transformer_2": [3, 4]} and record["values_steered"] > 0
     vanilla = compose([f"model={TWIN}", "logger=none", "steer=none"])
     kwargs = backbone.pipeline_kwargs(vanilla.model)
     layout = TokenLayout.for_video(backbone, 64, 96, 17)
