@@ -123,3 +123,21 @@ def test_the_tracker_names_the_expert_of_a_counted_call():
     tracker = DenoisingTracker(get_backbone(TWIN))
     tracker.begin(TokenLayout(5, 4, 6), 4, do_cfg=True)
     assert tracker.counted_call("transformer_2").expert == "transformer_2"
+
+
+def test_apply_stas_on_a_users_two_expert_pipeline_steers_both_experts(twin):
+    """stas.apply_stas on a WanPipeline with transformer_2 called as users call it (`pipe(...)`): both experts'
+    calls counted, the window spanning the switch steered on both."""
+    import stas
+
+    backbone, pipe = twin
+    kwargs = backbone.pipeline_kwargs(compose([f"model={TWIN}"]).model)
+    experts = backbone.experts(pipe).values()
+    hooks = [(len(module._forward_pre_hooks), len(module._forward_hooks)) for module in experts]
+    with stas.apply_stas(pipe, window={"start": 2, "end": 5, "unit": "steps"}) as steering:
+        with torch.inference_mode():
+            pipe(prompt=ITEM.prompt, generator=torch.Generator().manual_seed(3), **kwargs)
+        record = steering.record()
+    assert record["steps"] == [2, 3, 4] and record["experts"] == {"transformer": [2], "transformer_2": [3, 4]}
+    # every hook gone from both (the twin's planted-MA hooks stay)
+    assert [(len(module._forward_pre_hooks), len(module._forward_hooks)) for module in experts] == hooks
