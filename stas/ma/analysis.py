@@ -48,8 +48,15 @@ class AnalysisResult:
             lines.append(f"  {name}: MA channels in every block {channels}; {hierarchy_line(result['hierarchy'])}; "
                          f"period {periods} (tokens per frame {self.summary['layout']['tokens_per_frame']})")
             lines.append(f"    {margins_line(result['layers'], self.summary['detection'])}")
+        experts = self.summary.get("experts", {})
+        if len(experts) > 1:  # Wan2.2-A14B: which expert ran each captured step
+            lines.append("  experts: " + "; ".join(f"{name} steps {_steps(steps)}" for name, steps in experts.items()))
         return "\n".join([*lines, f"  outputs: {self.run_dir} ({SUMMARY_FILE}, {DIMS_FILE}, {STATS_FILE}, "
                                   f"{len(self.plots)} plot(s)); capture buffers {self.capture_bytes} bytes"])
+
+
+def _steps(steps: list[int]) -> str:
+    return f"{steps[0]}-{steps[-1]}" if steps and steps == list(range(steps[0], steps[-1] + 1)) else str(steps)
 
 
 def _number(value, spec: str = ".3g") -> str:

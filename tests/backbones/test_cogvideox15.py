@@ -58,7 +58,8 @@ def test_a_planted_latent_lands_on_the_token_the_layout_gives(model):
     latent_frames = (frames - 1) // 4 + 1
     transformer = embed_transformer(height, width, frames)
     # the latents the pipeline gives the transformer: the padding frames in front
-    latents = torch.randn(1, latent_frames + padding, 16, height // 8, width // 8, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(1, latent_frames + padding, 16, height // 8, width // 8,
+                          generator=torch.Generator().manual_seed(0))
     assert backbone.grid_of_latents(latents) == (layout.frames, layout.height, layout.width)
     first = layout.mask("first_frame")
     boundary = layout.mask("boundary", 1, "rows")

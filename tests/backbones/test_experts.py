@@ -89,6 +89,7 @@ def test_analysis_names_each_steps_expert_and_calibrates_each_expert(twin, tmp_p
     with RunLogger(cfg, tmp_path, job_type="analyze") as logger:
         result = analyze(cfg, tmp_path, backbone, logger, pipe=pipe)
     summary = result.summary
+    assert "  experts: transformer steps 0-1; transformer_2 steps 2-5" in str(result)
     # 6 steps at shift 3: t = 999, 946, 875, ... -> steps 0-1 on transformer (t >= 900)
     assert summary["experts"] == {"transformer": [0, 1], "transformer_2": [2, 3, 4, 5]}
     experts = summary["results"]["vanilla"]["experts"]
