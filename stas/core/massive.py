@@ -139,7 +139,8 @@ def load_calibration(path, dims: str, model) -> dict:
     """Per-layer channels of one kind ('calibrated', 'calibrated_weak', 'calibrated_non_ma') from ma_dims.yaml,
     checked against `model` (a Backbone or a model config: name, num_layers, hidden_dim): {block: channels}, or,
     from the file of a model with several expert transformers (an `experts` mapping, Wan2.2-A14B), {expert name:
-    {block: channels}}, each expert its own. ValueError says what in the file is wrong."""
+    {block: channels}}, each expert its own, and "*" those of `layers` (over every expert's steps) for an expert
+    the file does not list. ValueError says what in the file is wrong."""
     import yaml
 
     model_name = model.name
@@ -156,13 +157,14 @@ def load_calibration(path, dims: str, model) -> dict:
         raise ValueError(f"was calibrated on model {data.get('model')!r}, not {model_name!r}")
     kind = CALIBRATION_KINDS[dims]
     experts = data.get("experts")
+    every = _layer_channels(data["layers"], kind, model, "layers")
     if experts is None:
-        return _layer_channels(data["layers"], kind, model, "layers")
+        return every
     if not isinstance(experts, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("layers"), dict)
                                                 for entry in experts.values()):
         raise ValueError("experts must map each expert transformer's name to its own 'layers' mapping")
-    return {str(name): _layer_channels(entry["layers"], kind, model, f"experts.{name}.layers")
-            for name, entry in experts.items()}
+    return {"*": every, **{str(name): _layer_channels(entry["layers"], kind, model, f"experts.{name}.layers")
+                           for name, entry in experts.items()}}
 
 
 def _layer_channels(layers: dict, kind: str, model, where: str) -> dict[int, list[int]]:

@@ -343,9 +343,9 @@ class StasSteerer(Method):
             record["channels_max"] = detection.max_dims
         elif set(self.expert_channels) == {"*"}:
             record["channels"] = {layer: self.channels[layer].tolist() for layer in self.layers}
-        else:
-            record["channels"] = {expert: {layer: channels[layer].tolist() for layer in self.layers}
-                                  for expert, channels in self.expert_channels.items()}
+        else:  # each attached expert's own
+            record["channels"] = {expert: {layer: self.channels_of(expert)[layer].tolist() for layer in self.layers}
+                                  for expert in self.expert_names}
         if self.cfg.rule == "max_scaled":
             reference = {"kind": self.params.reference if self.cfg.dims != "auto" else "ma_max"}
             if self.state is not None and hook_calls:

@@ -12,6 +12,7 @@ import yaml
 from stas.backbones import load_pipeline
 from stas.config import ConfigError, validate
 from stas.core.layout import TokenLayout
+from stas.core.massive import load_calibration
 from stas.generation import make_loop, make_steerer, run_pipeline
 from stas.loggers import RunLogger
 from stas.ma.analysis import DIMS_FILE, analyze
@@ -99,6 +100,11 @@ def test_analysis_names_each_steps_expert_and_calibrates_each_expert(twin, tmp_p
     dims = yaml.safe_load((tmp_path / DIMS_FILE).read_text())
     assert dims["experts"]["transformer"]["layers"][0]["massive"] == FIRST
     assert dims["experts"]["transformer_2"]["layers"][1]["massive"] == SECOND
+    loaded = load_calibration(tmp_path / DIMS_FILE, "calibrated", backbone)
+    # "*" (for an expert the file does not list): over both experts' steps, where transformer_2 ran 4 of the 6, so
+    # only its channels are massive in at least half of them: why each expert needs its own
+    assert loaded == {"*": {0: SECOND, 1: SECOND}, "transformer": {0: FIRST, 1: FIRST},
+                      "transformer_2": {0: SECOND, 1: SECOND}}
 
     # calibrated steering: each expert steers its own channels
     steer = compose([f"model={TWIN}", "logger=none", "steer=stas", "steer.dims=calibrated",
