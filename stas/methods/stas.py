@@ -2,7 +2,7 @@
 
 Usage (what stas.generation does for each video):
 
-    with StasSteerer(backbone, steer_cfg).attach(pipe.transformer) as steerer:
+    with StasSteerer(backbone, steer_cfg).attach(backbone.experts(pipe)) as steerer:   # or pipe.transformer
         steerer.begin(layout, num_steps=50, do_cfg=True)
         pipe(...)
         steerer.record()          # what was steered
@@ -190,7 +190,7 @@ class StasSteerer(Method):
         self.state: CallState | None = None  # per-call device state, (re)made by the pre-hook for each device
         self._hooked: dict[tuple[str, int], LayerSteering] = {}
         self._placed = False  # the attached hooks' channels are on the state's device
-        self._device_channels: dict = {}  # (layer, device) -> the block's tensors there (_block_tensors), made once
+        self._device_channels: dict = {}  # (expert, layer, device) -> the block tensors there (_block_tensors)
         self._fixed_values = 0  # values steered at fixed channels, counted on the host
         self._detected_rows = 0  # batch rows the hooks detected channels for (massive_seen counts per row)
 
