@@ -67,11 +67,12 @@ class StasHandle:
         self.pipe, self.backbone, self.steerer = pipe, backbone, steerer
         self._timesteps = None  # the scheduler's timesteps of the pipeline call in progress
         self._stack = ExitStack()
-        transformer = pipe.transformer
+        experts = backbone.experts(pipe)  # every expert transformer (Wan2.2-A14B: transformer, transformer_2)
         # Before the steerer's own pre-hook (prepend): a new pipeline call must begin before its first step counts.
-        self._stack.callback(transformer.register_forward_pre_hook(self._on_call, with_kwargs=True,
-                                                                   prepend=True).remove)
-        self._stack.enter_context(steerer.attach(transformer))
+        for transformer in experts.values():
+            self._stack.callback(transformer.register_forward_pre_hook(self._on_call, with_kwargs=True,
+                                                                       prepend=True).remove)
+        self._stack.enter_context(steerer.attach(experts))
 
     def _on_call(self, transformer, args, kwargs) -> None:
         timesteps = self.pipe.scheduler.timesteps

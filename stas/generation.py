@@ -187,7 +187,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
         layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
         kwargs = sampling_kwargs(cfg, backbone, loop)
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
-        with steerer.attach(pipe.transformer) if steerer is not None else nullcontext():
+        with steerer.attach(backbone.experts(pipe)) if steerer is not None else nullcontext():
             for item in tqdm(todo, desc=f"videos (shard {index + 1}/{count})", disable=not cfg.progress):
                 path, partial = videos_dir / item.filename, partial_dir / item.filename
                 with file_lock(partial, wait=False, remove=True) as claim:

@@ -37,9 +37,10 @@ def eval_choice(experiment: str) -> str:
 def test_evaluation_docs_say_which_eval_each_experiment_chooses(experiment):
     docs = " ".join((REPO / "docs" / "evaluation.md").read_text().split())
     choice = eval_choice(experiment)
-    if experiment in ("paper_main", "baselines"):
+    if experiment in ("paper_main", "paper_main_extended", "baselines"):
         assert choice == "vbench_standard"
-        assert "`experiment=paper_main` and `experiment=baselines` choose `eval=vbench_standard`" in docs
+        assert ("`experiment=paper_main`, `experiment=paper_main_extended` and `experiment=baselines` choose "
+                "`eval=vbench_standard`") in docs
     else:
         assert choice == "default"
         assert "The ablations (`ablation_*`) and the `tiny_*` experiments choose no `eval` option" in docs

@@ -87,6 +87,9 @@ class Backbone:
     # Self-attention runs on [text, video] tokens and returns (video, text) (joint attention, CogVideoX) instead of
     # running on and returning the video tokens only.
     joint_attention: ClassVar[bool] = False
+    # The pipeline can hand the low-noise steps to a second expert transformer (model.boundary_ratio,
+    # model.guidance_scale_2: Wan2.2-A14B's transformer_2).
+    takes_experts: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------------------------- the token grid
 
@@ -122,6 +125,11 @@ class Backbone:
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return getattr(transformer, self.blocks_attr)
+
+    def experts(self, pipe) -> dict[str, torch.nn.Module]:
+        """{name: transformer} of every expert transformer of a pipeline, in the order they denoise (the names are
+        those `step_expert` gives): steering and capture hook them all. One for most families."""
+        return {"transformer": pipe.transformer}
 
     def video_tokens(self, block_output):
         """The (B, S, D) video-token hidden states inside a block's output."""
@@ -265,6 +273,10 @@ class Backbone:
     def tiny_pipeline(self, diffusers, components: dict):
         """The family's pipeline around tiny components (tokenizer, text_encoder, vae, transformer, scheduler)."""
         return getattr(diffusers, self.pipeline)(**components)
+
+    def tiny_expert_components(self, diffusers, tiny, model_cfg) -> dict:
+        """More pipeline components of a twin with several experts (a second transformer and its switch)."""
+        return {}
 
     # ------------------------------------------------------------------- pipelines built outside stas
 

@@ -30,12 +30,21 @@ def load_pipeline(model_cfg, backbone: Backbone):
     check_pipeline_matches(pipe, backbone)
     # Before the memory options: accelerate's offload hooks then wrap the compiled code instead of being traced into
     # it; diffusers' group offloading runs its onload/offload outside the graphs (torch.compiler.disable).
-    compile_transformer(pipe.transformer, model_cfg.compile)
+    experts = list(backbone.experts(pipe).values())  # every expert transformer (Wan2.2-A14B: two)
+    if getattr(model_cfg, "boundary_ratio", None) is not None and len(experts) < 2:
+        raise BackboneError(f"model {backbone.name!r} sets model.boundary_ratio (a second expert transformer), but its "
+                            "pipeline has no transformer_2; set model.boundary_ratio=null")
+    wrong = [len(blocks) for blocks in map(backbone.blocks, experts[1:]) if len(blocks) != backbone.num_layers]
+    if wrong:
+        raise BackboneError(f"model {backbone.name!r} does not match its checkpoint: num_layers: config says "
+                            f"{backbone.num_layers}, an expert transformer has {wrong[0]}")
+    for transformer in experts:
+        compile_transformer(transformer, model_cfg.compile)
     if model_cfg.vae_tiling:
         pipe.vae.enable_tiling()
     if model_cfg.vae_slicing:
         pipe.vae.enable_slicing()
-    place_pipeline(pipe, model_cfg, device)  # layerwise casting, group / CPU offloading
+    place_pipeline(pipe, model_cfg, device, experts)  # layerwise casting, group / CPU offloading
     pipe.set_progress_bar_config(leave=False, desc="denoising steps")
     return pipe
 

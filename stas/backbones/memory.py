@@ -41,17 +41,21 @@ def apply_group_offloading(transformer: torch.nn.Module, mode: str, device: torc
                                      **options)
 
 
-def place_pipeline(pipe, model_cfg, device: torch.device) -> None:
-    """Apply the model's memory options and put the pipeline on `device` (model.cpu_offload, model.group_offload)."""
-    apply_layerwise_casting(pipe.transformer, model_cfg.layerwise_casting)
+def place_pipeline(pipe, model_cfg, device: torch.device, experts: list | None = None) -> None:
+    """Apply the model's memory options and put the pipeline on `device` (model.cpu_offload, model.group_offload);
+    `experts`: the transformers they apply to (Backbone.experts; default pipe.transformer)."""
+    experts = [pipe.transformer] if experts is None else experts
+    for transformer in experts:
+        apply_layerwise_casting(transformer, model_cfg.layerwise_casting)
     if model_cfg.group_offload != "none":
         if model_cfg.cpu_offload != "none":
             raise BackboneError(f"model.group_offload={model_cfg.group_offload} cannot be combined with "
                                 f"model.cpu_offload={model_cfg.cpu_offload}; use one of them")
-        apply_group_offloading(pipe.transformer, model_cfg.group_offload, device, model_cfg.group_offload_blocks)
+        for transformer in experts:
+            apply_group_offloading(transformer, model_cfg.group_offload, device, model_cfg.group_offload_blocks)
         # The other components go to the device whole; pipe.to() would warn about the offloaded transformer.
         for name, component in pipe.components.items():
-            if isinstance(component, torch.nn.Module) and component is not pipe.transformer:
+            if isinstance(component, torch.nn.Module) and all(component is not t for t in experts):
                 component.to(device)
     elif model_cfg.cpu_offload == "model":
         pipe.enable_model_cpu_offload(device=device)

@@ -8,6 +8,7 @@ tokens) and `scale` is the mean |value| of the block output's other channels, pe
 hidden state, the planted channels stay massive however the random state grows over the steps and blocks, under
 every detection rule that reads the state's scale, in every family. Analysis, calibration and steering all have
 something real to find; the planted channels, magnitudes and profile are in the model config (`model.tiny.plant`).
+A twin with two expert transformers (tiny_wan22_a14b) plants in both, the second with `model.tiny.plant_2` where given.
 """
 
 from __future__ import annotations
@@ -68,10 +69,14 @@ def build_tiny_pipeline(model_cfg, backbone: Backbone):
     tokenizer = build_tokenizer(model_cfg.max_sequence_length)
     text_encoder = build_text_encoder(tiny, len(tokenizer))
     vae, transformer, scheduler = backbone.tiny_components(diffusers, tiny, model_cfg)
+    experts = backbone.tiny_expert_components(diffusers, tiny, model_cfg)
     pipe = backbone.tiny_pipeline(diffusers, dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                                  transformer=transformer, scheduler=scheduler))
-    if tiny.plant.enabled:
-        plant_massive_activations(transformer, backbone, tiny.plant)
+                                                  transformer=transformer, scheduler=scheduler, **experts))
+    # Every expert gets planted MAs: the first `plant`, the others `plant_2` where given (their own channels).
+    for index, expert in enumerate(backbone.experts(pipe).values()):
+        plant = tiny.plant if index == 0 or getattr(tiny, "plant_2", None) is None else tiny.plant_2
+        if plant.enabled:
+            plant_massive_activations(expert, backbone, plant)
     return pipe
 
 

@@ -48,12 +48,14 @@ class TinyConfig:
     text_dim: int = 32  # width of the small T5 text encoder
     vae_base_dim: int = 3  # base channels of the tiny VAE
     plant: PlantConfig = field(default_factory=PlantConfig)
+    # A two-expert twin's second transformer (model.boundary_ratio set): its own planted MAs; null: those of `plant`
+    plant_2: Optional[PlantConfig] = None
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # the model option (conf/model/<name>.yaml): W&B tag, run folder, tables' Model column
-    family: str = MISSING  # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox
+    family: str = MISSING  # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15
     hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
     revision: Optional[str] = None  # the checkpoint's revision on the hub; null: main
     tiny: Optional[TinyConfig] = None  # the tiny twin's sizes and planted MAs (tiny_* models only)
@@ -64,6 +66,11 @@ class ModelConfig:
     num_frames: int = MISSING  # video frames (latent frames: (F - 1) // 4 + 1)
     steps: int = MISSING  # denoising steps
     guidance_scale: float = MISSING  # classifier-free guidance scale; <= 1: no CFG (one branch)
+    # Two expert transformers (Wan2.2-A14B: WanPipeline's transformer_2 for the low-noise steps): the fraction of the
+    # train timesteps below which transformer_2 denoises (t < boundary_ratio x 1000), in [0, 1]; null: one transformer
+    # (a checkpoint: its own pipeline config). A tiny twin builds a second transformer when it is set.
+    boundary_ratio: Optional[float] = None
+    guidance_scale_2: Optional[float] = None  # transformer_2's CFG scale, in [0, 100]; null: guidance_scale
     flow_shift: Optional[float] = None  # the flow-matching scheduler's shift (Wan); null: the scheduler's own
     use_dynamic_cfg: bool = False  # CogVideoX's dynamic CFG schedule
     fps: int = MISSING  # frames per second of the written mp4

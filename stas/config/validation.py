@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
                             backbone_from_config)
+from stas.config.model_checks import check_experts, check_plant
 from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
                                SEARCH_DIRECTIONS, StasConfig)
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
@@ -24,7 +25,7 @@ from stas.errors import ConfigError, check_allowed, check_at_least
 from stas.evaluation.schema import EVAL_BOUNDS, validate_eval
 from stas.loop import GUIDANCE, make_guider
 from stas.loop.guidance import skipped_layers
-from stas.methods.stas import steering_calibration
+from stas.methods.stas import calibration_by_expert, steering_calibration
 
 SEED_MAX = 2**63 - 1  # int64, what torch.Generator, numpy and W&B all hold exactly
 
@@ -51,6 +52,8 @@ NUMERIC_BOUNDS = {
     "seed": Bounds(0, SEED_MAX),  # negative seeds would alias: manual_seed(-1) is manual_seed(2**64 - 1)
     "model.steps": Bounds(1, 10000),
     "model.guidance_scale": Bounds(0, 100),
+    "model.guidance_scale_2": Bounds(0, 100),
+    "model.boundary_ratio": Bounds(0, 1),  # of the train timesteps: 0, only transformer; 1, only transformer_2
     "model.flow_shift": Bounds(0.01, 100),  # far below the published 1-12 the schedule collapses (black video)
     "model.fps": Bounds(1, 240),
     "model.max_sequence_length": Bounds(1, 4096),
@@ -61,9 +64,8 @@ NUMERIC_BOUNDS = {
     "detect.floor": Bounds(0, 1_000_000_000),
     **{f"model.tiny.{size}": Bounds(1, 4096) for size in ("num_layers", "num_heads", "head_dim", "ffn_dim", "text_dim",
                                                          "vae_base_dim")},
-    "model.tiny.plant.first_frame": Bounds(0, 100),
-    "model.tiny.plant.boundary": Bounds(0, 100),
-    "model.tiny.plant.interior": Bounds(0, 100),
+    **{f"model.tiny.{plant}.{region}": Bounds(0, 100) for plant in ("plant", "plant_2")
+       for region in ("first_frame", "boundary", "interior")},
     **{path: Bounds(low, high) for path, (low, high) in EVAL_BOUNDS.items()},  # each evaluator's (stas.evaluation)
     "logger.log_videos": Bounds(0, 100000),
     "guidance.params.guidance_rescale": Bounds(0, 1),  # the guiders' rescale towards the cond prediction
@@ -73,7 +75,6 @@ NUMERIC_BOUNDS = {
        for end in ("start", "stop")},
     "guidance.params.enhance_weight": Bounds(-100, 100),  # below -frames the factor is 1: no enhancement
 }
-PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
 ALPHA_BOUNDS = Bounds(0, 100, low_open=True)  # for the rules that use alpha
 # the hierarchy verdict: below 100 resamples the interval's tails are a handful of draws; one prompt gives no interval
 VERDICT_BOUNDS = {"min_effect": Bounds(0, 10), "resamples": Bounds(100, 1000000), "min_prompts": Bounds(2, 100000)}
@@ -130,6 +131,7 @@ def validate_model(model) -> Backbone:
     problems = backbone.video_problems(model.height, model.width, model.num_frames)
     if problems:
         raise ConfigError("model." + "; model.".join(problems))
+    check_experts(model, backbone)
     if model.tiny is not None:
         tiny = model.tiny
         if (model.num_layers, model.hidden_dim) != (tiny.num_layers, tiny.num_heads * tiny.head_dim):
@@ -137,19 +139,9 @@ def validate_model(model) -> Backbone:
                 f"model.num_layers={model.num_layers} and model.hidden_dim={model.hidden_dim} must equal "
                 f"model.tiny.num_layers={tiny.num_layers} and num_heads*head_dim={tiny.num_heads * tiny.head_dim}"
             )
-        plant = tiny.plant
-        if plant.enabled:
-            for channel in plant.channels:
-                if not 0 <= channel < model.hidden_dim:
-                    raise ConfigError(
-                        f"model.tiny.plant.channels contains {channel}; allowed: 0..{model.hidden_dim - 1}"
-                    )
-            for magnitude in plant.magnitudes:
-                if not abs(magnitude) <= PLANT_MAGNITUDE_MAX:
-                    raise ConfigError(f"model.tiny.plant.magnitudes contains {magnitude!r}; allowed: finite numbers in "
-                                      f"[-{PLANT_MAGNITUDE_MAX:g}, {PLANT_MAGNITUDE_MAX:g}]")
-            if len(plant.channels) != len(plant.magnitudes):
-                raise ConfigError("model.tiny.plant.channels and model.tiny.plant.magnitudes must have equal length")
+        for name in ("plant", "plant_2"):
+            if tiny.get(name) is not None and tiny[name].enabled:
+                check_plant(f"model.tiny.{name}", tiny[name], model.hidden_dim)
     return backbone
 
 
@@ -229,7 +221,8 @@ def check_steer_options(steer, model, backbone: Backbone) -> None:
     if isinstance(dims, str):
         check_allowed("steer.dims", dims, DIMS_MODES)
         calibration = steering_calibration(steer, model)
-        if calibration is not None and not any(calibration.get(layer) for layer in layers):
+        if calibration is not None and not any(channels.get(layer) for channels in
+                                               calibration_by_expert(calibration).values() for layer in layers):
             raise ConfigError(f"steer.calibration={steer.calibration!r}: lists no {CALIBRATION_KINDS[dims]} channel "
                               f"for the steered blocks {layers}: STAS would steer nothing")
     else:

@@ -135,13 +135,15 @@ def massive_channel_mask(hidden: torch.Tensor, detection: Detection | None = Non
 CALIBRATION_KINDS = {"calibrated": "massive", "calibrated_weak": "weak", "calibrated_non_ma": "non_ma"}
 
 
-def load_calibration(path, dims: str, model) -> dict[int, list[int]]:
+def load_calibration(path, dims: str, model) -> dict:
     """Per-layer channels of one kind ('calibrated', 'calibrated_weak', 'calibrated_non_ma') from ma_dims.yaml,
-    checked against `model` (a Backbone or a model config: name, num_layers, hidden_dim); ValueError says what in
-    the file is wrong."""
+    checked against `model` (a Backbone or a model config: name, num_layers, hidden_dim): {block: channels}, or,
+    from the file of a model with several expert transformers (an `experts` mapping, Wan2.2-A14B), {expert name:
+    {block: channels}}, each expert its own, and "*" those of `layers` (over every expert's steps) for an expert
+    the file does not list. ValueError says what in the file is wrong."""
     import yaml
 
-    model_name, num_layers, hidden_dim = model.name, model.num_layers, model.hidden_dim
+    model_name = model.name
     try:
         data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -154,19 +156,33 @@ def load_calibration(path, dims: str, model) -> dict[int, list[int]]:
     if data.get("model") != model_name:
         raise ValueError(f"was calibrated on model {data.get('model')!r}, not {model_name!r}")
     kind = CALIBRATION_KINDS[dims]
+    experts = data.get("experts")
+    every = _layer_channels(data["layers"], kind, model, "layers")
+    if experts is None:
+        return every
+    if not isinstance(experts, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("layers"), dict)
+                                                for entry in experts.values()):
+        raise ValueError("experts must map each expert transformer's name to its own 'layers' mapping")
+    return {"*": every, **{str(name): _layer_channels(entry["layers"], kind, model, f"experts.{name}.layers")
+                           for name, entry in experts.items()}}
+
+
+def _layer_channels(layers: dict, kind: str, model, where: str) -> dict[int, list[int]]:
+    """{block: channels of `kind`} of an ma_dims.yaml `layers` mapping, checked against the model's sizes."""
+    model_name, num_layers, hidden_dim = model.name, model.num_layers, model.hidden_dim
     channels = {}
-    for layer, entry in data["layers"].items():
+    for layer, entry in layers.items():
         if not _is_index(layer) or not 0 <= layer < num_layers:
-            raise ValueError(f"layers has block {layer!r}; model {model_name!r} has blocks 0..{num_layers - 1}")
+            raise ValueError(f"{where} has block {layer!r}; model {model_name!r} has blocks 0..{num_layers - 1}")
         listed = entry.get(kind, []) if isinstance(entry, dict) else None
         if not isinstance(listed, list) or not all(_is_index(channel) for channel in listed):
-            raise ValueError(f"layers.{layer}.{kind} must be a list of channel indices (integers), got {listed!r}")
+            raise ValueError(f"{where}.{layer}.{kind} must be a list of channel indices (integers), got {listed!r}")
         for channel in listed:
             if not 0 <= channel < hidden_dim:
-                raise ValueError(f"layers.{layer}.{kind} has channel {channel}; model {model_name!r} has channels "
+                raise ValueError(f"{where}.{layer}.{kind} has channel {channel}; model {model_name!r} has channels "
                                  f"0..{hidden_dim - 1}")
         if len(set(listed)) != len(listed):
-            raise ValueError(f"layers.{layer}.{kind} lists a channel twice: {listed}")
+            raise ValueError(f"{where}.{layer}.{kind} lists a channel twice: {listed}")
         channels[layer] = listed
     return channels
 

@@ -49,7 +49,7 @@ class OwnedLoop:
     def __call__(self, pipe, **args) -> DenoiseOutput:
         with ExitStack() as stack:
             for change in self.changes:
-                stack.enter_context(change.attach(pipe.transformer))
+                stack.enter_context(change.attach(self.backbone.experts(pipe)))
                 layout = TokenLayout.for_video(self.backbone, args["height"], args["width"], args["num_frames"])
                 change.begin(layout, args["num_inference_steps"], self.backbone.uses_cfg(args["guidance_scale"]))
             output = denoise(pipe, self.backbone, self.guider, **args)

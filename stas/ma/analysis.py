@@ -48,8 +48,15 @@ class AnalysisResult:
             lines.append(f"  {name}: MA channels in every block {channels}; {hierarchy_line(result['hierarchy'])}; "
                          f"period {periods} (tokens per frame {self.summary['layout']['tokens_per_frame']})")
             lines.append(f"    {margins_line(result['layers'], self.summary['detection'])}")
+        experts = self.summary.get("experts", {})
+        if len(experts) > 1:  # Wan2.2-A14B: which expert ran each captured step
+            lines.append("  experts: " + "; ".join(f"{name} steps {_steps(steps)}" for name, steps in experts.items()))
         return "\n".join([*lines, f"  outputs: {self.run_dir} ({SUMMARY_FILE}, {DIMS_FILE}, {STATS_FILE}, "
                                   f"{len(self.plots)} plot(s)); capture buffers {self.capture_bytes} bytes"])
+
+
+def _steps(steps: list[int]) -> str:
+    return f"{steps[0]}-{steps[-1]}" if steps and steps == list(range(steps[0], steps[-1] + 1)) else str(steps)
 
 
 def _number(value, spec: str = ".3g") -> str:
@@ -96,13 +103,15 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
     detection = Detection.of(cfg.detect)
     capture = MACapture(backbone, selection, detection, cfg.steer.boundary_width, cfg.steer.boundary_unit)
     variants = {"vanilla": None} if steerer is None else {"vanilla": None, "steered": steerer}
+    experts = {}  # the expert transformer of each captured step (Wan2.2-A14B: transformer, then transformer_2)
+    capture.tracker.listeners.append(lambda: experts.setdefault(capture.tracker.step, capture.tracker.expert))
     accumulated = {}
     for name, variant_steerer in variants.items():
         accumulated[name] = MAStats(detection.max_dims)
         with ExitStack() as stack:
             if variant_steerer is not None:
-                stack.enter_context(variant_steerer.attach(pipe.transformer))
-            stack.enter_context(capture.attach(pipe.transformer))  # after steering: it sees the steered outputs
+                stack.enter_context(variant_steerer.attach(backbone.experts(pipe)))
+            stack.enter_context(capture.attach(backbone.experts(pipe)))  # after steering: sees the steered outputs
             for item in tqdm(items, desc=f"prompts ({name})", disable=not cfg.progress):
                 capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
                 run_pipeline(pipe, item, kwargs, variant_steerer, layout, loop)
@@ -114,6 +123,7 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
             "prompts": [item.prompt for item in items], "seeds": [item.seed for item in items],
             **({"images": [item.image_fields() for item in items]} if any(item.image for item in items) else {}),
             "layers": list(selection.layers), "steps": list(selection.steps), "num_steps": cfg.model.steps,
+            "experts": [experts.get(step, "transformer") for step in selection.steps],
             "profile": [list(pair) for pair in selection.profile], "branches": list(capture.branches),
             "layout": {"frames": layout.frames, "height": layout.height, "width": layout.width},
             "boundary_width": cfg.steer.boundary_width, "boundary_unit": cfg.steer.boundary_unit,

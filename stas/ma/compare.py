@@ -17,7 +17,7 @@ from stas.errors import UserError
 from stas.ma.analysis import SUMMARY_FILE
 from stas.ma.hierarchy import ADJACENT, PAIR_LABELS
 from stas.ma.plots import save_figure
-from stas.ma.stats import SUMMARY_KEYS
+from stas.ma.stats import OPTIONAL_SUMMARY_KEYS, SUMMARY_KEYS
 from stas.rundir import atomic_write_json, atomic_write_text
 
 COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
@@ -48,7 +48,8 @@ def read_summary(run: Path) -> dict:
         summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{run / SUMMARY_FILE}: cannot be read as JSON ({err})") from None
-    missing = [key for key in SUMMARY_KEYS if not isinstance(summary, dict) or key not in summary]
+    missing = [key for key in SUMMARY_KEYS if key not in OPTIONAL_SUMMARY_KEYS
+               and (not isinstance(summary, dict) or key not in summary)]
     if missing:
         older = ("; one written before the hierarchy verdict can be rewritten from its ma_stats.pt with "
                  "stas.ma.stats.summarise") if missing == ["hierarchy"] else ""

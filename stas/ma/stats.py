@@ -112,12 +112,56 @@ def massive_sets_by(top_channels, top_massive, dim: int, min_frequency: float, h
 
 def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int, non_ma: int,
                       settings: VerdictSettings = VerdictSettings()) -> dict:
-    hidden_dim = tensors["peaks_mean"].shape[-1]
     layout = TokenLayout(**meta["layout"])
     layers, steps = meta["layers"], meta["steps"]
-    top, massive = tensors["top_channels"], tensors["top_massive"]
+    entries, layer_sets, prompt_stability, step_stability = layer_entries(tensors, layers, min_frequency, weak,
+                                                                          non_ma)
+    regions = region_entries(tensors["regions"], layers, steps)
+    profiles = []
+    for p, (layer, step) in enumerate(meta["profile"]):
+        tokens = tensors["tokens_mean"][p].nanmean(dim=0)  # over branches
+        profiles.append({"layer": layer, "step": step, **sequence_period(tokens, layout, settings),
+                         "profile": within_frame_profile(tokens, layout).tolist()})
 
-    layer_entries, layer_sets, prompt_stability, step_stability = {}, [], [], []
+    result = {
+        "layers": entries,
+        "regions": regions,
+        "hierarchy": hierarchy_verdict(tensors["regions"], meta["prompts"], steps, settings),
+        "profiles": profiles,
+        "stability": {
+            "prompts": _mean(prompt_stability),
+            "steps": _mean(step_stability),
+            "layers": mean_pairwise_jaccard(layer_sets),
+            "channels_in_every_layer": sorted(set.intersection(*layer_sets)) if layer_sets else [],
+        },
+    }
+    experts = step_experts(meta)
+    if len(experts) > 1:  # each expert transformer's own channels, from the captured steps it ran
+        result["experts"] = {name: {"steps": expert_steps, "layers": layer_entries(
+            at_steps(tensors, [steps.index(step) for step in expert_steps]), layers, min_frequency, weak, non_ma)[0]}
+            for name, expert_steps in experts.items()}
+    return result
+
+
+def step_experts(meta: dict) -> dict[str, list[int]]:
+    """{expert transformer: the captured steps it ran} (meta "experts": the expert of each captured step; a run
+    without it had one transformer)."""
+    names = meta.get("experts") or ["transformer"] * len(meta["steps"])
+    return {name: [step for step, owner in zip(meta["steps"], names) if owner == name] for name in dict.fromkeys(names)}
+
+
+def at_steps(tensors: dict, slots: list[int]) -> dict:
+    """The channel tensors of a variant (MAStats.tensors) at some captured step slots only."""
+    index = torch.tensor(slots, dtype=torch.long)
+    return {**{key: tensors[key][:, index] for key in ("peaks_mean", "peaks_max", "margin")},
+            **{key: tensors[key][:, :, index] for key in ("thresholds", "top_channels", "top_massive")}}
+
+
+def layer_entries(tensors: dict, layers: list[int], min_frequency: float, weak: int, non_ma: int) -> tuple:
+    """Each block's classified channels (the summary's `layers`), with the channel sets the stability reads."""
+    hidden_dim = tensors["peaks_mean"].shape[-1]
+    top, massive = tensors["top_channels"], tensors["top_massive"]
+    entries, layer_sets, prompt_stability, step_stability = {}, [], [], []
     for i, layer in enumerate(layers):
         frequency = massive_frequency(top[:, i], massive[:, i], hidden_dim)
         layer_peaks = tensors["peaks_mean"][i].mean(dim=(0, 1))
@@ -125,7 +169,7 @@ def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int
         peak_max = tensors["peaks_max"][i].amax(dim=(0, 1))
         margins = tensors["margin"][i].flatten(0, 1)  # (steps x branches, D)
         listed = classes["massive"] + [c for c in classes["weak"] if c not in classes["massive"]]
-        layer_entries[str(layer)] = {
+        entries[str(layer)] = {
             **classes,
             "median_peak": layer_peaks.median().item(),
             "threshold": tensors["thresholds"][:, i].mean().item(),
@@ -138,29 +182,10 @@ def summarise_variant(tensors: dict, meta: dict, min_frequency: float, weak: int
         if top.shape[0] > 1:
             prompt_stability.append(mean_pairwise_jaccard(
                 massive_sets_by(top[:, i], massive[:, i], 0, min_frequency, hidden_dim)))
-        if len(steps) > 1:
+        if top.shape[2] > 1:
             step_stability.append(mean_pairwise_jaccard(
                 massive_sets_by(top[:, i], massive[:, i], 1, min_frequency, hidden_dim)))
-
-    regions = region_entries(tensors["regions"], layers, steps)
-    profiles = []
-    for p, (layer, step) in enumerate(meta["profile"]):
-        tokens = tensors["tokens_mean"][p].nanmean(dim=0)  # over branches
-        profiles.append({"layer": layer, "step": step, **sequence_period(tokens, layout, settings),
-                         "profile": within_frame_profile(tokens, layout).tolist()})
-
-    return {
-        "layers": layer_entries,
-        "regions": regions,
-        "hierarchy": hierarchy_verdict(tensors["regions"], meta["prompts"], steps, settings),
-        "profiles": profiles,
-        "stability": {
-            "prompts": _mean(prompt_stability),
-            "steps": _mean(step_stability),
-            "layers": mean_pairwise_jaccard(layer_sets),
-            "channels_in_every_layer": sorted(set.intersection(*layer_sets)) if layer_sets else [],
-        },
-    }
+    return entries, layer_sets, prompt_stability, step_stability
 
 
 def region_entries(regions: torch.Tensor, layers: list[int], steps: list[int]) -> dict:
@@ -177,7 +202,8 @@ def _mean(values: list) -> float | None:
 
 
 SUMMARY_KEYS = ("model", "family", "steer", "variants", "prompts", "layers", "steps", "num_steps", "branches",
-                "layout", "regions", "detection", "hierarchy", "results")
+                "layout", "regions", "detection", "hierarchy", "results", "experts")
+OPTIONAL_SUMMARY_KEYS = ("experts",)  # summaries written before experts (2026-11-26) lack them
 VARIANT_KEYS = ("layers", "regions", "hierarchy", "profiles", "stability")
 
 
@@ -205,6 +231,7 @@ def summarise(stats: dict, min_frequency: float, weak: int, non_ma: int,
         "hierarchy": {"variant": headline, **{key: value for key, value in results[headline]["hierarchy"].items()
                                               if key != "by_step"}},
         "results": results,
+        "experts": step_experts(meta),  # {expert transformer: the captured steps it ran}
     }
     return json_safe(summary)
 
@@ -227,12 +254,20 @@ def upgrade_stats(stats: dict) -> dict:
 
 
 def calibration(summary: dict) -> dict:
-    """ma_dims.yaml (what `steer.dims=calibrated` reads) from the vanilla variant of a summary."""
-    layers = summary["results"]["vanilla"]["layers"]
+    """ma_dims.yaml (what `steer.dims=calibrated` reads) from the vanilla variant of a summary; with several expert
+    transformers also each expert's own channels (`experts`), which steering then uses per expert."""
+    vanilla = summary["results"]["vanilla"]
+
+    def classes(layers: dict) -> dict:
+        return {int(layer): {kind: entry[kind] for kind in ("massive", "weak", "non_ma")}
+                for layer, entry in layers.items()}
+
+    experts = {name: {"steps": entry["steps"], "layers": classes(entry["layers"])}
+               for name, entry in vanilla.get("experts", {}).items()}
     return {
         "model": summary["model"],
-        "layers": {int(layer): {kind: entry[kind] for kind in ("massive", "weak", "non_ma")}
-                   for layer, entry in layers.items()},
+        "layers": classes(vanilla["layers"]),
+        **({"experts": experts} if experts else {}),
         "source": "stas.analyze",
         "detection": summary["detection"],
         "prompts": len(summary["prompts"]),

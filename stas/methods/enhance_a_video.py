@@ -25,7 +25,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from stas.backbones import Backbone
 from stas.core.layout import TokenLayout
 from stas.methods.base import Method, register_method
-from stas.methods.hooks import ANNOUNCED
+from stas.methods.hooks import ANNOUNCED, expert_modules
 
 HOOK_NAME = "stas_enhance_a_video"
 
@@ -80,15 +80,18 @@ class EnhanceAVideo(Method):
                 "attention_calls_enhanced": self.applied, "mean_factor": mean}
 
     @contextmanager
-    def attach(self, transformer: torch.nn.Module):
-        attentions = self.backbone.self_attentions(transformer)
-        handle = transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
+    def attach(self, transformer):
+        """`transformer`: one transformer or {expert name: transformer} (every expert is enhanced)."""
+        experts = expert_modules(transformer).values()
+        attentions = [module for expert in experts for module in self.backbone.self_attentions(expert)]
+        handles = [expert.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True) for expert in experts]
         for module in attentions:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_EnhanceHook(self), HOOK_NAME)
         try:
             yield self
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             for module in attentions:
                 HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
 

@@ -92,15 +92,17 @@ class DenoisingTracker:
         self.calls, self.step, self.call_in_step = 0, -1, 0
         self.step_calls = self.backbone.pipeline_cfg_calls(do_cfg)
 
-    def counted_call(self) -> DenoisingCall:
-        """The call a family's own pipeline makes as call number `self.calls` of the run."""
+    def counted_call(self, expert: str = "transformer") -> DenoisingCall:
+        """The call a family's own pipeline makes as call number `self.calls` of the run, on `expert`: the calls of
+        every expert count on, so the step index goes on across a switch of experts (Wan2.2-A14B)."""
         calls = self.backbone.pipeline_cfg_calls(self.do_cfg)
-        return DenoisingCall(*divmod(self.calls, len(calls)), calls)
+        return DenoisingCall(*divmod(self.calls, len(calls)), calls, expert)
 
-    def on_transformer_call(self, module, args, kwargs) -> None:
+    def on_transformer_call(self, module, args, kwargs, expert: str = "transformer") -> None:
+        """The pre-hook of every expert (`expert`: its name, for a pipeline's own loop that announces nothing)."""
         if self.layout is None:
             raise RuntimeError("call begin(layout, num_steps, do_cfg) before running the pipeline")
-        call = getattr(module, ANNOUNCED, None) or self.counted_call()
+        call = getattr(module, ANNOUNCED, None) or self.counted_call(expert)
         self.step, self.call_in_step, self.step_calls, self.expert = call.step, call.call, call.calls, call.expert
         self.calls += 1
         latents = kwargs.get("hidden_states", args[0] if args else None)
@@ -153,19 +155,33 @@ class DenoisingTracker:
         return [(b, rows) for b in CFG_BRANCHES if (rows := rows_of(b, call, batch)) is not None]
 
 
+def expert_modules(transformer) -> dict[str, torch.nn.Module]:
+    """{expert name: transformer} of what a method attaches to: one transformer (named "transformer"), or the
+    experts of a pipeline (`Backbone.experts`, e.g. Wan2.2-A14B's transformer and transformer_2)."""
+    return dict(transformer) if isinstance(transformer, dict) else {"transformer": transformer}
+
+
 class BlockHooks:
-    """Attaches one tracker to a transformer and per-block output hooks; removes them all on close."""
+    """Attaches one tracker to every expert transformer and per-block output hooks; removes them all on close.
+    One tracker for all experts: the step index goes on across a switch of experts."""
 
     def __init__(self, backbone: Backbone, tracker: DenoisingTracker | None = None):
         self.backbone = backbone
         self.tracker = tracker or DenoisingTracker(backbone)
         self._handles: list = []
 
-    def attach(self, transformer: torch.nn.Module, block_hooks: dict[int, Callable]) -> "BlockHooks":
-        self._handles.append(transformer.register_forward_pre_hook(self.tracker.on_transformer_call, with_kwargs=True))
-        blocks = self.backbone.blocks(transformer)
-        for index, hook in block_hooks.items():
-            self._handles.append(blocks[index].register_forward_hook(hook))
+    def attach(self, transformer, block_hooks: dict) -> "BlockHooks":
+        """`transformer`: a transformer or {expert name: transformer}; `block_hooks`: {block index: hook} for every
+        expert, or {expert name: {block index: hook}}."""
+        for name, module in expert_modules(transformer).items():
+            def pre_hook(module, args, kwargs, name=name):
+                self.tracker.on_transformer_call(module, args, kwargs, expert=name)
+
+            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            hooks = block_hooks.get(name, {}) if any(isinstance(key, str) for key in block_hooks) else block_hooks
+            blocks = self.backbone.blocks(module)
+            for index, hook in hooks.items():
+                self._handles.append(blocks[index].register_forward_hook(hook))
         return self
 
     def remove(self) -> None:
@@ -174,7 +190,7 @@ class BlockHooks:
         self._handles.clear()
 
     @contextmanager
-    def attached(self, transformer: torch.nn.Module, block_hooks: dict[int, Callable]):
+    def attached(self, transformer, block_hooks: dict):
         """attach() for the duration of a `with` block."""
         self.attach(transformer, block_hooks)
         try:

@@ -2,7 +2,7 @@
 
 Usage (what stas.generation does for each video):
 
-    with StasSteerer(backbone, steer_cfg).attach(pipe.transformer) as steerer:
+    with StasSteerer(backbone, steer_cfg).attach(backbone.experts(pipe)) as steerer:   # or pipe.transformer
         steerer.begin(layout, num_steps=50, do_cfg=True)
         pipe(...)
         steerer.record()          # what was steered
@@ -31,7 +31,7 @@ from stas.core.selection import steered_layers, window_steps
 from stas.errors import ConfigError
 from stas.methods.base import Method, register_method
 from stas.methods.call_state import CallState
-from stas.methods.hooks import BlockHooks, persistent_tensor
+from stas.methods.hooks import BlockHooks, expert_modules, persistent_tensor
 
 
 @dataclass(frozen=True)
@@ -163,18 +163,24 @@ def steer_tokens_(hidden, token_index, channels, is_massive, reference, cfg, gat
 class StasSteerer(Method):
     """STAS on a transformer: which blocks, steps, branches, tokens and channels, from a `steer` config."""
 
-    def __init__(self, backbone: Backbone, cfg, calibration: dict[int, list[int]] | None = None, detect=None):
+    def __init__(self, backbone: Backbone, cfg, calibration: dict | None = None, detect=None):
         """`cfg`: a `steer` config; `detect`: a `detect` config (None: stas.core.massive.Detection's defaults,
-        per-branch channels)."""
+        per-branch channels); `calibration`: {block: channels} of a calibrated `steer.dims`, or {expert name:
+        {block: channels}} with an expert's own channels (stas.core.massive.load_calibration)."""
         check_rule(cfg.rule, cfg.alpha, cfg.strength)
         self.backbone = backbone
         self.cfg = cfg
         self.params = SteerParams.of(cfg, detect)
         self.layers = steered_layers(cfg.layers, backbone.num_layers)
         self.branches = CFG_BRANCHES if cfg.branches == "both" else (cfg.branches,)
-        self.channels = {layer: _fixed_channels(cfg, backbone, calibration, layer) for layer in self.layers}
-        # A layer whose calibrated channel list is empty has nothing to steer and gets no hook.
-        self.hooked_layers = [layer for layer, channels in self.channels.items() if channels is None or len(channels)]
+        by_expert = calibration_by_expert(calibration)
+        # {expert: {layer: channels}}; "*" for every expert without its own calibration
+        self.expert_channels = {expert: {layer: _fixed_channels(cfg, backbone, layers, layer) for layer in self.layers}
+                                for expert, layers in by_expert.items()}
+        self.channels = self.expert_channels.get("*") or next(iter(self.expert_channels.values()))
+        self.hooked_layers = self.layers_of("*")  # a calibrated block without channels gets no hook
+        self.step_experts: dict[int, str] = {}  # the expert of every steered step of the last pipeline call
+        self.expert_names: list[str] = ["transformer"]  # of the transformers attached to
         self.hooks = BlockHooks(backbone)
         self.tracker = self.hooks.tracker
         self.tracker.listeners.append(self._on_call)
@@ -182,18 +188,30 @@ class StasSteerer(Method):
         self._token_index: dict = {}
         self.calls: Counter = Counter()
         self.state: CallState | None = None  # per-call device state, (re)made by the pre-hook for each device
-        self._hooked: dict[int, LayerSteering] = {}
+        self._hooked: dict[tuple[str, int], LayerSteering] = {}
         self._placed = False  # the attached hooks' channels are on the state's device
-        self._device_channels: dict = {}  # (layer, device) -> the block's tensors there (_block_tensors), made once
+        self._device_channels: dict = {}  # (expert, layer, device) -> the block tensors there (_block_tensors)
         self._fixed_values = 0  # values steered at fixed channels, counted on the host
         self._detected_rows = 0  # batch rows the hooks detected channels for (massive_seen counts per row)
 
+    def channels_of(self, expert: str) -> dict[int, torch.Tensor | None]:  # None: detected per call
+        return self.expert_channels.get(expert, self.channels)
+
+    def layers_of(self, expert: str) -> list[int]:  # the blocks that steer something (a calibrated list may be empty)
+        return [layer for layer, channels in self.channels_of(expert).items() if channels is None or len(channels)]
+
     @contextmanager
     def attach(self, transformer):
-        self._hooked = {layer: LayerSteering(self, layer, self.channels[layer]) for layer in self.hooked_layers}
+        """`transformer`: one transformer, or {expert name: transformer} (`Backbone.experts(pipe)`): every expert's
+        blocks are steered, each with its own calibrated channels when the calibration has them."""
+        experts = expert_modules(transformer)
+        self.expert_names = list(experts)
+        self._hooked = {(name, layer): LayerSteering(self, layer, self.channels_of(name)[layer])
+                        for name in experts for layer in self.layers_of(name)}
         self._placed = False
         try:
-            with self.hooks.attached(transformer, self._hooked):
+            with self.hooks.attached(experts, {name: {layer: hook for (owner, layer), hook in self._hooked.items()
+                                                      if owner == name} for name in experts}):
                 yield self
         finally:
             self._hooked = {}
@@ -202,6 +220,7 @@ class StasSteerer(Method):
         self.tracker.begin(layout, num_steps, do_cfg)
         self.steps = window_steps(self.cfg.window, num_steps)
         self.calls = Counter()
+        self.step_experts = {}
         self._fixed_values = self._detected_rows = 0
         if self.state is not None:
             self.state.reset_counts()
@@ -217,10 +236,10 @@ class StasSteerer(Method):
             state = self.state = self._new_state(device, batch)
             self._placed = False
         if not self._placed:  # per-block device tensors, before any (compiled) hook reads them
-            for layer, hook in self._hooked.items():
-                if (layer, device) not in self._device_channels:
-                    self._device_channels[(layer, device)] = self._block_tensors(hook, device)
-                hook.device_channels, hook.shared = self._device_channels[(layer, device)]
+            for (expert, layer), hook in self._hooked.items():
+                if (expert, layer, device) not in self._device_channels:
+                    self._device_channels[(expert, layer, device)] = self._block_tensors(hook, device)
+                hook.device_channels, hook.shared = self._device_channels[(expert, layer, device)]
             self._placed = True
         rows = tracker.rows(self.branches, batch)
         active = tracker.step in self.steps and rows is not None
@@ -229,10 +248,12 @@ class StasSteerer(Method):
             return
         branch = self._branch_name(rows, batch)
         values_per_channel = (rows.stop - rows.start) * state.token_index.shape[0]
-        for layer in self.hooked_layers:  # every hooked block runs once per transformer call
+        self.step_experts[tracker.step] = tracker.expert
+        channels = self.channels_of(tracker.expert)
+        for layer in self.layers_of(tracker.expert):  # every hooked block runs once per transformer call
             self.calls[(layer, tracker.step, branch)] += 1
-            if self.channels[layer] is not None:
-                self._fixed_values += self.channels[layer].shape[0] * values_per_channel
+            if channels[layer] is not None:
+                self._fixed_values += channels[layer].shape[0] * values_per_channel
             else:
                 self._detected_rows += rows.stop - rows.start
 
@@ -309,6 +330,9 @@ class StasSteerer(Method):
             "dims": self.cfg.dims if isinstance(self.cfg.dims, str) else "list",
             "values_steered": int(self.values_steered),  # (batch row, token, channel) entries the rule was applied to
         }
+        if len(self.expert_names) > 1:  # the steered steps of each expert transformer (Wan2.2-A14B)
+            record["experts"] = {expert: sorted(step for step, name in self.step_experts.items() if name == expert)
+                                 for expert in self.expert_names}
         detection = self.params.detection
         record["detection"] = {"rule": detection.rule, "ratio": detection.ratio, "floor": detection.floor,
                                "max_dims": detection.max_dims,
@@ -317,8 +341,11 @@ class StasSteerer(Method):
             rows = self._detected_rows  # channels per steered batch row and hook call
             record["channels_mean"] = int(self.massive_channels_seen) / rows if rows else 0.0
             record["channels_max"] = detection.max_dims
-        else:
+        elif set(self.expert_channels) == {"*"}:
             record["channels"] = {layer: self.channels[layer].tolist() for layer in self.layers}
+        else:  # each attached expert's own
+            record["channels"] = {expert: {layer: self.channels_of(expert)[layer].tolist() for layer in self.layers}
+                                  for expert in self.expert_names}
         if self.cfg.rule == "max_scaled":
             reference = {"kind": self.params.reference if self.cfg.dims != "auto" else "ma_max"}
             if self.state is not None and hook_calls:
@@ -343,6 +370,13 @@ def steering_calibration(steer, model) -> dict[int, list[int]] | None:
         return load_calibration(steer.calibration, dims, model)
     except (OSError, ValueError) as err:
         raise ConfigError(f"steer.calibration={steer.calibration!r}: {err}") from None
+
+
+def calibration_by_expert(calibration: dict | None) -> dict:
+    """{expert name, or "*" for every expert: {layer: channels} or None} of a calibration (see StasSteerer)."""
+    if calibration and all(isinstance(key, str) for key in calibration):
+        return dict(calibration)
+    return {"*": calibration}
 
 
 def _fixed_channels(cfg, backbone: Backbone, calibration, layer: int) -> torch.Tensor | None:

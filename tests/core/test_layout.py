@@ -10,6 +10,9 @@ REAL = {  # model: latent grid at its default size
     "wan22_5b": (31, 22, 40),
     "cogvideox5b": (13, 30, 45),
     "cogvideox2b": (13, 30, 45),
+    "wan21_14b": (21, 45, 80),
+    "wan22_a14b": (21, 45, 80),
+    "cogvideox15_5b": (11, 48, 85),  # 21 latent frames padded at the front to 22, two a token
 }
 
 

@@ -28,6 +28,11 @@ class CogVideoX(Backbone):
     def pipeline_kwargs(self, model_cfg) -> dict:
         return {**super().pipeline_kwargs(model_cfg), "use_dynamic_cfg": model_cfg.use_dynamic_cfg}
 
+    @classmethod
+    def describes(cls, pipe) -> bool:
+        """A CogVideoXPipeline whose transformer has this family's temporal patch (1.0: none; 1.5: 2)."""
+        return super().describes(pipe) and (pipe.transformer.config.patch_size_t or 1) == cls.patch[0]
+
     def transformer_inputs(self, transformer, height: int, width: int, latent_frames: int, device) -> dict:
         from diffusers import CogVideoXPipeline
 
@@ -102,7 +107,7 @@ class CogVideoX(Backbone):
             time_embed_dim=8, text_embed_dim=tiny.text_dim, num_layers=tiny.num_layers,
             sample_height=model_cfg.height // 8, sample_width=model_cfg.width // 8, sample_frames=model_cfg.num_frames,
             patch_size=2, temporal_compression_ratio=4, max_text_seq_length=model_cfg.max_sequence_length,
-            use_rotary_positional_embeddings=True,
+            use_rotary_positional_embeddings=True, patch_size_t=self.patch[0] if self.patch[0] > 1 else None,
         )
         return vae, transformer, diffusers.CogVideoXDDIMScheduler()
 
@@ -115,3 +120,26 @@ class CogVideoX(Backbone):
         # CogVideoX's positional embeddings are sized for one video size.
         return {**transformer_config, "sample_frames": frames, "sample_height": height // cls.spatial_compression,
                 "sample_width": width // cls.spatial_compression}
+
+
+@register_family("cogvideox15")
+class CogVideoX15(CogVideoX):
+    """CogVideoX 1.5: a token spans 2 latent frames (patch_size_t=2). The pipeline pads the latent frames at the
+    front to a multiple of 2 with frames of noise it drops before decoding (pipeline_cogvideox.py, "For CogVideoX
+    1.5"): with an odd number of latent frames (81 pixel frames: 21), temporal token 0 holds a padding frame and latent
+    frame 0 (pixel frame 0 alone), and temporal token k >= 1 latent frames 2k-1 and 2k (pixel frames 8k-7 .. 8k);
+    with an even number (85 pixel frames: 22) token 0 holds latent frames 0 and 1 (pixel frames 0-4). So STAS's
+    "first frame" is temporal token 0, the token holding pixel frame 0, and "boundary" the first and last token rows
+    of every later temporal token, each a chunk of 8 pixel frames (README, "Backbones")."""
+
+    patch = (2, 2, 2)
+
+    def padding_frames(self, num_frames: int) -> int:
+        """Latent frames of noise the pipeline puts in front of a video of `num_frames` pixel frames."""
+        latent_frames = (num_frames - 1) // self.temporal_compression + 1
+        return -latent_frames % self.patch[0]
+
+    def latent_grid(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+        _, rows, columns = super().latent_grid(height, width, num_frames)  # the size checks
+        latent_frames = (num_frames - 1) // self.temporal_compression + 1
+        return (latent_frames + self.padding_frames(num_frames)) // self.patch[0], rows, columns

@@ -20,13 +20,27 @@ class Wan21(Backbone):
     text_tokens = "cross-attention only (encoder_hidden_states), never in the block output"
     latents_frame_axis = 2  # latents are (B, C, F, H, W)
     latent_channels = 16
+    takes_experts = True  # WanPipeline's transformer_2 below boundary_ratio (Wan2.2-T2V-A14B)
+
+    def experts(self, pipe) -> dict[str, torch.nn.Module]:
+        """transformer (high noise) and, when the pipeline has one, transformer_2 (low noise, below boundary_ratio)."""
+        second = getattr(pipe, "transformer_2", None)
+        return {**super().experts(pipe), **({"transformer_2": second} if second is not None else {})}
+
+    def pipeline_kwargs(self, model_cfg) -> dict:
+        kwargs = super().pipeline_kwargs(model_cfg)
+        scale_2 = getattr(model_cfg, "guidance_scale_2", None)
+        return kwargs if scale_2 is None else {**kwargs, "guidance_scale_2": scale_2}
 
     def pretrained_components(self, diffusers, model_cfg, load_kwargs: dict) -> dict:
         # Wan's VAE is published for float32 decoding; bf16 decoding visibly degrades frames.
         vae_dtype = DTYPES[model_cfg.vae_dtype or "float32"]
         kwargs = {key: value for key, value in load_kwargs.items() if key != "torch_dtype"}
-        return {"vae": diffusers.AutoencoderKLWan.from_pretrained(model_cfg.hub_id, subfolder="vae",
-                                                                  torch_dtype=vae_dtype, **kwargs)}
+        vae = diffusers.AutoencoderKLWan.from_pretrained(model_cfg.hub_id, subfolder="vae", torch_dtype=vae_dtype,
+                                                         **kwargs)
+        # Wan2.2-A14B: the switch to transformer_2 as the model config gives it (the checkpoint's own otherwise)
+        boundary = getattr(model_cfg, "boundary_ratio", None)
+        return {"vae": vae, **({} if boundary is None else {"boundary_ratio": float(boundary)})}
 
     # ------------------------------------------------------------ WanPipeline.__call__'s parts, for stas.loop
 
@@ -117,14 +131,17 @@ class Wan21(Backbone):
             temperal_downsample=[False, True, True],
         )
 
-    def tiny_components(self, diffusers, tiny, model_cfg) -> tuple:
-        vae = self.tiny_vae(diffusers, tiny)
-        transformer = diffusers.WanTransformer3DModel(
+    def tiny_transformer(self, diffusers, tiny):
+        return diffusers.WanTransformer3DModel(
             patch_size=self.patch, num_attention_heads=tiny.num_heads, attention_head_dim=tiny.head_dim,
             in_channels=self.latent_channels, out_channels=self.latent_channels, text_dim=tiny.text_dim, freq_dim=32,
             ffn_dim=tiny.ffn_dim, num_layers=tiny.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
             rope_max_seq_len=64,
         )
+
+    def tiny_components(self, diffusers, tiny, model_cfg) -> tuple:
+        vae = self.tiny_vae(diffusers, tiny)
+        transformer = self.tiny_transformer(diffusers, tiny)
         scheduler = diffusers.UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=model_cfg.flow_shift or 3.0
         )
@@ -132,6 +149,12 @@ class Wan21(Backbone):
 
     def tiny_pipeline(self, diffusers, components: dict):
         return diffusers.WanPipeline(**components, expand_timesteps=self.expand_timesteps)
+
+    def tiny_expert_components(self, diffusers, tiny, model_cfg) -> dict:
+        # Wan2.2-A14B's twin: a second transformer of the same sizes (its own random weights), below boundary_ratio.
+        if getattr(model_cfg, "boundary_ratio", None) is None:
+            return {}
+        return {"transformer_2": self.tiny_transformer(diffusers, tiny), "boundary_ratio": model_cfg.boundary_ratio}
 
     @classmethod
     def text_dim_of(cls, transformer_config: dict) -> int:

@@ -1,0 +1,34 @@
+"""Checks of a model config beyond its ranges (stas.config.validation.validate_model): a second expert
+transformer where the family has one, the tiny twins' planted massive activations."""
+
+from __future__ import annotations
+
+from stas.backbones import FAMILIES, Backbone
+from stas.errors import ConfigError
+
+PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
+
+
+def check_experts(model, backbone: Backbone) -> None:
+    """model.boundary_ratio and model.guidance_scale_2: a second expert transformer where the family has one."""
+    for name in ("boundary_ratio", "guidance_scale_2"):
+        if getattr(model, name, None) is not None and not backbone.takes_experts:
+            families = ", ".join(family for family, cls in FAMILIES.items() if cls.takes_experts)
+            raise ConfigError(f"model.{name} is set, but family {model.family} has one transformer (a second expert "
+                              f"is WanPipeline's transformer_2: families {families})")
+    if getattr(model, "guidance_scale_2", None) is not None and getattr(model, "boundary_ratio", None) is None:
+        raise ConfigError(f"model.guidance_scale_2={model.guidance_scale_2} needs model.boundary_ratio (the switch to "
+                          "the second expert transformer, transformer_2, whose guidance scale it is)")
+
+
+def check_plant(path: str, plant, hidden_dim: int) -> None:
+    """A tiny twin's planted MAs (model.tiny.plant, model.tiny.plant_2): channels that exist, finite magnitudes."""
+    for channel in plant.channels:
+        if not 0 <= channel < hidden_dim:
+            raise ConfigError(f"{path}.channels contains {channel}; allowed: 0..{hidden_dim - 1}")
+    for magnitude in plant.magnitudes:
+        if not abs(magnitude) <= PLANT_MAGNITUDE_MAX:
+            raise ConfigError(f"{path}.magnitudes contains {magnitude!r}; allowed: finite numbers in "
+                              f"[-{PLANT_MAGNITUDE_MAX:g}, {PLANT_MAGNITUDE_MAX:g}]")
+    if len(plant.channels) != len(plant.magnitudes):
+        raise ConfigError(f"{path}.channels and {path}.magnitudes must have equal length")
