@@ -9,6 +9,7 @@ import torch
 from stas.backbones.base import DTYPES, Backbone, BackboneError
 from stas.backbones.compile import compile_transformer
 from stas.backbones.memory import place_pipeline
+from stas.backbones.parallel import enable_context_parallel, parallel_size, rank_device
 from stas.backbones.tiny import build_tiny_pipeline
 from stas.hub import hub_reachable
 
@@ -21,13 +22,18 @@ def resolve_device(device: str, field: str = "model.device") -> torch.device:
 
 
 def load_pipeline(model_cfg, backbone: Backbone):
-    """The diffusers pipeline for a model config, on its device, with its memory options applied."""
+    """The diffusers pipeline for a model config, on its device, with its memory options applied, context-parallel
+    with model.parallel (under torchrun: each rank on its own GPU)."""
+    parallel = getattr(model_cfg, "parallel", None)
     device = resolve_device(model_cfg.device)
+    if parallel_size(parallel) > 1:
+        device = rank_device(device)
     if model_cfg.hub_id is None:
         pipe = build_tiny_pipeline(model_cfg, backbone)
     else:
         pipe = _from_pretrained(model_cfg, backbone)
     check_pipeline_matches(pipe, backbone)
+    enable_context_parallel(pipe, backbone, parallel, device)  # before compiling: its hooks are traced with the blocks
     # Before the memory options: accelerate's offload hooks then wrap the compiled code instead of being traced into
     # it; diffusers' group offloading runs its onload/offload outside the graphs (torch.compiler.disable).
     experts = list(backbone.experts(pipe).values())  # every expert transformer (Wan2.2-A14B: two)

@@ -19,7 +19,9 @@ from types import SimpleNamespace
 import torch
 
 from stas.backbones.base import Backbone
+from stas.backbones.parallel import token_split
 from stas.core.layout import TokenLayout
+from stas.core.parallel import WHOLE
 
 # A character-level tokenizer: every prompt maps to its own token sequence, with nothing to download.
 _VOCAB_CHARS = string.ascii_lowercase + string.digits + string.punctuation + " "
@@ -96,7 +98,9 @@ class MassiveActivationPlanter:
 
     The transformer's pre-hook (eager, outside any compiled region) reads the token grid of the call and puts the
     per-token profile x magnitude on the call's device; the block hooks (`write`) only scale and set it, so compiled blocks
-    see one graph."""
+    see one graph. Context-parallel, a block sees one rank's chunk of the tokens: the profile is cut to it, and the
+    scale is the whole state's, computed on the gathered state exactly as one process computes it (the twins are
+    tiny), so that every rank plants what one process plants."""
 
     def __init__(self, backbone: Backbone, plant):
         self.backbone = backbone
@@ -109,14 +113,16 @@ class MassiveActivationPlanter:
         self.layout: TokenLayout | None = None
         self.bias: torch.Tensor | None = None  # (S, channels) float32 on the call's device
         self.device_channels: torch.Tensor | None = None
+        self.split = WHOLE
         self._bias_cache: dict = {}
 
     def read_grid(self, transformer, args, kwargs):
         latents = kwargs.get("hidden_states", args[0] if args else None)
         self.layout = TokenLayout(*self.backbone.grid_of_latents(latents))
-        key = (self.layout, latents.device)
+        self.split = token_split(self.backbone, transformer)
+        key = (self.layout, latents.device, self.split)
         if key not in self._bias_cache:
-            profile = planted_profile(self.layout, self.plant)
+            profile = self.split.local(planted_profile(self.layout, self.plant), self.layout.num_tokens, dim=0)
             with torch.inference_mode(False):  # kept across calls, inside inference_mode or not
                 self._bias_cache[key] = ((profile[:, None] * self.magnitudes[None, :]).to(latents.device),
                                          self.channels.to(latents.device))
@@ -125,10 +131,11 @@ class MassiveActivationPlanter:
     def write(self, block, args, output):
         hidden = self.backbone.video_tokens(output)
         channels = self.device_channels
+        whole = self.split.gather(hidden, dim=1)  # the state of every token (one process: `hidden` itself)
         # The other channels' mean |value| per row: all values minus the planted ones (no gather of the others).
-        total = torch.linalg.vector_norm(hidden, 1, dim=(1, 2), dtype=torch.float32)
-        planted = torch.linalg.vector_norm(hidden[:, :, channels], 1, dim=(1, 2), dtype=torch.float32)
-        scale = (total - planted) / (hidden.shape[1] * (hidden.shape[2] - channels.shape[0]))
+        total = torch.linalg.vector_norm(whole, 1, dim=(1, 2), dtype=torch.float32)
+        planted = torch.linalg.vector_norm(whole[:, :, channels], 1, dim=(1, 2), dtype=torch.float32)
+        scale = (total - planted) / (whole.shape[1] * (whole.shape[2] - channels.shape[0]))
         hidden[:, :, channels] = (scale[:, None, None] * self.bias).to(hidden.dtype)
         return output
 

@@ -53,6 +53,16 @@ class TinyConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Context parallelism (README "Running in parallel"): one video's tokens split across ring_degree x
+    ulysses_degree ranks started by torchrun (the Wan family; stas.backbones.parallel)."""
+
+    ulysses_degree: int = 1  # ranks of Ulysses attention (must divide the attention heads); 1: none
+    ring_degree: int = 1  # ranks of ring attention (CUDA only, bf16/fp16 by default); 1: none
+    attention_backend: Optional[str] = None  # diffusers' attention backend; null: native, _native_cudnn with ring
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # the model option (conf/model/<name>.yaml): W&B tag, run folder, tables' Model column
     family: str = MISSING  # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15
@@ -86,6 +96,7 @@ class ModelConfig:
     group_offload: str = "none"  # none | block_level | leaf_level (diffusers' group offloading of the transformer)
     group_offload_blocks: int = 1  # transformer blocks per group with group_offload=block_level
     layerwise_casting: str = "none"  # none | float8_e4m3fn | float8_e5m2: the transformer's weights' storage dtype
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # context parallelism under torchrun
 
 
 @dataclass

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from stas.core.parallel import WHOLE, TokenSplit
+
 DETECTION_RULES = ("mean_abs", "channel_peak", "sun")
 # Each rule's own threshold settings (conf/detect/<rule>.yaml holds the same values).
 RULE_PRESETS = {
@@ -73,11 +75,15 @@ def channel_peaks(hidden: torch.Tensor, dim=1) -> torch.Tensor:
     return torch.maximum(hidden.amax(dim=dim), hidden.amin(dim=dim).neg())
 
 
-def massive_threshold(hidden: torch.Tensor, peaks: torch.Tensor, detection: Detection) -> torch.Tensor:
+def massive_threshold(hidden: torch.Tensor, peaks: torch.Tensor, detection: Detection,
+                      split: TokenSplit = WHOLE) -> torch.Tensor:
     """(G,) float32 thresholds of G hidden states: `hidden` (G, ..., D) holds each one's values (any shape after
     the first axis), `peaks` (G, D) their channel peaks. A channel of state g is massive when its peak exceeds
-    threshold[g]."""
+    threshold[g]. Under context parallelism `hidden` is this rank's share of the tokens and `peaks` are the whole
+    states' (all-reduced): mean_abs sums over the ranks; sun, a median of every value, cannot run split."""
     rule = detection.rule
+    if split.parallel and rule == "sun":
+        raise ValueError("detect.rule=sun cannot run context-parallel: no rank holds the whole hidden state")
     if rule == "channel_peak":
         scale = peaks.float().median(dim=-1).values
     elif rule == "mean_abs":
@@ -88,7 +94,7 @@ def massive_threshold(hidden: torch.Tensor, peaks: torch.Tensor, detection: Dete
             total = torch.linalg.vector_norm(flat, 1, dim=-1, dtype=torch.float32)
         else:
             total = flat.abs().sum(dim=-1, dtype=torch.float32)
-        scale = total / flat.shape[-1]
+        scale = split.sum(total) / (flat.shape[-1] * split.world)
     else:  # sun: the median of every |value|, a selection over the whole state (the costly rule)
         scale = hidden.reshape(hidden.shape[0], -1).abs().median(dim=-1).values.float()
     return torch.clamp(scale * detection.ratio, min=detection.floor)
@@ -106,11 +112,11 @@ def top_massive_channels(peaks: torch.Tensor, threshold: torch.Tensor, max_dims:
     return indices, values.float() > threshold[..., None]
 
 
-def detect_massive(hidden: torch.Tensor, detection: Detection):
+def detect_massive(hidden: torch.Tensor, detection: Detection, split: TokenSplit = WHOLE):
     """Detection on G hidden states `hidden` (G, N, D): (indices (G, k), is_massive (G, k), peaks (G, D),
-    threshold (G,))."""
-    peaks = channel_peaks(hidden, dim=1)
-    threshold = massive_threshold(hidden, peaks, detection)
+    threshold (G,)); of the whole states when `hidden` is this rank's share of their tokens (`split`)."""
+    peaks = split.max(channel_peaks(hidden, dim=1))
+    threshold = massive_threshold(hidden, peaks, detection, split)
     indices, is_massive = top_massive_channels(peaks, threshold, detection.max_dims)
     return indices, is_massive, peaks, threshold
 

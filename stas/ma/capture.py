@@ -34,6 +34,7 @@ import torch
 from stas.backbones import CFG_BRANCHES, Backbone
 from stas.core.layout import TokenLayout
 from stas.core.massive import Detection, detect_massive
+from stas.core.parallel import WHOLE, TokenSplit
 from stas.core.selection import AnalysisSelection
 from stas.methods.hooks import BlockHooks, persistent_tensor
 
@@ -63,19 +64,23 @@ class CaptureReadout:
 
 
 def reduce_hidden(hidden: torch.Tensor, region_masks: torch.Tensor, region_sizes: torch.Tensor,
-                  detection: Detection):
+                  detection: Detection, split: TokenSplit = WHOLE):
     """Reductions of one branch's block output `hidden` (B, S, D); fixed shapes, no host read.
 
     Returns (peaks (D,), threshold (), region stats (R, 2), per-token MA magnitude (S,)); `region_masks` is (R, S)
-    float 0/1 and `region_sizes` (R,) its row sums. Regions without tokens get NaN.
+    float 0/1 and `region_sizes` (R,) its row sums. Regions without tokens get NaN. Under context parallelism
+    `hidden` holds this rank's chunk of the S tokens: the peaks are all-reduced, the per-token magnitudes (S floats,
+    not the hidden state) gathered, and every rank returns the whole sequence's reductions.
     """
-    channels, is_massive, peaks, threshold = detect_massive(hidden.reshape(1, -1, hidden.shape[-1]), detection)
+    channels, is_massive, peaks, threshold = detect_massive(hidden.reshape(1, -1, hidden.shape[-1]), detection, split)
     channels, is_massive, peaks, threshold = channels[0], is_massive[0], peaks[0], threshold[0]
     # Only the k ranked channels are gathered; non-massive ones count as 0 (magnitudes are >= 0).
     magnitude = (hidden[:, :, channels].abs().float() * is_massive).amax(dim=-1)  # (B, S)
-    tokens = magnitude.mean(dim=0)
+    tokens, token_max = magnitude.mean(dim=0), magnitude.amax(dim=0)
+    if split.parallel:  # the whole sequence's per-token values, in rank order
+        tokens, token_max = split.gather(torch.stack([tokens, token_max]), dim=1)
     means = (region_masks @ tokens) / region_sizes
-    maxes = (magnitude.amax(dim=0) * region_masks).amax(dim=-1)
+    maxes = (token_max * region_masks).amax(dim=-1)
     maxes = torch.where(region_sizes > 0, maxes, torch.nan)
     return peaks, threshold, torch.stack([means, maxes], dim=-1), tokens
 
@@ -107,7 +112,8 @@ class LayerCapture:
             profile_gate = capture.profile_mask[layer, step].squeeze(0) & gate
         for rows, branch in state.branches:
             peaks, threshold, regions, tokens = reduce_hidden(hidden[rows], buffers["region_masks"],
-                                                              buffers["region_sizes"], capture.detection)
+                                                              buffers["region_sizes"], capture.detection,
+                                                              capture.tracker.split)
             _write(buffers["peaks"], (layer, step, branch), peaks, gate)
             _write(buffers["thresholds"], (layer, step, branch), threshold, gate)
             _write(buffers["regions"], (layer, step, branch), regions, gate)
@@ -227,7 +233,7 @@ class MACapture:
             hook.slot = slots[hook.layer_slot]
 
     def buffers_for(self, hidden: torch.Tensor) -> dict:
-        if hidden.shape[1] != self.layout.num_tokens:
+        if hidden.shape[1] != self.tracker.local_tokens():
             self.tracker.check_tokens(hidden.shape[1])
         if self.buffers is None:  # eager, hooks called without the pre-hook (tests)
             self.buffers = self._allocate(hidden.device)

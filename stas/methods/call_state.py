@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from stas.core.parallel import WHOLE, TokenSplit
 from stas.methods.hooks import persistent_tensor
 
 
@@ -17,12 +18,19 @@ class CallState:
     channels, on `cond_rows` (the cond branch within the rows) when `has_cond` (0-d bool): a call without the cond
     branch steers with the channels its step's cond call found. The counters hold the detected MA channels, the
     steered values and the range of max_scaled's reference magnitude. `active`/`cond_present` mirror `gate` and
-    `has_cond` on the host for eager hooks."""
+    `has_cond` on the host for eager hooks.
 
-    def __init__(self, key: tuple, rows: slice | None, token_index: torch.Tensor, groups: int, cond_rows: slice):
-        self.key = key  # (device, batch, tokens, CFG): what the state was made for
-        device, _, self.num_tokens, _ = key
+    Under context parallelism (`split`) the hooks see this rank's chunk of the tokens: `num_tokens` is its size,
+    `token_index` the steered tokens inside it, and `steered_tokens` counts the steered tokens of the whole sequence
+    (what every rank adds to the counters, so that each holds the single-process totals)."""
+
+    def __init__(self, key: tuple, rows: slice | None, token_index: torch.Tensor, groups: int, cond_rows: slice,
+                 split: TokenSplit = WHOLE, steered_tokens: int | None = None):
+        self.key = key  # (device, batch, tokens, CFG, split): what the state was made for
+        device, _, tokens = key[:3]
+        self.split, self.num_tokens = split, split.local_tokens(tokens)
         self.rows, self.token_index, self.groups, self.cond_rows = rows, token_index, groups, cond_rows
+        self.steered_tokens = token_index.shape[0] if steered_tokens is None else steered_tokens
         self.gate = persistent_tensor((), dtype=torch.bool, device=device)
         self.has_cond = persistent_tensor((), dtype=torch.bool, device=device)
         self.massive_seen = persistent_tensor((), dtype=torch.long, device=device)

@@ -25,7 +25,9 @@ from typing import Callable
 import torch
 
 from stas.backbones import CFG_BRANCHES, Backbone
+from stas.backbones.parallel import token_split
 from stas.core.layout import TokenLayout
+from stas.core.parallel import WHOLE, TokenSplit
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class DenoisingTracker:
         self.step_calls: tuple[tuple[str, ...], ...] = ()  # every call of the current step: its rows' branches
         self.expert = "transformer"
         self.latents: torch.Tensor | None = None  # the call's input while the listeners run (its batch, device)
+        self.split: TokenSplit = WHOLE  # the tokens this rank's blocks see (context parallelism: its chunk)
         # Called once each call is known, no arguments: they prepare the hooks' per-call state, outside any graph.
         self.listeners: list[Callable[[], None]] = []
 
@@ -105,6 +108,7 @@ class DenoisingTracker:
         call = getattr(module, ANNOUNCED, None) or self.counted_call(expert)
         self.step, self.call_in_step, self.step_calls, self.expert = call.step, call.call, call.calls, call.expert
         self.calls += 1
+        self.split = token_split(self.backbone, module)
         latents = kwargs.get("hidden_states", args[0] if args else None)
         self.latents = latents if isinstance(latents, torch.Tensor) else None
         try:
@@ -141,12 +145,18 @@ class DenoisingTracker:
             raise RuntimeError(f"branches {branches} occupy different rows in different calls of a step: {found}")
         return slice(*found.pop()) if found else None
 
+    def local_tokens(self) -> int:
+        """The video tokens a block output of the current call holds: the layout's, or this rank's chunk of them."""
+        return self.split.local_tokens(self.layout.num_tokens)
+
     def check_tokens(self, num_tokens: int) -> None:
         """Fail when a block output's video tokens do not match the layout given to begin()."""
-        if num_tokens != self.layout.num_tokens:
+        if num_tokens != self.local_tokens():
+            split = self.split
+            chunk = f" (rank {split.rank} of {split.world}: {self.local_tokens()})" if split.parallel else ""
             raise RuntimeError(
                 f"block output has {num_tokens} video tokens but the layout {self.layout} has "
-                f"{self.layout.num_tokens}: begin() was given another video size than the pipeline call"
+                f"{self.layout.num_tokens}{chunk}: begin() was given another video size than the pipeline call"
             )
 
     def branches_of_call(self, batch: int) -> list[tuple[str, slice]]:

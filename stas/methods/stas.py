@@ -26,6 +26,7 @@ import torch
 from stas.backbones import CFG_BRANCHES, Backbone
 from stas.core.layout import TokenLayout
 from stas.core.massive import Detection, channel_peaks, load_calibration, massive_threshold, top_massive_channels
+from stas.core.parallel import WHOLE, TokenSplit
 from stas.core.rules import check_rule, reference_magnitude, steered_values
 from stas.core.selection import steered_layers, window_steps
 from stas.errors import ConfigError
@@ -94,12 +95,12 @@ class LayerSteering:
             if gate is not None:
                 massive = massive * gate
             state.massive_seen.add_(massive)
-            state.values_steered.add_(massive * token_index.shape[0])
+            state.values_steered.add_(massive * state.steered_tokens)
         else:
             channels = self.device_channels
             if channels.device != hidden.device:  # eager only: the pre-hook places them for compiled runs
                 channels = self.device_channels = self.channels.to(hidden.device)
-            peaks = channel_peaks(steered[:, :, channels], dim=1)  # reads only the steered channels
+            peaks = state.split.max(channel_peaks(steered[:, :, channels], dim=1))  # reads only the steered channels
             channels = channels.expand(steered.shape[0], -1)
             is_massive = None  # the steered values of fixed channels are counted on the host by the pre-hook
         reference = reference_magnitude(peaks, torch.ones_like(peaks, dtype=torch.bool) if is_massive is None
@@ -116,14 +117,14 @@ class LayerSteering:
     def detect(self, steered: torch.Tensor, state: CallState, detection: Detection):
         """The massive channels of each steered row's detection group: (channels (R, k), is_massive (R, k), their
         peaks (R, k)); per CFG branch, or the cond branch's for every row (shared)."""
-        rows = steered.shape[0]
-        row_peaks = channel_peaks(steered, dim=1)  # (R, D)
+        rows, split = steered.shape[0], state.split
+        row_peaks = split.max(channel_peaks(steered, dim=1))  # (R, D), of the whole sequence under context parallelism
         if self.shared is None:
             groups = state.groups
             source, source_peaks = steered.unflatten(0, (groups, -1)), row_peaks.unflatten(0, (groups, -1)).amax(1)
         else:
             source, source_peaks = steered[state.cond_rows][None], row_peaks[state.cond_rows].amax(0, keepdim=True)
-        threshold = massive_threshold(source, source_peaks, detection)
+        threshold = massive_threshold(source, source_peaks, detection, split)
         channels, is_massive = top_massive_channels(source_peaks, threshold, detection.max_dims)  # (G, k)
         if self.shared is not None:
             stored_channels, stored_massive = self.shared
@@ -232,7 +233,7 @@ class StasSteerer(Method):
         latents = tracker.call_latents()
         batch, device = latents.shape[0], latents.device
         state = self.state
-        if state is None or state.key != (device, batch, tracker.layout.num_tokens, tracker.step_calls):
+        if state is None or state.key != (device, batch, tracker.layout.num_tokens, tracker.step_calls, tracker.split):
             state = self.state = self._new_state(device, batch)
             self._placed = False
         if not self._placed:  # per-block device tensors, before any (compiled) hook reads them
@@ -247,7 +248,7 @@ class StasSteerer(Method):
         if not active:
             return
         branch = self._branch_name(rows, batch)
-        values_per_channel = (rows.stop - rows.start) * state.token_index.shape[0]
+        values_per_channel = (rows.stop - rows.start) * state.steered_tokens
         self.step_experts[tracker.step] = tracker.expert
         channels = self.channels_of(tracker.expert)
         for layer in self.layers_of(tracker.expert):  # every hooked block runs once per transformer call
@@ -281,20 +282,22 @@ class StasSteerer(Method):
             cond = [span for name, span in inside if name == "cond"]
             if cond:
                 cond_rows = slice(cond[0].start - rows.start, cond[0].stop - rows.start)
-        state = CallState((device, batch, tracker.layout.num_tokens, tracker.step_calls), rows,
-                          self.token_index_on(device), groups, cond_rows)
+        split = tracker.split
+        index, steered_tokens = self.token_index_on(device, split)
+        state = CallState((device, batch, tracker.layout.num_tokens, tracker.step_calls, split), rows, index, groups,
+                          cond_rows, split, steered_tokens)
         if self.state is not None:
             state.carry_over(self.state)
         return state
 
-    def token_index_on(self, device) -> torch.Tensor:
-        """The steered tokens' indices for the current layout, on `device` (built once per layout and device)."""
+    def token_index_on(self, device, split: TokenSplit = WHOLE) -> tuple[torch.Tensor, int]:
+        """The steered tokens' indices for the current layout, on `device`, within this rank's chunk under context
+        parallelism, and how many tokens of the whole sequence are steered (built once per layout, device, split)."""
         layout = self.tracker.layout
-        key = (layout, torch.device(device))
+        key = (layout, torch.device(device), split)
         if key not in self._token_index:
-            self._token_index[key] = layout.indices(
-                self.params.targets, self.params.boundary_width, self.params.boundary_unit, device=device
-            )
+            index = layout.indices(self.params.targets, self.params.boundary_width, self.params.boundary_unit)
+            self._token_index[key] = split.localize(index, layout.num_tokens).to(device), index.shape[0]
         return self._token_index[key]
 
     def _branch_name(self, rows: slice, batch: int) -> str:

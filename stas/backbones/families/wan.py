@@ -21,6 +21,9 @@ class Wan21(Backbone):
     latents_frame_axis = 2  # latents are (B, C, F, H, W)
     latent_channels = 16
     takes_experts = True  # WanPipeline's transformer_2 below boundary_ratio (Wan2.2-T2V-A14B)
+    # WanTransformer3DModel._cp_plan (diffusers 0.42.1): blocks.0's hidden_states split on dim 1 (and the RoPE tables,
+    # Wan2.2's per-token timesteps with them), gathered at proj_out; the text is not split.
+    context_parallel_split = "blocks.0"
 
     def experts(self, pipe) -> dict[str, torch.nn.Module]:
         """transformer (high noise) and, when the pipeline has one, transformer_2 (low noise, below boundary_ratio)."""

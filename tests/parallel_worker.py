@@ -1,0 +1,92 @@
+"""One process of tests/test_context_parallel.py: `torchrun --nproc_per_node=2 tests/parallel_worker.py OUT TWIN` runs
+the tiny Wan twin context-parallel (Ulysses over 2 ranks, gloo, CPU); `python tests/parallel_worker.py OUT TWIN` one
+process. For every case it samples one video through stas.generation's path with STAS (when the case steers) and
+the analysis capture attached, and rank 0 (or the one process) saves the frames, the steering record and the
+capture readout to OUT with torch.save.
+
+`--local-max` makes every all-reduce MAX a no-op (each rank keeps its own chunk's maximum): the test's proof that
+the comparison can fail."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ["HF_HUB_OFFLINE"] = "1"
+torch.set_num_threads(1)
+
+SIZE = ["model.steps=4", "model.num_frames=9"]
+# name -> overrides; each case steers (or not) one video of the twin and captures every block and step.
+CASES = {
+    "none": ["steer=none"],
+    "stas": ["steer=stas"],
+    "stas_channel_peak": ["steer=stas", "detect=channel_peak"],
+    "stas_shared": ["steer=stas", "detect.branches=shared"],
+    "stas_fixed_channels": ["steer=stas", "steer.dims=[5,17]"],
+    "per_channel_max": ["steer=per_channel_max"],
+}
+STEERED = [case for case in CASES if case != "none"]
+
+
+def run_case(pipe, backbone, overrides: list[str]) -> dict:
+    from conftest import compose
+    from stas.core.layout import TokenLayout
+    from stas.core.massive import Detection
+    from stas.core.selection import analysis_selection
+    from stas.generation import make_loop, make_steerer, run_items, run_pipeline
+    from stas.ma.capture import MACapture
+
+    cfg = compose(overrides)
+    steerer, loop = make_steerer(cfg, backbone), make_loop(cfg, backbone)
+    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    kwargs = backbone.pipeline_kwargs(cfg.model)
+    selection = analysis_selection(cfg.analysis, backbone.num_layers, cfg.model.steps)
+    capture = MACapture(backbone, selection, Detection.of(cfg.detect), cfg.steer.boundary_width,
+                        cfg.steer.boundary_unit)
+    with steerer.attach(pipe.transformer) if steerer is not None else _nothing():
+        with capture.attach(pipe.transformer):
+            capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
+            frames = run_pipeline(pipe, run_items(cfg)[0], kwargs, steerer, layout, loop).frames[0]
+            readout = capture.read()
+    return {"frames": torch.from_numpy(frames.copy()), "record": None if steerer is None else steerer.record(),
+            "capture": {name: getattr(readout, name) for name in ("peaks", "thresholds", "regions", "tokens")}}
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(out: str, twin: str, local_max: bool) -> None:
+    from conftest import compose
+    from stas.backbones import load_pipeline
+    from stas.config import validate
+
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    base = [f"model={twin}", "logger=none", *SIZE] + (["model.parallel.ulysses_degree=2"] if parallel else [])
+    cfg = compose(base)
+    backbone = validate(cfg)
+    pipe = load_pipeline(cfg.model, backbone)
+    pipe.set_progress_bar_config(disable=True)
+    if local_max:
+        from stas.core.parallel import TokenSplit
+
+        TokenSplit.max = lambda self, tensor: tensor  # each rank's own maximum: what the all-reduce prevents
+    cases = STEERED[:1] if local_max else list(CASES)
+    results = {case: run_case(pipe, backbone, base + CASES[case]) for case in cases}
+    if not parallel or torch.distributed.get_rank() == 0:
+        torch.save(results, out)
+    if parallel:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(args[0], args[1], "--local-max" in args)
