@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stas.backbones import start_ranks
+from stas.backbones.parallel import is_leader
 from stas.cli import hydra_entry
 from stas.config import validate
 from stas.generation import run_items
@@ -30,6 +32,10 @@ def analyze(cfg, run_dir: Path) -> None:
         return
     backbone = validate(cfg)
     run_items(cfg)  # reads the prompts now, so a missing or empty prompt file fails before anything is written
+    start_ranks(cfg.model)
+    if not is_leader():  # model.parallel under torchrun: every rank samples and captures, rank 0 writes
+        analyze_run(cfg, run_dir, backbone, logger=None)
+        return
     check_writable(run_dir)
     with RunLogger(cfg, run_dir, job_type="analyze") as logger:
         result = analyze_run(cfg, run_dir, backbone, logger)

@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from stas.backbones.parallel import is_leader
 from stas.config import ConfigError, check_override, config_groups, register_configs, validate_paths
 from stas.errors import UserError
 from stas.local_jobs import print_pending
@@ -77,8 +78,9 @@ def run_in(run_dir: Path, task: Callable[[], Any]) -> Any:
         finished = True
         return result
     finally:
-        # Silently: the error says what went wrong, and the directory held nothing but what this process made
-        if not finished and guard.remove_if_stub() and made is not None:
+        # Silently: the error says what went wrong, and the directory held nothing but what this process made. A
+        # context-parallel rank other than 0 writes nothing: its own directory goes too (rank 0's is not a stub).
+        if (not finished or not is_leader()) and guard.remove_if_stub() and made is not None:
             remove_empty_parents(run_dir, made)
         guard.close()
 

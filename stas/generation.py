@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stas.backbones import Backbone, available_models, backbone_from_config, get_backbone, load_pipeline
+from stas.backbones.parallel import from_leader, is_leader
 from stas.core.selection import shard_of
 from stas.methods import StasSteerer, steering_calibration
 from stas.core.layout import TokenLayout
@@ -168,7 +169,8 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
     """Generate every missing video of this shard into `run_dir`; complete ones are skipped.
 
     Each video is claimed first (a lock on its temporary file in .partial/), so processes of the same run in one
-    directory (shards, or the same command started twice) never make a video twice."""
+    directory (shards, or the same command started twice) never make a video twice. Context-parallel (model.parallel
+    under torchrun), this is rank 0's part: it tells the other ranks (`follow`) which video it samples next."""
     index, count = shard_of(cfg.shard)
     items = shard_items(run_items(cfg), index, count)
     videos_dir, partial_dir = run_dir / VIDEOS_DIR, run_dir / PARTIAL_DIR
@@ -181,18 +183,15 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
     todo = [item for item in items if item.key not in done]
     steering_record = None
     seconds = []
-    if todo:
-        pipe = load_pipeline(cfg.model, backbone)
-        steerer, loop = make_steerer(cfg, backbone), make_loop(cfg, backbone)
-        layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-        kwargs = sampling_kwargs(cfg, backbone, loop)
-        pipe.set_progress_bar_config(disable=not cfg.progress, leave=False, desc="denoising steps")
+    if from_leader(bool(todo)):
+        pipe, steerer, loop, layout, kwargs = sampler(cfg, backbone)
         with steerer.attach(backbone.experts(pipe)) if steerer is not None else nullcontext():
             for item in tqdm(todo, desc=f"videos (shard {index + 1}/{count})", disable=not cfg.progress):
                 path, partial = videos_dir / item.filename, partial_dir / item.filename
                 with file_lock(partial, wait=False, remove=True) as claim:
                     if claim is None or generation_rows(run_dir, {item.key}):
                         continue  # another process is making it, or made it since we looked
+                    from_leader(item.key)
                     start = time.perf_counter()
                     frames = sample(pipe, item, kwargs, steerer, layout, loop)
                     size = publish_mp4(frames, partial, path, cfg.model.fps)
@@ -207,6 +206,7 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
                     records.append(row)
                 logger.log({"video/seconds": seconds[-1], "video/prompt_index": item.prompt_index})
                 logger.log_video(path, caption=f"{item.prompt} (seed {item.seed})", fps=cfg.model.fps)
+        from_leader(None)
     order = {item.key: n for n, item in enumerate(items)}
     records.compact(order=lambda row: order.get(row["key"], len(order)))
     logger.log_table("generation", list(records.rows.values()))
@@ -215,6 +215,27 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
     remove_empty_dir(partial_dir)  # another process of the run that claims a video later makes it again
     return GenerationSummary(videos_dir, records.path, len(seconds), len(items) - len(todo), len(todo) - len(seconds),
                              sum(seconds) / len(seconds) if seconds else 0.0, steering_record)
+
+
+def sampler(cfg, backbone: Backbone) -> tuple:
+    """(pipe, steerer, loop, layout, pipeline kwargs) of a run's videos."""
+    pipe = load_pipeline(cfg.model, backbone)
+    steerer, loop = make_steerer(cfg, backbone), make_loop(cfg, backbone)
+    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+    pipe.set_progress_bar_config(disable=not cfg.progress or not is_leader(), leave=False, desc="denoising steps")
+    return pipe, steerer, loop, layout, sampling_kwargs(cfg, backbone, loop)
+
+
+def follow(cfg, backbone: Backbone) -> None:
+    """A context-parallel rank other than 0 (model.parallel under torchrun): it samples every video rank 0 samples
+    (`generate` names each one), taking its part in each transformer call, and writes nothing."""
+    if not from_leader(None):
+        return
+    items = {item.key: item for item in run_items(cfg)}
+    pipe, steerer, loop, layout, kwargs = sampler(cfg, backbone)
+    with steerer.attach(backbone.experts(pipe)) if steerer is not None else nullcontext():
+        while (key := from_leader(None)) is not None:
+            sample(pipe, items[key], kwargs, steerer, layout, loop)
 
 
 def video_row(cfg, item: Item, path: Path, frames, seconds: float, size: int) -> dict:

@@ -18,12 +18,14 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
+from stas.backbones import start_ranks
+from stas.backbones.parallel import is_leader
 from stas.cli import hydra_entry
 from stas.config import ConfigError, validate
 from stas.errors import UserError
 from stas.evaluation import evaluate_run
 from stas.evaluation.records import AGGREGATE_FILE, aggregate_value
-from stas.generation import generate, run_items
+from stas.generation import follow, generate, run_items
 from stas.rundir import check_writable, claim_run_dir
 from stas.loggers import RunLogger
 
@@ -32,6 +34,10 @@ def run(cfg, run_dir: Path) -> float | None:
     backbone = validate(cfg)
     check_search(cfg)
     items = run_items(cfg)  # reads the prompts now: a missing or empty prompt file fails before anything is written
+    start_ranks(cfg.model)
+    if not is_leader():  # model.parallel under torchrun: rank 0 writes the run, the others sample with it
+        follow(cfg, backbone)
+        return None
     check_writable(run_dir)
     claim_run_dir(run_dir, cfg, [item.manifest_row() for item in items])
     with RunLogger(cfg, run_dir, job_type="generate") as logger:

@@ -5,7 +5,8 @@ the analysis capture attached, and rank 0 (or the one process) saves the frames,
 capture readout to OUT with torch.save.
 
 `--local-max` makes every all-reduce MAX a no-op (each rank keeps its own chunk's maximum): the test's proof that
-the comparison can fail."""
+the comparison can fail. `--compile=regional` compiles the blocks and runs the `stas` case twice (the first call
+compiles), saving dynamo's counts after each under "counts"."""
 
 from __future__ import annotations
 
@@ -64,13 +65,14 @@ class _nothing:
         return False
 
 
-def main(out: str, twin: str, local_max: bool) -> None:
+def main(out: str, twin: str, local_max: bool, compile_mode: str) -> None:
     from conftest import compose
-    from stas.backbones import load_pipeline
+    from stas.backbones import compile_counts, load_pipeline
     from stas.config import validate
 
     parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    base = [f"model={twin}", "logger=none", *SIZE] + (["model.parallel.ulysses_degree=2"] if parallel else [])
+    base = [f"model={twin}", "logger=none", *SIZE, f"model.compile={compile_mode}"]
+    base += ["model.parallel.ulysses_degree=2"] if parallel else []
     cfg = compose(base)
     backbone = validate(cfg)
     pipe = load_pipeline(cfg.model, backbone)
@@ -79,8 +81,14 @@ def main(out: str, twin: str, local_max: bool) -> None:
         from stas.core.parallel import TokenSplit
 
         TokenSplit.max = lambda self, tensor: tensor  # each rank's own maximum: what the all-reduce prevents
-    cases = STEERED[:1] if local_max else list(CASES)
+    cases = STEERED[:1] if local_max or compile_mode != "none" else list(CASES)
+    counts = []
+    if compile_mode != "none":  # the warm-up call compiles
+        run_case(pipe, backbone, base + CASES["stas"])
+        counts.append(compile_counts())
     results = {case: run_case(pipe, backbone, base + CASES[case]) for case in cases}
+    if counts:
+        results["counts"] = [*counts, compile_counts()]
     if not parallel or torch.distributed.get_rank() == 0:
         torch.save(results, out)
     if parallel:
@@ -89,4 +97,5 @@ def main(out: str, twin: str, local_max: bool) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(args[0], args[1], "--local-max" in args)
+    modes = [arg.split("=", 1)[1] for arg in args if arg.startswith("--compile=")]
+    main(args[0], args[1], "--local-max" in args, modes[0] if modes else "none")

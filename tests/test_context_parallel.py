@@ -86,6 +86,50 @@ def test_a_local_maximum_changes_the_frames(tmp_path, tmp_path_factory):
     assert not torch.equal(local["stas"]["frames"], single["stas"]["frames"])
 
 
+@pytest.mark.slow
+def test_two_ranks_compiled_recompile_nothing_after_the_warm_up(tmp_path, tmp_path_factory):
+    """model.compile=regional under context parallelism: the second whole call compiles nothing more, breaks no more
+    graphs, and gives eager one-process frames within float tolerance (inductor reorders float sums) and its record."""
+    single = single_process("tiny_wan21", tmp_path_factory)["stas"]
+    compiled = run_worker(tmp_path / "compiled.pt", "tiny_wan21", 2, "--compile=regional")
+    warm, after = compiled["counts"]
+    assert warm == after and warm["graphs"] > 0
+    torch.testing.assert_close(compiled["stas"]["frames"], single["frames"], atol=5e-4, rtol=0)
+    assert compiled["stas"]["record"] == single["record"]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(path.parent for path in root.rglob("generation.jsonl"))
+
+
+@pytest.mark.slow
+def test_torchrun_stas_run_writes_one_run_with_one_process_videos(tmp_path):
+    """The documented launch: `torchrun --nproc_per_node=2 -m stas.run ... model.parallel.ulysses_degree=2`. Rank 0
+    writes the run (rank 1 leaves no directory), and its videos are one process's, byte for byte."""
+    import json
+
+    args = ["model.steps=4", "model.num_frames=9", "prompts.limit=2", "logger=none", "eval=none", "progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for root, launcher, extra in (
+        (tmp_path / "split", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+         ["model.parallel.ulysses_degree=2"]),
+        (tmp_path / "single", [sys.executable], []),
+    ):
+        root.mkdir()
+        done = subprocess.run([*launcher, "-m", "stas.run", *args, *extra], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+    (split,), (single,) = run_dirs(tmp_path / "split"), run_dirs(tmp_path / "single")
+    assert [path.name for path in (tmp_path / "split").rglob("*") if path.is_dir() and path.parent.name == "stas"] \
+        == [split.name]  # one run directory: rank 1's own (if its clock gave another name) is gone
+
+    def videos(run: Path) -> dict:
+        rows = [json.loads(line) for line in (run / "generation.jsonl").read_text().splitlines()]
+        return {row["key"]: ((run / row["path"]).read_bytes(), row["steering"]) for row in rows}
+
+    assert videos(split) == videos(single) and len(videos(single)) == 2
+
+
 # ------------------------------------------------------------------------------------------- refusals, in-process
 
 

@@ -9,7 +9,7 @@ import torch
 from stas.backbones.base import DTYPES, Backbone, BackboneError
 from stas.backbones.compile import compile_transformer
 from stas.backbones.memory import place_pipeline
-from stas.backbones.parallel import enable_context_parallel, parallel_size, rank_device
+from stas.backbones.parallel import enable_context_parallel, init_distributed, parallel_size, rank_device
 from stas.backbones.tiny import build_tiny_pipeline
 from stas.hub import hub_reachable
 
@@ -19,6 +19,12 @@ def resolve_device(device: str, field: str = "model.device") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackboneError(f"{field}={device!r} but CUDA is not available here; use {field}=cpu or auto")
     return torch.device(device)
+
+
+def start_ranks(model_cfg) -> None:
+    """With model.parallel: join the torchrun launch's process group, before the ranks first talk to each other."""
+    if parallel_size(getattr(model_cfg, "parallel", None)) > 1:
+        init_distributed(resolve_device(model_cfg.device))
 
 
 def load_pipeline(model_cfg, backbone: Backbone):

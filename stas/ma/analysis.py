@@ -17,6 +17,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from stas.backbones import Backbone, load_pipeline
+from stas.backbones.parallel import is_leader
 from stas.core.massive import Detection
 from stas.ma.capture import REGION_NAMES, STATS, MACapture
 from stas.core.selection import analysis_selection
@@ -136,6 +137,8 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
         "variants": {name: acc.tensors() for name, acc in accumulated.items()},
     }
     summary = summarise(stats, cfg.analysis.min_frequency, cfg.analysis.weak, cfg.analysis.non_ma)
+    if not is_leader():  # model.parallel under torchrun: every rank holds the same statistics, rank 0 writes them
+        return AnalysisResult(run_dir, summary, [], capture.buffer_bytes())
     plots = write_outputs(run_dir, stats, summary, list(cfg.analysis.plots))
     log_analysis(logger, summary, plots)
     return AnalysisResult(run_dir, summary, plots, capture.buffer_bytes())
