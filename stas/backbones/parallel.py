@@ -20,6 +20,7 @@ What diffusers itself allows, read from its code and tried here (CPU, gloo):
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 from unittest import mock
@@ -27,7 +28,9 @@ from unittest import mock
 import torch
 
 from stas.backbones.base import Backbone, BackboneError
+from stas.core.layout import TokenLayout
 from stas.core.parallel import WHOLE, TokenSplit
+from stas.errors import ConfigError
 
 RING_BACKEND = "_native_cudnn"  # the attention backend ring attention gets when model.parallel names none
 LSE_DTYPES = (torch.bfloat16, torch.float16)
@@ -46,8 +49,19 @@ def parallel_size(parallel) -> int:
     return ring * ulysses
 
 
-def parallel_problems(parallel, backbone: Backbone, num_tokens: int, dtype: str, device: str) -> list[str]:
-    """Why model.parallel cannot run this model at this video size (empty when it can), before anything loads."""
+def check_parallel(model_cfg, backbone: Backbone, detect_rule: str) -> None:
+    """Refuse (ConfigError, at start-up) a model.parallel that cannot run this model, video size or detection."""
+    problems = parallel_problems(model_cfg, backbone)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if parallel_size(model_cfg.parallel) > 1 and detect_rule == "sun":
+        raise ConfigError("detect.rule=sun cannot run with model.parallel: its scale is the median of every value of "
+                          "the hidden state, which no rank holds whole; use detect=mean_abs or detect=channel_peak")
+
+
+def parallel_problems(model_cfg, backbone: Backbone) -> list[str]:
+    """Why model.parallel cannot run this model at its video size (empty when it can), before anything loads."""
+    parallel, dtype, device = model_cfg.parallel, model_cfg.dtype, model_cfg.device
     ring, ulysses = parallel_degrees(parallel)
     if ring < 1 or ulysses < 1:
         return [f"model.parallel.ring_degree={ring} and ulysses_degree={ulysses} must be >= 1"]
@@ -59,6 +73,7 @@ def parallel_problems(parallel, backbone: Backbone, num_tokens: int, dtype: str,
                 f"({backbone.transformer_class}) has no context-parallel plan in diffusers that stas supports; "
                 "context parallelism runs the Wan family (model.parallel.ring_degree=1 ulysses_degree=1 here)"]
     problems = []
+    num_tokens = TokenLayout.for_video(backbone, model_cfg.height, model_cfg.width, model_cfg.num_frames).num_tokens
     if num_tokens % size:
         problems.append(f"model.parallel splits the {num_tokens} video tokens of a {backbone.name} video of this "
                         f"size into {size} equal chunks (ring_degree x ulysses_degree): choose a height, width or "
@@ -85,6 +100,7 @@ def init_distributed(device: torch.device) -> None:
         raise BackboneError("model.parallel runs one process per rank: launch with torchrun, e.g. "
                             "torchrun --nproc_per_node=2 -m stas.run model=wan21_1.3b model.parallel.ulysses_degree=2")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
 
 
 def rank_device(device: torch.device) -> torch.device:

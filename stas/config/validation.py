@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
                             backbone_from_config)
-from stas.backbones.parallel import parallel_problems, parallel_size
+from stas.backbones.parallel import check_parallel
 from stas.config.model_checks import check_experts, check_plant
 from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
                                SEARCH_DIRECTIONS, StasConfig)
@@ -133,10 +133,6 @@ def validate_model(model) -> Backbone:
     if problems:
         raise ConfigError("model." + "; model.".join(problems))
     check_experts(model, backbone)
-    tokens = TokenLayout.for_video(backbone, model.height, model.width, model.num_frames).num_tokens
-    problems = parallel_problems(model.parallel, backbone, tokens, model.dtype, model.device)
-    if problems:
-        raise ConfigError("; ".join(problems))
     if model.tiny is not None:
         tiny = model.tiny
         if (model.num_layers, model.hidden_dim) != (tiny.num_layers, tiny.num_heads * tiny.head_dim):
@@ -382,9 +378,7 @@ def validate(cfg) -> Backbone:
     backbone = validate_model(cfg.model)
     validate_steer(cfg.steer, cfg.model, backbone)
     validate_detect(cfg.detect, cfg.steer)
-    if parallel_size(cfg.model.parallel) > 1 and cfg.detect.rule == "sun":
-        raise ConfigError("detect.rule=sun cannot run with model.parallel: its scale is the median of every value of "
-                          "the hidden state, which no rank holds whole; use detect=mean_abs or detect=channel_peak")
+    check_parallel(cfg.model, backbone, cfg.detect.rule)
     validate_guidance(cfg.guidance, cfg.model)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)
