@@ -29,6 +29,8 @@ CASES = {
     "stas_shared": ["steer=stas", "detect.branches=shared"],
     "stas_fixed_channels": ["steer=stas", "steer.dims=[5,17]"],
     "per_channel_max": ["steer=per_channel_max"],
+    "stas_slg": ["steer=stas", "guidance=slg"],  # a third, perturbed pass per step (diffusers' layer-skip hooks)
+    "stas_pag": ["steer=stas", "guidance=pag"],
 }
 STEERED = [case for case in CASES if case != "none"]
 

@@ -143,6 +143,10 @@ def test_torchrun_stas_run_writes_one_run_with_one_process_videos(tmp_path):
      r"ring_degree=2 with model.dtype=float32"),
     (["model=tiny_wan21", "model.parallel.ulysses_degree=2", "detect=sun"], r"detect.rule=sun cannot run with"),
     (["model=tiny_wan21", "model.parallel.ulysses_degree=0"], r"must be >= 1"),
+    (["model=tiny_wan21", "model.parallel.ulysses_degree=2", "model.parallel.attention_backend=fast"],
+     r"attention_backend='fast' is not a diffusers attention backend; allowed: flash, "),
+    (["model=tiny_wan21", "model.parallel.ulysses_degree=2", "guidance=enhance_a_video"],
+     r"guidance=enhance_a_video cannot run with model.parallel: its temporal attention map"),
 ])
 def test_parallel_options_that_cannot_run_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -49,14 +49,20 @@ def parallel_size(parallel) -> int:
     return ring * ulysses
 
 
-def check_parallel(model_cfg, backbone: Backbone, detect_rule: str) -> None:
-    """Refuse (ConfigError, at start-up) a model.parallel that cannot run this model, video size or detection."""
+def check_parallel(model_cfg, backbone: Backbone, detect_rule: str, guidance: str, change=None) -> None:
+    """Refuse (ConfigError, at start-up) a model.parallel that cannot run this model, video size, detection or
+    guidance (`change`: the stas.methods.Method class the guidance applies to the transformer, if any)."""
     problems = parallel_problems(model_cfg, backbone)
     if problems:
         raise ConfigError("; ".join(problems))
-    if parallel_size(model_cfg.parallel) > 1 and detect_rule == "sun":
+    if parallel_size(model_cfg.parallel) == 1:
+        return
+    if detect_rule == "sun":
         raise ConfigError("detect.rule=sun cannot run with model.parallel: its scale is the median of every value of "
                           "the hidden state, which no rank holds whole; use detect=mean_abs or detect=channel_peak")
+    reason = getattr(change, "not_context_parallel", None)
+    if reason:
+        raise ConfigError(f"guidance={guidance} cannot run with model.parallel: {reason}")
 
 
 def parallel_problems(model_cfg, backbone: Backbone) -> list[str]:
@@ -73,6 +79,13 @@ def parallel_problems(model_cfg, backbone: Backbone) -> list[str]:
                 f"({backbone.transformer_class}) has no context-parallel plan in diffusers that stas supports; "
                 "context parallelism runs the Wan family (model.parallel.ring_degree=1 ulysses_degree=1 here)"]
     problems = []
+    if parallel.attention_backend:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        names = [backend.value for backend in AttentionBackendName]
+        if parallel.attention_backend not in names:
+            problems.append(f"model.parallel.attention_backend={parallel.attention_backend!r} is not a diffusers "
+                            f"attention backend; allowed: {', '.join(names)}")
     num_tokens = TokenLayout.for_video(backbone, model_cfg.height, model_cfg.width, model_cfg.num_frames).num_tokens
     if num_tokens % size:
         problems.append(f"model.parallel splits the {num_tokens} video tokens of a {backbone.name} video of this "
@@ -80,9 +93,10 @@ def parallel_problems(model_cfg, backbone: Backbone) -> list[str]:
                         f"num_frames whose token count is a multiple of {size}")
     if ring > 1:
         if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-            problems.append(f"model.parallel.ring_degree={ring} needs CUDA: diffusers' ring attention needs an attention "
-                            "backend that returns the log-sum-exp, and all of them are CUDA-only (its native SDPA "
-                            "backend, the one that runs on CPU, does not); use model.parallel.ulysses_degree on CPU")
+            problems.append(f"model.parallel.ring_degree={ring} needs CUDA: diffusers' ring attention needs an "
+                            "attention backend that returns the log-sum-exp, and all of them are CUDA-only (its native "
+                            "SDPA backend, the one that runs on CPU, does not); use model.parallel.ulysses_degree "
+                            "on CPU")
         if not parallel.attention_backend and dtype not in ("bfloat16", "float16"):
             problems.append(f"model.parallel.ring_degree={ring} with model.dtype={dtype}: ring attention's default "
                             f"backend {RING_BACKEND} takes bfloat16 or float16; use model.dtype=bfloat16 or name a "

@@ -59,7 +59,7 @@ class ParallelConfig:
 
     ulysses_degree: int = 1  # ranks of Ulysses attention (must divide the attention heads); 1: none
     ring_degree: int = 1  # ranks of ring attention (CUDA only, bf16/fp16 by default); 1: none
-    attention_backend: Optional[str] = None  # diffusers' attention backend; null: native, _native_cudnn with ring
+    attention_backend: Optional[str] = None  # diffusers' attention backend under CP; null: native (ring: _native_cudnn)
 
 
 @dataclass

@@ -34,6 +34,9 @@ class Method(ABC):
     """A training-free method applied through hooks during sampling (see the module docstring)."""
 
     method_name: ClassVar[str]
+    # Why the method cannot run context-parallel (model.parallel: each rank's blocks see a chunk of the tokens);
+    # None: it can.
+    not_context_parallel: ClassVar[str | None] = None
 
     @abstractmethod
     def attach(self, transformer: torch.nn.Module) -> AbstractContextManager:

@@ -64,6 +64,9 @@ class _CatchAttention(torch.overrides.TorchFunctionMode):
 class EnhanceAVideo(Method):
     """Enhance-A-Video on a transformer's self-attentions, at the steps of [start, stop) x steps."""
 
+    not_context_parallel = ("its temporal attention map is computed where attention runs, which context parallelism "
+                            "splits by heads (Ulysses) or by keys (ring): each rank would compute another factor")
+
     def __init__(self, backbone: Backbone, weight: float = 4.0, start: float = 0.0, stop: float = 1.0):
         self.backbone, self.weight, self.start, self.stop = backbone, weight, start, stop
         self.num_steps = 0
