@@ -1,8 +1,8 @@
 """One process of tests/test_context_parallel.py: `torchrun --nproc_per_node=2 tests/parallel_worker.py OUT TWIN` runs
 the tiny Wan twin context-parallel (Ulysses over 2 ranks, gloo, CPU); `python tests/parallel_worker.py OUT TWIN` one
 process. For every case it samples one video through stas.generation's path with STAS (when the case steers) and
-the analysis capture attached, and rank 0 (or the one process) saves the frames, the steering record and the
-capture readout to OUT with torch.save.
+the analysis capture attached, then one with stas.apply_stas through the pipeline's own `pipe(...)`, and rank 0 (or
+the one process) saves the frames, the steering record and the capture readout to OUT with torch.save.
 
 `--local-max` makes every all-reduce MAX a no-op (each rank keeps its own chunk's maximum): the test's proof that
 the comparison can fail. `--compile=regional` compiles the blocks and runs the `stas` case twice (the first call
@@ -59,6 +59,21 @@ def run_case(pipe, backbone, overrides: list[str]) -> dict:
             "capture": {name: getattr(readout, name) for name in ("peaks", "thresholds", "regions", "tokens")}}
 
 
+def run_apply(pipe, backbone, overrides: list[str]) -> dict:
+    """stas.apply_stas on the pipeline, called as a user calls it (`pipe(...)`, diffusers' own loop)."""
+    from conftest import compose
+    from stas import apply_stas
+    from stas.generation import run_items
+
+    cfg = compose(overrides)
+    item = run_items(cfg)[0]
+    with apply_stas(pipe) as steering, torch.inference_mode():
+        frames = pipe(item.prompt, generator=torch.Generator().manual_seed(item.seed),
+                      **backbone.pipeline_kwargs(cfg.model)).frames[0]
+        record = steering.record()
+    return {"frames": torch.from_numpy(frames.copy()), "record": record, "capture": {}}
+
+
 class _nothing:
     def __enter__(self):
         return None
@@ -89,6 +104,8 @@ def main(out: str, twin: str, local_max: bool, compile_mode: str) -> None:
         run_case(pipe, backbone, base + CASES["stas"])
         counts.append(compile_counts())
     results = {case: run_case(pipe, backbone, base + CASES[case]) for case in cases}
+    if not local_max and compile_mode == "none":
+        results["apply_stas"] = run_apply(pipe, backbone, base)
     if counts:
         results["counts"] = [*counts, compile_counts()]
     if not parallel or torch.distributed.get_rank() == 0:

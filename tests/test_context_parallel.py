@@ -1,5 +1,6 @@
 """Context parallelism (model.parallel): the tiny Wan twins split over 2 ranks (torchrun, gloo, CPU, Ulysses attention)
-give one process's frames, steering record and capture readout, bit for bit; one exception: the mean_abs detection
+give one process's frames, steering record and capture readout, bit for bit, through stas.generation's path and
+through stas.apply_stas on the pipeline's own `pipe(...)`; one exception: the mean_abs detection
 threshold is a float sum over the tokens, summed per rank and then across ranks, so it can differ from one process's
 in the last bits (a relative 2e-7 here): it is compared within 1e-6 (with detect=channel_peak, exactly). The
 thresholds only decide which channels count as massive; the channels found, the frames and the records are equal.
@@ -143,6 +144,8 @@ def test_torchrun_stas_run_writes_one_run_with_one_process_videos(tmp_path):
      r"ring_degree=2 with model.dtype=float32"),
     (["model=tiny_wan21", "model.parallel.ulysses_degree=2", "detect=sun"], r"detect.rule=sun cannot run with"),
     (["model=tiny_wan21", "model.parallel.ulysses_degree=0"], r"must be >= 1"),
+    (["model=tiny_wan21", "model.parallel.ulysses_degree=2", "model.device=cuda:1"],
+     r"model.device=cuda:1 with model.parallel: each rank runs on cuda:<LOCAL_RANK>"),
     (["model=tiny_wan21", "model.parallel.ulysses_degree=2", "model.parallel.attention_backend=fast"],
      r"attention_backend='fast' is not a diffusers attention backend; allowed: flash, "),
     (["model=tiny_wan21", "model.parallel.ulysses_degree=2", "guidance=enhance_a_video"],

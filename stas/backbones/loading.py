@@ -22,9 +22,10 @@ def resolve_device(device: str, field: str = "model.device") -> torch.device:
 
 
 def start_ranks(model_cfg) -> None:
-    """With model.parallel: join the torchrun launch's process group, before the ranks first talk to each other."""
+    """With model.parallel: join the torchrun launch's process group, on this rank's device (NCCL's collectives run
+    on the current CUDA device), before the ranks first talk to each other."""
     if parallel_size(getattr(model_cfg, "parallel", None)) > 1:
-        init_distributed(resolve_device(model_cfg.device))
+        init_distributed(rank_device(resolve_device(model_cfg.device)))
 
 
 def load_pipeline(model_cfg, backbone: Backbone):

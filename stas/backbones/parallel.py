@@ -79,6 +79,9 @@ def parallel_problems(model_cfg, backbone: Backbone) -> list[str]:
                 f"({backbone.transformer_class}) has no context-parallel plan in diffusers that stas supports; "
                 "context parallelism runs the Wan family (model.parallel.ring_degree=1 ulysses_degree=1 here)"]
     problems = []
+    if str(device).startswith("cuda:"):
+        problems.append(f"model.device={device} with model.parallel: each rank runs on cuda:<LOCAL_RANK>, the GPU "
+                        "torchrun gives it; use model.device=cuda or auto")
     if parallel.attention_backend:
         from diffusers.models.attention_dispatch import AttentionBackendName
 
