@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def run_case(pipe, backbone, overrides: list[str]) -> dict:
     selection = analysis_selection(cfg.analysis, backbone.num_layers, cfg.model.steps)
     capture = MACapture(backbone, selection, Detection.of(cfg.detect), cfg.steer.boundary_width,
                         cfg.steer.boundary_unit)
-    with steerer.attach(pipe.transformer) if steerer is not None else _nothing():
+    with steerer.attach(pipe.transformer) if steerer is not None else nullcontext():
         with capture.attach(pipe.transformer):
             capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
             frames = run_pipeline(pipe, run_items(cfg)[0], kwargs, steerer, layout, loop).frames[0]
@@ -72,14 +73,6 @@ def run_apply(pipe, backbone, overrides: list[str]) -> dict:
                       **backbone.pipeline_kwargs(cfg.model)).frames[0]
         record = steering.record()
     return {"frames": torch.from_numpy(frames.copy()), "record": record, "capture": {}}
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(out: str, twin: str, local_max: bool, compile_mode: str) -> None:

@@ -10,7 +10,8 @@ own chunk's peak): the frames differ, so the comparison can fail. Ring attention
 attention needs an attention backend returning the log-sum-exp, and all of those are CUDA-only (see
 stas.backbones.parallel); model.parallel.ring_degree refuses a CPU device.
 
-Each case starts its processes afresh (diffusers' parallel state cannot be undone in a process).
+Each case starts its processes afresh (diffusers' parallel state cannot be undone in a process): the cases that run
+processes are in the full suite only (slow); the quick tier checks the refusals and the token split.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def assert_same(single: dict, split: dict) -> None:
             assert torch.equal(value.nan_to_num(-1.0), other.nan_to_num(-1.0)), name
 
 
-@pytest.mark.parametrize("twin", ["tiny_wan21", pytest.param("tiny_wan22", marks=pytest.mark.slow)])
+@pytest.mark.slow  # each case starts torchrun and a one-process run: minutes on 2 busy cores
+@pytest.mark.parametrize("twin", ["tiny_wan21", "tiny_wan22"])
 def test_two_ranks_give_one_process_outputs(twin, tmp_path, tmp_path_factory):
     single = single_process(twin, tmp_path_factory)
     split = run_worker(tmp_path / "split.pt", twin, 2)
@@ -80,6 +82,7 @@ def test_two_ranks_give_one_process_outputs(twin, tmp_path, tmp_path_factory):
                        split["stas_channel_peak"]["capture"]["thresholds"])
 
 
+@pytest.mark.slow
 def test_a_local_maximum_changes_the_frames(tmp_path, tmp_path_factory):
     single = single_process("tiny_wan21", tmp_path_factory)
     local = run_worker(tmp_path / "local.pt", "tiny_wan21", 2, "--local-max")

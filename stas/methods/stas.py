@@ -10,7 +10,9 @@ Usage (what stas.generation does for each video):
 After the `with` block the hooks are gone and the transformer computes exactly what it computed before.
 The rule itself is pure tensor math in stas.core.rules; this module decides where and when it runs. Under
 torch.compile the per-call decisions reach the traced hooks as device tensors (`CallState`), and the config as plain
-values (`SteerParams`): see stas.methods.hooks.
+values (`SteerParams`): see stas.methods.hooks. Context-parallel (model.parallel), each rank's hooks steer the
+first-frame and boundary tokens of the whole grid that lie in its chunk, with the whole sequence's channel peaks (one
+all-reduce MAX per steered block call; stas.core.parallel), so that every rank steers what one process steers.
 """
 
 from __future__ import annotations
