@@ -51,8 +51,8 @@ def run_case(pipe, backbone, overrides: list[str]) -> dict:
     selection = analysis_selection(cfg.analysis, backbone.num_layers, cfg.model.steps)
     capture = MACapture(backbone, selection, Detection.of(cfg.detect), cfg.steer.boundary_width,
                         cfg.steer.boundary_unit)
-    with steerer.attach(pipe.transformer) if steerer is not None else nullcontext():
-        with capture.attach(pipe.transformer):
+    with steerer.attach(backbone.experts(pipe)) if steerer is not None else nullcontext():
+        with capture.attach(backbone.experts(pipe)):
             capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
             frames = run_pipeline(pipe, run_items(cfg)[0], kwargs, steerer, layout, loop).frames[0]
             readout = capture.read()

@@ -68,7 +68,7 @@ def assert_same(single: dict, split: dict) -> None:
 
 
 @pytest.mark.slow  # each case starts torchrun and a one-process run: minutes on 2 busy cores
-@pytest.mark.parametrize("twin", ["tiny_wan21", "tiny_wan22"])
+@pytest.mark.parametrize("twin", ["tiny_wan21", "tiny_wan22", "tiny_wan22_a14b"])  # a14b: two experts, both split
 def test_two_ranks_give_one_process_outputs(twin, tmp_path, tmp_path_factory):
     single = single_process(twin, tmp_path_factory)
     split = run_worker(tmp_path / "split.pt", twin, 2)

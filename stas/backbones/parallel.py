@@ -117,7 +117,7 @@ def init_distributed(device: torch.device) -> None:
         raise BackboneError("model.parallel runs one process per rank: launch with torchrun, e.g. "
                             "torchrun --nproc_per_node=2 -m stas.run model=wan21_1.3b model.parallel.ulysses_degree=2")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)
+    atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -130,8 +130,8 @@ def rank_device(device: torch.device) -> torch.device:
 
 
 def enable_context_parallel(pipe, backbone: Backbone, parallel, device: torch.device) -> None:
-    """diffusers' context parallelism on every transformer of `pipe` (transformer, and transformer_2 of Wan2.2-A14B),
-    over one (ring x ulysses) mesh of all ranks; nothing when model.parallel asks for one rank."""
+    """diffusers' context parallelism on every expert transformer of `pipe` (transformer, and transformer_2 of
+    Wan2.2-A14B), over one (ring x ulysses) mesh of all ranks; nothing when model.parallel asks for one rank."""
     ring, ulysses = parallel_degrees(parallel)
     if ring * ulysses == 1:
         return
@@ -145,9 +145,7 @@ def enable_context_parallel(pipe, backbone: Backbone, parallel, device: torch.de
                             f"torchrun started {dist.get_world_size()}: use torchrun --nproc_per_node={ring * ulysses}")
     mesh = init_device_mesh(device.type, (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
     backend = parallel.attention_backend or (RING_BACKEND if ring > 1 else None)
-    for transformer in (getattr(pipe, name, None) for name in ("transformer", "transformer_2")):
-        if transformer is None:
-            continue
+    for transformer in backbone.experts(pipe).values():
         _check_plan(transformer, backbone, ulysses)
         if backend:
             transformer.set_attention_backend(backend)
