@@ -44,17 +44,19 @@ def cli():
     return run_cli
 
 
-@pytest.fixture(scope="session")
-def tiny_pipelines():
-    """Built once per session: {model name: (cfg, backbone, pipe)} for the three tiny families."""
+def build_twin(name: str) -> tuple:
+    """(cfg, backbone, pipe) of a tiny twin, its progress bar off."""
     from stas.backbones import load_pipeline
     from stas.config import validate
 
-    built = {}
-    for name in ("tiny_wan21", "tiny_wan22", "tiny_cogvideox"):
-        cfg = compose([f"model={name}", "logger=none"])
-        backbone = validate(cfg)
-        pipe = load_pipeline(cfg.model, backbone)
-        pipe.set_progress_bar_config(disable=True)
-        built[name] = (cfg, backbone, pipe)
-    return built
+    cfg = compose([f"model={name}", "logger=none"])
+    backbone = validate(cfg)
+    pipe = load_pipeline(cfg.model, backbone)
+    pipe.set_progress_bar_config(disable=True)
+    return cfg, backbone, pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines():
+    """Built once per session: {model name: (cfg, backbone, pipe)} for the three tiny families."""
+    return {name: build_twin(name) for name in ("tiny_wan21", "tiny_wan22", "tiny_cogvideox")}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from stas.backbones import backbone_of_pipeline, get_backbone, load_pipeline
+from stas.backbones import backbone_of_pipeline, get_backbone
 from stas.config import ConfigError, load_group_option, validate
 from stas.core.layout import TokenLayout
 from stas.generation import make_loop, make_steerer, run_pipeline
@@ -18,7 +18,7 @@ from stas.loggers import RunLogger
 from stas.ma.analysis import analyze
 from stas.prompts import Item
 
-from conftest import compose
+from conftest import build_twin, compose
 
 TWIN = "tiny_cogvideox15"
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 3)
@@ -98,11 +98,7 @@ def test_bad_sizes_get_a_clear_error(overrides, message):
 
 @pytest.fixture(scope="module")
 def twin():
-    cfg = compose([f"model={TWIN}", "logger=none"])
-    backbone = validate(cfg)
-    pipe = load_pipeline(cfg.model, backbone)
-    pipe.set_progress_bar_config(disable=True)
-    return backbone, pipe
+    return build_twin(TWIN)[1:]
 
 
 def test_the_twin_is_recognised_as_cogvideox15_and_its_pipeline_pads(twin):

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from stas.backbones import load_pipeline
 from stas.config import ConfigError, validate
 from stas.core.layout import TokenLayout
 from stas.core.massive import load_calibration
@@ -19,7 +18,7 @@ from stas.ma.analysis import DIMS_FILE, analyze
 from stas.methods.hooks import DenoisingTracker
 from stas.prompts import Item
 
-from conftest import compose
+from conftest import build_twin, compose
 
 TWIN = "tiny_wan22_a14b"
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 3)
@@ -29,11 +28,7 @@ SWITCH = 3  # the first step on transformer_2
 
 @pytest.fixture(scope="module")
 def twin():
-    cfg = compose([f"model={TWIN}", "logger=none"])
-    backbone = validate(cfg)
-    pipe = load_pipeline(cfg.model, backbone)
-    pipe.set_progress_bar_config(disable=True)
-    return backbone, pipe
+    return build_twin(TWIN)[1:]
 
 
 def sample(backbone, pipe, cfg, steerer, loop):
