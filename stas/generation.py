@@ -199,8 +199,8 @@ def generate(cfg, run_dir: Path, backbone: Backbone, logger) -> GenerationSummar
                     row = video_row(cfg, item, path.relative_to(run_dir), frames, seconds[-1], size)
                     # the cost to compare methods at: network function evaluations, and the steps they took
                     row["nfe"], row["steps"] = loop.nfe, kwargs["num_inference_steps"]
-                    if loop.record() is not None:
-                        row["guidance_record"] = loop.record()
+                    if (guidance_record := loop.record()) is not None:
+                        row["guidance_record"] = guidance_record
                     if steerer is not None:
                         row["steering"] = steering_record = steerer.record()
                     records.append(row)

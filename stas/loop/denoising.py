@@ -99,7 +99,8 @@ def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
     run = backbone.denoising_run(pipe, args)
     decide_cfg(guider, run.do_cfg)
     if skipped_layers(guider):  # the guider hooks blocks for its perturbed pass (diffusers' layer-skip hooks)
-        backbone.register_layer_skip(pipe.transformer)
+        for expert in backbone.experts(pipe).values():
+            backbone.register_layer_skip(expert)
     nfe = 0
     with pipe.progress_bar(total=run.num_steps) as progress:
         for step, t in enumerate(run.timesteps):
