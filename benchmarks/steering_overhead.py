@@ -5,6 +5,7 @@
     python benchmarks/steering_overhead.py --device cuda --model wan21_1.3b    # full Wan2.1-1.3B config, bf16
     python benchmarks/steering_overhead.py --device cuda --model cogvideox5b   # full CogVideoX-5B config, bf16
     python benchmarks/steering_overhead.py --compile regional   # compiled vanilla vs compiled STAS (also: full)
+    python benchmarks/steering_overhead.py --compile hook       # eager transformers, STAS's hook compiled alone
 
 What runs: a random-init diffusers transformer of the chosen config with planted massive activations
 (stas.backbones.tiny.plant_massive_activations, so that auto-detection finds real channels), driven by the denoising loop of
@@ -24,7 +25,9 @@ the steering hook (or anywhere in the steered step) raises instead of passing si
 both sides are compiled: vanilla CFG and CFG + STAS each run once untimed first (every graph compiles then), and
 the report gives torch.compile's graphs, recompiles and graph breaks of that warm-up and of the timed rounds
 after it (which should add none). Hook vs block then times the block's forward and the hook each compiled, as
-regional compilation runs them (full compilation traces both into one graph).
+regional compilation runs them (full compilation traces both into one graph). --compile hook leaves the transformer
+eager and compiles only the steering hook (steer.compile_hook=true): hook vs block then times the eager block and
+the compiled hook.
 
 The last line printed is `overhead_ratio=<median steered / median vanilla, in-window step>`.
 """
@@ -68,14 +71,15 @@ def default_plan(device: torch.device, quick: bool) -> Plan:
 # ------------------------------------------------------------------------------------------------------ steering
 
 
-def default_steerer(backbone):
-    """The real StasSteerer with the SteerConfig defaults (the paper-like setting)."""
+def default_steerer(backbone, compile_hook: bool = False):
+    """The real StasSteerer with the SteerConfig defaults (the paper-like setting), its hook compiled alone if
+    `compile_hook` (steer.compile_hook)."""
     from omegaconf import OmegaConf
 
     from stas.config import SteerConfig
     from stas.methods import StasSteerer
 
-    return StasSteerer(backbone, OmegaConf.structured(SteerConfig))
+    return StasSteerer(backbone, OmegaConf.structured(SteerConfig(compile_hook=compile_hook)))
 
 
 @contextmanager
@@ -119,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window-rounds", type=at_least(1), help="timed rounds of the in-window step")
     parser.add_argument("--run-rounds", type=at_least(1), help="timed rounds of the whole run")
     parser.add_argument("--hook-rounds", type=at_least(1), help="timed rounds of the hook-vs-block comparison")
-    parser.add_argument("--compile", choices=["none", "regional", "full"], default="none",
-                        help="torch.compile the transformer as model.compile does (default: none, eager)")
+    parser.add_argument("--compile", choices=["none", "hook", "regional", "full"], default="none",
+                        help="torch.compile the transformer as model.compile does, or (hook) only the steering "
+                             "hook, as steer.compile_hook=true does (default: none, eager)")
     return parser.parse_args(argv)
 
 
@@ -147,10 +152,10 @@ def measure(args) -> dict:
 
     dtype = DTYPES[spec.dtype]
     transformer, backbone = build_transformer(spec, name, device, dtype, args.seed)
-    compile_transformer(transformer, args.compile)
+    compile_transformer(transformer, "none" if args.compile == "hook" else args.compile)
     inputs = make_inputs(spec, backbone, transformer, device, dtype, plan.steps, args.seed)
     layout = TokenLayout.for_video(backbone, spec.video[1], spec.video[2], spec.video[0])
-    steerer = default_steerer(backbone)
+    steerer = default_steerer(backbone, compile_hook=args.compile == "hook")
     window = window_steps(steerer.cfg.window, plan.steps)
     if 0 not in window:
         sys.exit(f"steering_overhead: error: the default window is empty at --steps {plan.steps}; use more steps")
@@ -242,8 +247,10 @@ def hook_and_block_cases(bench: Bench, compile_mode: str = "none") -> dict:
     steerer.tracker.on_transformer_call(transformer, (), {"hidden_states": hidden})
 
     forward, steer = block.forward, hook
+    if compile_mode in ("regional", "full"):
+        forward = torch.compile(block.forward)
     if compile_mode != "none":
-        forward, steer = torch.compile(block.forward), torch.compile(hook)
+        steer = torch.compile(hook)
 
     def run_block():
         with torch.inference_mode():
@@ -287,7 +294,7 @@ def report(result: dict, in_window: dict, whole_run: dict, hook_vs_block: dict, 
               baseline=whole_run["vanilla"], cpu_time=cpu_time),
         "",
         f"hook vs block: the steering hook alone vs the forward of the block it follows (last block, first call "
-        f"of a step{', each compiled' if compiled['mode'] != 'none' else ''}), "
+        f"of a step{COMPILED_CASES[compiled['mode']]}), "
         f"{len(hook_vs_block['block'].seconds)} interleaved rounds",
         table([("block forward", hook_vs_block["block"]), ("steering hook", hook_vs_block["hook"])],
               baseline=hook_vs_block["block"], cpu_time=cpu_time),
@@ -297,6 +304,9 @@ def report(result: dict, in_window: dict, whole_run: dict, hook_vs_block: dict, 
         f"  hook_share_of_block={ratios['hook_share_of_block']['median']:.5f}",
     ]
     return "\n".join(lines)
+
+
+COMPILED_CASES = {"none": "", "hook": ", the hook compiled", "regional": ", each compiled", "full": ", each compiled"}
 
 
 def _counts(counts: dict) -> str:

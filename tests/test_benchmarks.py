@@ -12,6 +12,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import capture_overhead  # noqa: E402
 import framework_overhead  # noqa: E402
+import memory_options  # noqa: E402
 import peak_reduction  # noqa: E402
 import steering_overhead  # noqa: E402
 from bench_models import PRESETS  # noqa: E402
@@ -62,6 +63,23 @@ def test_steering_overhead_quick(tmp_path, capsys, model, dtype, calls_per_step)
     assert steer["record_whole_run"]["steps"] == [0, 1]
     assert steer["record_whole_run"]["hook_calls"] == 2 * calls_per_step
     assert steer["steering_changed_latents"] is True
+
+
+def test_memory_options_quick(tmp_path, capsys):
+    """Group offloading leaves STAS's latents bit for bit those of the transformer on the device; float8 storage
+    changes them (the difference this benchmark reports can be nonzero) and STAS steers as many values."""
+    out = tmp_path / "memory.json"
+    result = memory_options.main(["--quick", "--model", "tiny_wan21", "--threads", "1", "--json", str(out)])
+    assert last_line(capsys.readouterr().out) == "offload_max_abs_diff=0.0"
+    cases = json.loads(out.read_text())["cases"]
+    assert list(cases) == ["none", "block_level", "leaf_level", "float8_e4m3fn"]  # no side stream on the CPU
+    assert result["offload_max_abs_diff"] == 0.0 and cases["float8_e4m3fn"]["max_abs_diff_from_none"] > 0
+    assert len({case["values_steered"] for case in cases.values()}) == 1 and cases["none"]["values_steered"] > 0
+
+
+def test_memory_options_refuses_a_side_stream_on_the_cpu():
+    with pytest.raises(SystemExit, match="block_level_stream needs --device cuda"):
+        memory_options.main(["--quick", "--model", "tiny_wan21", "--cases", "block_level_stream"])
 
 
 @pytest.mark.slow

@@ -29,14 +29,21 @@ def apply_layerwise_casting(transformer: torch.nn.Module, storage: str) -> None:
     transformer.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=transformer.dtype)
 
 
-def apply_group_offloading(transformer: torch.nn.Module, mode: str, device: torch.device, blocks: int = 1) -> None:
+def apply_group_offloading(transformer: torch.nn.Module, mode: str, device: torch.device, blocks: int = 1,
+                           stream: bool = False) -> None:
     """Keep the transformer's weights on the CPU and onload them to `device` a group at a time while it runs:
-    `blocks` transformer blocks a group (block_level) or each leaf layer (leaf_level)."""
+    `blocks` transformer blocks a group (block_level) or each leaf layer (leaf_level). `stream`: prefetch the next
+    group on a side CUDA stream while the current one computes (diffusers' use_stream; CUDA only)."""
     if mode == "none":
         return
     if mode not in GROUP_OFFLOAD_MODES:
         raise BackboneError(f"model.group_offload={mode!r} is not allowed; allowed: {', '.join(GROUP_OFFLOAD_MODES)}")
     options = {"num_blocks_per_group": blocks} if mode == "block_level" else {}
+    if stream:
+        if device.type != "cuda":
+            raise BackboneError(f"model.group_offload_stream=true needs a CUDA device (a side CUDA stream); the "
+                                f"model runs on {device}; set model.group_offload_stream=false")
+        options["use_stream"] = True
     transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type=mode,
                                      **options)
 
@@ -52,7 +59,8 @@ def place_pipeline(pipe, model_cfg, device: torch.device, experts: list | None =
             raise BackboneError(f"model.group_offload={model_cfg.group_offload} cannot be combined with "
                                 f"model.cpu_offload={model_cfg.cpu_offload}; use one of them")
         for transformer in experts:
-            apply_group_offloading(transformer, model_cfg.group_offload, device, model_cfg.group_offload_blocks)
+            apply_group_offloading(transformer, model_cfg.group_offload, device, model_cfg.group_offload_blocks,
+                                   model_cfg.group_offload_stream)
         # The other components go to the device whole; pipe.to() would warn about the offloaded transformer.
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module) and all(component is not t for t in experts):

@@ -95,6 +95,7 @@ class ModelConfig:
     compile: str = "none"  # none | regional (the blocks, diffusers' compile_repeated_blocks) | full (forward)
     group_offload: str = "none"  # none | block_level | leaf_level (diffusers' group offloading of the transformer)
     group_offload_blocks: int = 1  # transformer blocks per group with group_offload=block_level
+    group_offload_stream: bool = False  # prefetch the next group on a side CUDA stream (diffusers' use_stream)
     layerwise_casting: str = "none"  # none | float8_e4m3fn | float8_e5m2: the transformer's weights' storage dtype
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # context parallelism under torchrun
 
@@ -124,6 +125,9 @@ class SteerConfig:
     layers: Any = "all"  # all | [index, ...] | "start:end"
     window: WindowConfig = field(default_factory=WindowConfig)
     branches: str = "both"  # CFG branches steered: cond | uncond | both
+    # torch.compile the steering hook alone (its small kernels fused) when the transformer runs eager: on a GPU its
+    # kernel launches are most of its cost (README "Performance"); under model.compile the hook is traced anyway
+    compile_hook: bool = False
 
 
 @dataclass

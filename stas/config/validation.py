@@ -154,6 +154,12 @@ def _check_memory_options(model) -> None:
         # diffusers refuses it too: both move the transformer's weights between CPU and device, each its own way
         raise ConfigError(f"model.group_offload={model.group_offload} cannot be combined with model.cpu_offload="
                           f"{model.cpu_offload} (both move the transformer's weights); set one of them to none")
+    if model.group_offload_stream and model.group_offload == "none":
+        raise ConfigError("model.group_offload_stream=true prefetches the groups of group offloading, but "
+                          "model.group_offload=none; set model.group_offload=block_level (or leaf_level)")
+    if model.group_offload_stream and str(model.device) == "cpu":
+        raise ConfigError("model.group_offload_stream=true needs a CUDA device (a side CUDA stream), but "
+                          "model.device=cpu; set model.group_offload_stream=false")
     # Measured on the tiny Wan twin with dynamo's counters: under model.compile=regional, block_level group offloading
     # breaks each compiled block's graph once (diffusers runs its onload/offload outside graphs) and recompiles nothing
     # (tests/backbones/test_offload.py); leaf-level and casting hooks split the graphs at every layer and recompile.

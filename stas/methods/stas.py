@@ -81,6 +81,15 @@ class LayerSteering:
             return None
         if state.rows is None:  # no call of this run has a steered branch (e.g. uncond without CFG)
             return None
+        if steerer.compile_hook and not torch.compiler.is_compiling():
+            return compiled_steering()(self, output)
+        return self.steer(output)
+
+    def steer(self, output) -> None:
+        """The steering of a steered call's block output, in place (traced as it is by compiled_steering and under
+        model.compile)."""
+        steerer = self.steerer
+        state = steerer.state
         gate = state.gate if torch.compiler.is_compiling() else None  # eager hooks run in steered calls only
         hidden = steerer.backbone.video_tokens(output)
         if hidden.shape[1] != state.num_tokens:
@@ -146,6 +155,19 @@ class LayerSteering:
         return channels, is_massive, row_peaks.gather(1, channels)
 
 
+_COMPILED_STEERING = []
+
+
+def compiled_steering():
+    """LayerSteering.steer torch.compiled once for every block (steer.compile_hook): in an eager transformer the
+    hook is some twenty small kernels whose launches cost about a millisecond per call on a GPU (BENCHMARKS.md);
+    compiled, they fuse into a few. One compiled function for all blocks and both branches: a block's hook differs
+    only in tensors, which dynamo guards by shape and dtype, not by identity (no recompile from block to block)."""
+    if not _COMPILED_STEERING:
+        _COMPILED_STEERING.append(torch.compile(LayerSteering.steer))
+    return _COMPILED_STEERING[0]
+
+
 def steer_tokens_(hidden, token_index, channels, is_massive, reference, cfg, gate=None) -> None:
     """Apply the rule in place at hidden[r, token_index, channels[r]] for every row r; `channels` and `is_massive`
     are (R, k), `reference` from `reference_magnitude`. `cfg` has rule, alpha and strength; only the massive
@@ -174,6 +196,7 @@ class StasSteerer(Method):
         self.backbone = backbone
         self.cfg = cfg
         self.params = SteerParams.of(cfg, detect)
+        self.compile_hook = bool(getattr(cfg, "compile_hook", False))  # compiled_steering
         self.layers = steered_layers(cfg.layers, backbone.num_layers)
         self.branches = CFG_BRANCHES if cfg.branches == "both" else (cfg.branches,)
         by_expert = calibration_by_expert(calibration)

@@ -21,7 +21,8 @@ HELD_HYDRA_DIR = f"{HYDRA_DIR}/held"
 # Keys that change where or how fast a run goes, not what it produces.
 NOT_IDENTITY = ("shard", "logger", "progress", "eval", "analysis", "search", "experiment", "name", "paths",
                 "model.device", "model.cpu_offload", "model.vae_tiling", "model.vae_slicing", "model.compile",
-                "model.group_offload", "model.group_offload_blocks", "model.parallel")
+                "model.group_offload", "model.group_offload_blocks", "model.group_offload_stream",
+                "model.parallel", "steer.compile_hook")
 # Config groups added after runs were recorded -> the option (conf/<group>/<option>.yaml) older runs ran as: before
 # the guidance group stas.run sampled with pipe(...), whose frames guidance=cfg gives bit for bit (stas.loop).
 ADDED_GROUPS = {"guidance": "cfg"}

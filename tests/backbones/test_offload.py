@@ -157,6 +157,10 @@ def test_memory_options_are_validated():
          r"model\.compile=full cannot be combined with model\.group_offload=block_level"),
         (("model.layerwise_casting=float8_e4m3fn", "model.compile=full"),
          r"model\.compile=full cannot be combined with model\.layerwise_casting=float8_e4m3fn"),
+        (("model.group_offload_stream=true",),
+         r"model\.group_offload_stream=true prefetches .* but model\.group_offload=none"),
+        (("model.group_offload=block_level", "model.group_offload_stream=true", "model.device=cpu"),
+         r"model\.group_offload_stream=true needs a CUDA device .* model\.device=cpu"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -166,10 +170,19 @@ def test_memory_options_are_validated():
     validate(compose(["model=tiny_wan21", "logger=none", "model.group_offload=block_level", "model.compile=regional"]))
 
 
+def test_a_side_stream_on_a_cpu_run_is_refused_at_load():
+    """model.device=auto resolves to the CPU here: the side stream is refused when the pipeline is placed, with
+    the field named, not with diffusers' ValueError."""
+    from stas.backbones import BackboneError
+
+    with pytest.raises(BackboneError, match=r"model\.group_offload_stream=true needs a CUDA device .* runs on cpu"):
+        build("tiny_wan21", "model.group_offload=block_level", "model.group_offload_stream=true")
+
+
 def test_group_offloading_is_not_identity_and_casting_is():
     plain = identity(compose(["model=tiny_wan21", "logger=none"]))
     assert identity(compose(["model=tiny_wan21", "logger=none", "model.group_offload=leaf_level",
-                             "model.group_offload_blocks=3"])) == plain
+                             "model.group_offload_blocks=3", "model.group_offload_stream=true"])) == plain
     assert identity(compose(["model=tiny_wan21", "logger=none", "model.layerwise_casting=float8_e4m3fn"])) != plain
 
 

@@ -104,6 +104,21 @@ def test_compiled_stas_equals_eager_without_recompiles(model, mode):
     assert_compiled_like_eager(eager, warm, second, warmup_recompiles=1 if mode == "blocks" else 0)
 
 
+@pytest.mark.parametrize("model, overrides", [
+    ("tiny_wan21", ()),
+    pytest.param("tiny_cogvideox", (), marks=pytest.mark.slow),  # batched CFG: both branches in one call
+    pytest.param("tiny_wan21", ("steer.dims=[5,17]", "steer.branches=uncond"), marks=pytest.mark.slow),
+    pytest.param("tiny_wan21", ("detect.branches=shared",), marks=pytest.mark.slow),
+])
+def test_compiled_steering_hook_on_an_eager_transformer_equals_eager(model, overrides):
+    """steer.compile_hook: only the steering hook is compiled (one graph for every block, both branches, and the
+    calls outside the window, which the eager check before it skips); the transformer and its planter stay eager."""
+    eager = generate(build(model, "none", *overrides), 1)[0]
+    warm, second = generate(build(model, "none", "steer.compile_hook=true", *overrides), 2)
+    assert_compiled_like_eager(eager, warm, second)
+    assert warm["counts"]["graphs"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ("steer.dims=[5,17]", "steer.branches=uncond", "steer.rule=per_channel_max"),  # fixed channels, one branch
