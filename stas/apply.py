@@ -33,9 +33,9 @@ def apply_stas(pipe, *, detect: str | dict = "mean_abs", calibration: str | None
                **steer) -> "StasHandle":
     """Attach STAS to `pipe` (a WanPipeline, Wan2.2-TI2V's WanImageToVideoPipeline or a CogVideoXPipeline): returns
     a handle to `remove()` it, usable as a context manager. `steer`: fields of the steer config (rule, alpha,
-    strength, targets, boundary_width, boundary_unit, dims, layers, window, branches, reference); `model`: the model
-    name a calibration was made for (default: the checkpoint the pipeline was loaded from). A bad option raises
-    ConfigError naming it."""
+    strength, targets, boundary_width, boundary_unit, dims, layers, window, branches, reference, compile_hook);
+    `model`: the model name a calibration was made for (default: the checkpoint the pipeline was loaded from). A bad
+    option raises ConfigError naming it."""
     backbone = backbone_of_pipeline(pipe, model)
     steer_cfg = _options(SteerConfig, {**steer, "calibration": calibration}, "apply_stas option")
     detect_cfg = (load_group_option("detect", detect) if isinstance(detect, str)
