@@ -5,8 +5,8 @@ the analysis capture attached, then one with stas.apply_stas through the pipelin
 the one process) saves the frames, the steering record and the capture readout to OUT with torch.save.
 
 `--local-max` makes every all-reduce MAX a no-op (each rank keeps its own chunk's maximum): the test's proof that
-the comparison can fail. `--compile=regional` compiles the blocks and runs the `stas` case twice (the first call
-compiles), saving dynamo's counts after each under "counts"."""
+the comparison can fail. `--compile=regional` compiles the blocks (`--compile=hook`: only the steering hook) and runs
+the `stas` case twice (the first call compiles), saving dynamo's counts after each under "counts"."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def main(out: str, twin: str, local_max: bool, compile_mode: str) -> None:
     from stas.config import validate
 
     parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    base = [f"model={twin}", "logger=none", *SIZE, f"model.compile={compile_mode}"]
+    hook_only = compile_mode == "hook"  # the transformer eager, the steering hook compiled (steer.compile_hook)
+    base = [f"model={twin}", "logger=none", *SIZE, f"model.compile={'none' if hook_only else compile_mode}",
+            *(["steer.compile_hook=true"] if hook_only else [])]
     base += ["model.parallel.ulysses_degree=2"] if parallel else []
     cfg = compose(base)
     backbone = validate(cfg)

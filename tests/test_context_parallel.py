@@ -91,11 +91,13 @@ def test_a_local_maximum_changes_the_frames(tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_ranks_compiled_recompile_nothing_after_the_warm_up(tmp_path, tmp_path_factory):
-    """model.compile=regional under context parallelism: the second whole call compiles nothing more, breaks no more
-    graphs, and gives eager one-process frames within float tolerance (inductor reorders float sums) and its record."""
+@pytest.mark.parametrize("mode", ["regional", "hook"])  # hook: steer.compile_hook, the all-reduce in its graph
+def test_two_ranks_compiled_recompile_nothing_after_the_warm_up(mode, tmp_path, tmp_path_factory):
+    """model.compile=regional (or the steering hook compiled alone) under context parallelism: the second whole call
+    compiles nothing more, breaks no more graphs, and gives eager one-process frames within float tolerance
+    (inductor reorders float sums) and its record."""
     single = single_process("tiny_wan21", tmp_path_factory)["stas"]
-    compiled = run_worker(tmp_path / "compiled.pt", "tiny_wan21", 2, "--compile=regional")
+    compiled = run_worker(tmp_path / "compiled.pt", "tiny_wan21", 2, f"--compile={mode}")
     warm, after = compiled["counts"]
     assert warm == after and warm["graphs"] > 0
     torch.testing.assert_close(compiled["stas"]["frames"], single["frames"], atol=5e-4, rtol=0)
