@@ -223,7 +223,7 @@ def hook_and_block_cases(bench: Bench, compile_mode: str = "none") -> dict:
     hook's share of the block's time, free of the noise of whole steps. Compiled (`compile_mode` other than none),
     each is compiled on its own and run once before timing.
     """
-    from stas.methods.stas import LayerSteering
+    from stas.methods.steering_hook import LayerSteering
 
     transformer, backbone, steerer = bench.denoiser.transformer, bench.denoiser.backbone, bench.steerer
     index = backbone.num_layers - 1

@@ -5,6 +5,11 @@ needs only the standard library and vbench; it first reports what each dimension
 packages), so that a dimension that cannot run is skipped with a message saying how to fix it, before VBench would
 start a download that hangs offline. Each runnable dimension then runs in its own process on a folder of links to the
 videos it still has to score.
+
+Two environments: the dimensions whose VBench code does not run beside eval.vbench.python's packages (human_action,
+scene beside numpy 2 / transformers 5) go to eval.vbench.separate_python, a separate environment with VBench's own
+pins (stas.evaluation.vbench_env makes one), when it is set; the probe asks each environment about the dimensions it
+would run.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from stas.errors import UserError
@@ -34,12 +40,28 @@ class VBenchError(UserError):
     """A dimension (or VBench as a whole) that could not run; the message says why and what to do."""
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a dimension runs: the interpreter, whether it is the separate environment, and what is missing there
+    (None: nothing)."""
+
+    python: str
+    separate: bool
+    problems: str | None
+
+    def describe(self) -> str:
+        where = f"separate VBench environment {self.python}" if self.separate else self.python
+        return f"runs in {where}: " + ("ready" if self.problems is None else self.problems)
+
+
 class VBenchRunner:
     """The worker processes of one evaluation: a probe for all dimensions, then one process per dimension."""
 
     def __init__(self, options, device: str, logs_dir: Path):
         self.options = options
         self.python = options.python or sys.executable
+        self.separate_python = options.separate_python
+        self.routes: dict[str, Route] = {}
         self.device = device
         self.logs_dir = logs_dir
         self.env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
@@ -47,26 +69,29 @@ class VBenchRunner:
             self.env["VBENCH_CACHE_DIR"] = str(Path(options.cache_dir).expanduser())
         self.full_info: str | None = options.full_info
 
-    def _run(self, request: dict, log_name: str, timeout: float | None, env: dict | None = None) -> dict:
+    def _run(self, request: dict, log_name: str, timeout: float | None, env: dict | None = None,
+             python: str | None = None) -> dict:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.logs_dir / f"{log_name}.log"
+        python = python or self.python
         with tempfile.TemporaryDirectory(prefix="stas-vbench-") as tmp:
             request = dict(request, output=str(Path(tmp) / "answer.json"))
             request_path = Path(tmp) / "request.json"
             request_path.write_text(json.dumps(request), encoding="utf-8")
             with open(log_path, "w", encoding="utf-8") as log:
                 try:
-                    process = subprocess.run([self.python, str(WORKER), str(request_path)], stdout=log,
+                    process = subprocess.run([python, str(WORKER), str(request_path)], stdout=log,
                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or self.env,
                                              timeout=timeout)
                 except subprocess.TimeoutExpired:
                     raise VBenchError(f"timed out after {timeout} s (eval.vbench.timeout); log: {log_path}") from None
                 except OSError as err:
-                    raise VBenchError(f"eval.vbench.python={self.python!r} cannot be run: "
+                    field = "separate_python" if python == self.separate_python else "python"
+                    raise VBenchError(f"eval.vbench.{field}={python!r} cannot be run: "
                                       f"{err.strerror or err}") from None
             answer_path = Path(request["output"])
             if not answer_path.is_file():
-                raise VBenchError(f"the VBench worker ({self.python}) exited with code {process.returncode} "
+                raise VBenchError(f"the VBench worker ({python}) exited with code {process.returncode} "
                                   f"without an answer; log: {log_path}")
             answer = json.loads(answer_path.read_text(encoding="utf-8"))
         if "traceback" in answer:
@@ -77,10 +102,40 @@ class VBenchRunner:
         return answer
 
     def probe(self, dimensions: list[str]) -> dict[str, str | None]:
-        """{dimension: None when it can run here, else why not and how to fix it}."""
-        answer = self._run({"action": "probe", "dimensions": dimensions}, "probe", timeout=120)
+        """{dimension: None when it can run, else why not and how to fix it}, each asked of the environment that
+        will run it (`routes`)."""
+        return {dimension: route.problems for dimension, route in self.plan(dimensions).items()}
+
+    def plan(self, dimensions: list[str]) -> dict[str, Route]:
+        """Where each dimension runs and what it lacks there: in eval.vbench.python, or, for a dimension whose
+        packages are too new there (or all of them, when VBench is not installed there), in
+        eval.vbench.separate_python when it is set. VBenchError: VBench cannot run in the environment asked."""
+        try:
+            answer = self._probe(self.python, dimensions, "probe")
+        except VBenchError:
+            if not self.separate_python:
+                raise
+            answer = None  # VBench is not installed beside stas: the separate environment runs everything
+        moved = dimensions if answer is None else [d for d in dimensions if answer["dimensions"][d]["incompatible"]]
+        separate, failure = None, None
+        if moved and self.separate_python:
+            try:
+                separate = self._probe(self.separate_python, moved, "probe-separate")
+            except VBenchError as err:  # only the dimensions meant for it are affected
+                failure = f"the separate VBench environment cannot run them: {err}"
+        for dimension in dimensions:
+            if failure and dimension in moved:
+                self.routes[dimension] = Route(self.separate_python, True, failure)
+                continue
+            source = separate if separate is not None and dimension in moved else answer
+            self.routes[dimension] = Route(source["python"], source is separate, problems_message(
+                source["dimensions"][dimension], source["cache_dir"], source["python"]))
+        return {dimension: self.routes[dimension] for dimension in dimensions}
+
+    def _probe(self, python: str, dimensions: list[str], log_name: str) -> dict:
+        answer = self._run({"action": "probe", "dimensions": dimensions}, log_name, timeout=120, python=python)
         self.full_info = self.full_info or answer["full_info"]
-        return {d: problems_message(answer["dimensions"][d], answer["cache_dir"], answer["python"]) for d in dimensions}
+        return answer
 
     def standard_videos(self, dimension: str) -> set[str]:
         """The file names VBench's standard mode scores for a dimension: {prompt}-{index}.mp4 of its prompts."""
@@ -106,7 +161,8 @@ class VBenchRunner:
                 "device": self.device,
                 "full_info": self.full_info,
                 "prompts": {video.name: video.prompt for video in videos},
-            }, log_name, timeout=self.options.timeout, env=self.process_env(dimension))
+            }, log_name, timeout=self.options.timeout, env=self.process_env(dimension),
+                python=self.routes[dimension].python if dimension in self.routes else None)
         return answer
 
     def process_env(self, dimension: str) -> dict:
@@ -133,7 +189,8 @@ def problems_message(entry: dict, cache_dir: str, python: str) -> str | None:
         parts.append(f"package(s) missing in {python}: {', '.join(packages)}")
     if incompatible:
         parts.append(f"package(s) too new in {python}: {'; '.join(incompatible)}; run this dimension with VBench's "
-                     "own pins in a separate environment (eval.vbench.python, docs/evaluation.md)")
+                     "own pins in a separate environment (python -m stas.evaluation.vbench_env PATH, then "
+                     "eval.vbench.separate_python=PATH/bin/python; docs/evaluation.md)")
     if not parts:
         return None
     lines = ["; ".join(parts)]

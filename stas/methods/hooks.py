@@ -12,7 +12,7 @@ read may change from call to call on the host. Everything that does (is this cal
 branch it is) is decided by the transformer's pre-hook, which always runs eagerly (regional compilation compiles
 the blocks, full compilation the transformer's `forward`, never its hooks), and handed to the block hooks as small
 device tensors updated in place (stas.methods.stas.CallState). The config is read once into plain Python values
-(stas.methods.stas.SteerParams). In eager mode a hook outside the window still returns after a Python check; traced, it always computes and the
+(stas.methods.steering_hook.SteerParams). In eager mode a hook outside the window still returns after a Python check; traced, it always computes and the
 per-call gate selects (`torch.where`), so one graph serves every step and branch.
 """
 

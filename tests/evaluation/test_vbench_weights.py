@@ -104,4 +104,4 @@ def test_the_probe_says_which_dimensions_cannot_run_beside_this_stack(tmp_path):
     assert f"numpy {metadata.version('numpy')} (needs 1.x or older: numpy 2 removed numpy.lib.function_base)" in \
         problems["human_action"]
     assert f"transformers {metadata.version('transformers')} (needs 4.x or older" in problems["scene"]
-    assert "eval.vbench.python" in problems["scene"]
+    assert "eval.vbench.separate_python" in problems["scene"]

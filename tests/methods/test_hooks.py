@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stas.generation import make_steerer, sample
-from stas.methods.stas import LayerSteering, StasSteerer
+from stas.methods.stas import StasSteerer
+from stas.methods.steering_hook import LayerSteering
 from stas.core.layout import TokenLayout
 from stas.core.massive import Detection, massive_channel_mask
 from stas.prompts import Item

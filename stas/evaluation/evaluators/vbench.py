@@ -1,7 +1,8 @@
 """The `vbench` evaluator: the real VBench, one scorer (`vbench/<dimension>`) per dimension.
 
 Set-level: each dimension runs in its own process over every video it still has to score (stas.evaluation.vbench
-drives the worker). A probe first skips the dimensions whose weights or packages are missing, with how to get them;
+drives the worker). A probe first skips the dimensions whose weights or packages are missing, with how to get them,
+and sends those whose packages are too new here to eval.vbench.separate_python when it is set;
 in vbench_standard mode a dimension scores only the videos of its own prompts. Rows: metric = the dimension, with
 the weight VBench pools the value with.
 """
@@ -28,6 +29,9 @@ class VBenchEvalConfig:
     mode: str = "custom_input"  # custom_input | vbench_standard
     dimensions: List[str] = field(default_factory=list)  # VBench dimension names, e.g. [temporal_flickering]
     python: Optional[str] = None  # the interpreter that has vbench installed; default: this one
+    # a separate environment with VBench's own pins (python -m stas.evaluation.vbench_env PATH: PATH/bin/python); the
+    # dimensions whose packages are too new in `python` (human_action, scene beside this stack) run there
+    separate_python: Optional[str] = None
     cache_dir: Optional[str] = None  # VBench's weights cache; default: $VBENCH_CACHE_DIR, else ~/.cache/vbench
     full_info: Optional[str] = None  # default: the VBench_full_info.json shipped with vbench
     timeout: Optional[int] = None  # seconds per dimension
@@ -56,8 +60,10 @@ class VBench(Evaluator):
             if options.mode == "custom_input" and dimension in NEED_STANDARD_PROMPTS:
                 raise ConfigError(f"eval.vbench.dimensions contains {dimension!r}, which VBench scores only on its own "
                                   "prompts: use eval.vbench.mode=vbench_standard (with prompts=vbench)")
-        if options.python and not shutil.which(options.python):
-            raise ConfigError(f"eval.vbench.python={options.python!r}: no such executable")
+        for field_name in ("python", "separate_python"):
+            python = options[field_name]
+            if python and not shutil.which(python):
+                raise ConfigError(f"eval.vbench.{field_name}={python!r}: no such executable")
         if options.full_info and not Path(options.full_info).is_file():
             raise ConfigError(f"eval.vbench.full_info={options.full_info!r}: no such file")
         if options.timeout is not None and options.timeout < 1:
@@ -68,16 +74,18 @@ class VBench(Evaluator):
         itself cannot run, one `vbench` entry says why)."""
         dimensions = list(self.options.dimensions)
         try:
-            problems = self.runner.probe(dimensions)
+            routes = self.runner.plan(dimensions)
         except VBenchError as err:  # VBench as a whole cannot run here (not installed, ...): say it once
             self.context.skipped[self.name] = f"all {len(dimensions)} dimension(s): {err}"
             return []
         scorers = []
         for dimension in dimensions:
             scorer = Scorer(self.name, done_metric=dimension, part=dimension)
-            if problems[dimension]:
-                self.context.skipped[scorer.name] = problems[dimension]
+            if routes[dimension].problems:
+                self.context.skipped[scorer.name] = routes[dimension].problems
                 continue
+            if routes[dimension].separate:
+                self.context.notes.append(f"{scorer.name}: {routes[dimension].describe()}")
             if self.options.mode == "vbench_standard":
                 suite = self.runner.standard_videos(dimension)
                 members = tuple(video for video in videos if video.name in suite)
