@@ -45,7 +45,7 @@ def frames_and_record(pipe, kwargs, layout, loop, steerer=None):
 @pytest.mark.parametrize("cfg_on", [True, False], ids=["cfg", "no_cfg"])
 def test_owned_loop_gives_the_pipelines_frames_bit_for_bit(tiny_pipelines, twin, cfg_on):
     cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, twin, *([] if cfg_on else ["model.guidance_scale=1"]))
-    assert backbone.uses_cfg(kwargs["guidance_scale"]) is cfg_on
+    assert backbone.uses_cfg(kwargs) is cfg_on
     expected, _ = frames_and_record(pipe, kwargs, layout, None)
     frames, _ = frames_and_record(pipe, kwargs, layout, make_loop(cfg, backbone))
     assert frames.dtype == np.float32 and frames.shape == expected.shape

@@ -54,6 +54,7 @@ NUMERIC_BOUNDS = {
     "model.steps": Bounds(1, 10000),
     "model.guidance_scale": Bounds(0, 100),
     "model.guidance_scale_2": Bounds(0, 100),
+    "model.true_cfg_scale": Bounds(0, 100),
     "model.boundary_ratio": Bounds(0, 1),  # of the train timesteps: 0, only transformer; 1, only transformer_2
     "model.flow_shift": Bounds(0.01, 100),  # far below the published 1-12 the schedule collapses (black video)
     "model.fps": Bounds(1, 240),
@@ -63,6 +64,7 @@ NUMERIC_BOUNDS = {
     "steer.strength": Bounds(0, 1, low_open=True),  # 0 would leave every value as it is
     "detect.ratio": Bounds(0, 1_000_000, low_open=True),
     "detect.floor": Bounds(0, 1_000_000_000),
+    "model.tiny.num_single_layers": Bounds(0, 4096),  # 0: a family with one block list
     **{f"model.tiny.{size}": Bounds(1, 4096) for size in ("num_layers", "num_heads", "head_dim", "ffn_dim", "text_dim",
                                                          "vae_base_dim")},
     **{f"model.tiny.{plant}.{region}": Bounds(0, 100) for plant in ("plant", "plant_2")
@@ -133,12 +135,17 @@ def validate_model(model) -> Backbone:
     if problems:
         raise ConfigError("model." + "; model.".join(problems))
     check_experts(model, backbone)
+    if model.true_cfg_scale != 1.0 and not backbone.takes_true_cfg:
+        raise ConfigError(f"model.true_cfg_scale={model.true_cfg_scale} is HunyuanVideo's; {model.name}'s pipeline "
+                          "has none (its CFG is model.guidance_scale): leave it at 1.0")
     if model.tiny is not None:
         tiny = model.tiny
-        if (model.num_layers, model.hidden_dim) != (tiny.num_layers, tiny.num_heads * tiny.head_dim):
+        layers = tiny.num_layers + tiny.num_single_layers
+        if (model.num_layers, model.hidden_dim) != (layers, tiny.num_heads * tiny.head_dim):
             raise ConfigError(
                 f"model.num_layers={model.num_layers} and model.hidden_dim={model.hidden_dim} must equal "
-                f"model.tiny.num_layers={tiny.num_layers} and num_heads*head_dim={tiny.num_heads * tiny.head_dim}"
+                f"model.tiny.num_layers+num_single_layers={layers} and num_heads*head_dim="
+                f"{tiny.num_heads * tiny.head_dim}"
             )
         for name in ("plant", "plant_2"):
             if tiny.get(name) is not None and tiny[name].enabled:
@@ -180,9 +187,10 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
     if not steer.enabled:
         return
     check_steer_options(steer, model, backbone)
-    if steer.branches == "uncond" and not backbone.uses_cfg(model.guidance_scale):
-        raise ConfigError(f"steer.branches=uncond, but model.guidance_scale={model.guidance_scale!r} runs no "
-                          "classifier-free guidance, so there is no uncond branch: STAS would steer nothing")
+    if steer.branches == "uncond" and not backbone.uses_cfg(backbone.pipeline_kwargs(model)):
+        raise ConfigError(f"steer.branches=uncond, but model {model.name} runs no classifier-free guidance at these "
+                          f"settings ({backbone.cfg_settings(model)}), so there is no uncond branch: STAS would steer "
+                          "nothing")
     layout = TokenLayout(*backbone.latent_grid(model.height, model.width, model.num_frames))
     try:
         layout.boundary_span(steer.boundary_width, steer.boundary_unit)
