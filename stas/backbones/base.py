@@ -149,6 +149,12 @@ class Backbone:
         arguments (`pipeline_kwargs`): guidance_scale > 1, unless the family says otherwise (HunyuanVideo)."""
         return kwargs["guidance_scale"] > 1.0
 
+    def pipeline_call_cfg(self, pipe) -> bool | None:
+        """Whether a user's pipeline call in progress runs CFG (stas.apply_stas), from what the pipeline records of
+        the call; None: it records nothing that tells (a two-pass family only: the call's second transformer call
+        tells, at the first one's timestep for the uncond branch)."""
+        return self.uses_cfg({"guidance_scale": pipe.guidance_scale})
+
     def cfg_settings(self, model_cfg) -> str:
         """The model config's settings that decide CFG, for messages."""
         return f"model.guidance_scale={model_cfg.guidance_scale!r}: CFG needs > 1"

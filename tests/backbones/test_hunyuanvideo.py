@@ -202,3 +202,21 @@ def test_the_twin_analysis_finds_the_planted_channels_in_both_lists(twin, tmp_pa
     for layer in ("0", "1", "2", "3"):  # double-stream 0-1, single-stream 2-3
         assert summary["results"]["vanilla"]["layers"][layer]["massive"] == [5, 17, 26]
     assert summary["hierarchy"]["verdict"] == "holds"
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["distilled", "true_cfg"])
+def test_apply_stas_tells_true_cfg_from_the_users_pipeline_call(twin, true_cfg):
+    """The pipeline records neither true_cfg_scale nor the negative prompt: the call's second transformer call (at
+    the first one's timestep: uncond) tells, and the frames and record are stas.run's."""
+    import stas
+
+    backbone, pipe = twin
+    overrides = ["steer=stas", *([TRUE_CFG] if true_cfg else [])]
+    expected, expected_record = sample(twin, *overrides, loop=True)
+    cfg = compose([f"model={TWIN}", "logger=none", "model.steps=3", *overrides])
+    with stas.apply_stas(pipe) as steering, torch.inference_mode():
+        frames = pipe(prompt=ITEM.prompt, generator=torch.Generator(device="cpu").manual_seed(ITEM.seed),
+                      **backbone.pipeline_kwargs(cfg.model)).frames[0]
+        record = steering.record()
+    assert record["branches"] == (["cond", "uncond"] if true_cfg else ["cond"])
+    assert np.array_equal(np.asarray(frames), expected) and record == expected_record

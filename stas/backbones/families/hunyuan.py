@@ -54,6 +54,9 @@ class HunyuanVideo(Backbone):
         return (f"model.true_cfg_scale={model_cfg.true_cfg_scale!r}: two-branch CFG needs > 1; "
                 f"model.guidance_scale={model_cfg.guidance_scale!r} is the distilled guidance embedding, one branch")
 
+    def pipeline_call_cfg(self, pipe) -> None:
+        return None  # HunyuanVideoPipeline keeps true_cfg_scale and the negative prompt to its __call__
+
     def pipeline_kwargs(self, model_cfg) -> dict:
         return {**super().pipeline_kwargs(model_cfg), "true_cfg_scale": model_cfg.true_cfg_scale}
 
