@@ -75,6 +75,9 @@ class Backbone:
     pipeline: ClassVar[str]  # diffusers pipeline class
     transformer_class: ClassVar[str]  # diffusers transformer class
     blocks_attr: ClassVar[str]  # attribute of the transformer holding the block list
+    # A second block list that runs after blocks_attr's (HunyuanVideo's single-stream blocks): `blocks` lists both,
+    # the first list's blocks first. None: one list.
+    single_blocks_attr: ClassVar[str | None] = None
     temporal_compression: ClassVar[int]
     spatial_compression: ClassVar[int]
     patch: ClassVar[tuple[int, int, int]]  # (time, height, width) patch of the transformer
@@ -133,7 +136,11 @@ class Backbone:
     # ------------------------------------------------------------------------------------ blocks and CFG calls
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
-        return getattr(transformer, self.blocks_attr)
+        """The blocks in the order they run: layer indices (steer.layers, analysis) count over all of them."""
+        if self.single_blocks_attr is None:
+            return getattr(transformer, self.blocks_attr)
+        return torch.nn.ModuleList([*getattr(transformer, self.blocks_attr),
+                                    *getattr(transformer, self.single_blocks_attr)])
 
     def experts(self, pipe) -> dict[str, torch.nn.Module]:
         """{name: transformer} of every expert transformer of a pipeline, in the order they denoise (the names are

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
                             backbone_from_config)
 from stas.backbones.parallel import check_parallel
-from stas.config.model_checks import check_experts, check_plant
+from stas.config.model_checks import check_experts, check_tiny, check_true_cfg
 from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
                                SEARCH_DIRECTIONS, StasConfig)
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
@@ -135,21 +135,9 @@ def validate_model(model) -> Backbone:
     if problems:
         raise ConfigError("model." + "; model.".join(problems))
     check_experts(model, backbone)
-    if model.true_cfg_scale != 1.0 and not backbone.takes_true_cfg:
-        raise ConfigError(f"model.true_cfg_scale={model.true_cfg_scale} is HunyuanVideo's; {model.name}'s pipeline "
-                          "has none (its CFG is model.guidance_scale): leave it at 1.0")
+    check_true_cfg(model, backbone)
     if model.tiny is not None:
-        tiny = model.tiny
-        layers = tiny.num_layers + tiny.num_single_layers
-        if (model.num_layers, model.hidden_dim) != (layers, tiny.num_heads * tiny.head_dim):
-            raise ConfigError(
-                f"model.num_layers={model.num_layers} and model.hidden_dim={model.hidden_dim} must equal "
-                f"model.tiny.num_layers+num_single_layers={layers} and num_heads*head_dim="
-                f"{tiny.num_heads * tiny.head_dim}"
-            )
-        for name in ("plant", "plant_2"):
-            if tiny.get(name) is not None and tiny[name].enabled:
-                check_plant(f"model.tiny.{name}", tiny[name], model.hidden_dim)
+        check_tiny(model)
     return backbone
 
 
@@ -282,9 +270,14 @@ def validate_detect(detect, steer) -> Detection:
         raise ConfigError(str(err)) from None
 
 
-def validate_guidance(guidance, model) -> None:
+def validate_guidance(guidance, model, backbone: Backbone) -> None:
     check_allowed("guidance.name", guidance.name, GUIDANCE)
     guider = make_guider(guidance)  # its parameters: names the guider takes, values it accepts
+    if skipped_layers(guider) and backbone.single_blocks_attr is not None:
+        raise ConfigError(f"guidance={guidance.name} perturbs blocks of one block list (diffusers' LayerSkipConfig), "
+                          f"but {model.name}'s blocks are two lists ({backbone.blocks_attr}, "
+                          f"{backbone.single_blocks_attr}), between which diffusers' fqn='auto' picks by set order: "
+                          "not supported; use guidance=cfg")
     outside = [index for index in skipped_layers(guider) if not 0 <= index < model.num_layers]
     if outside:
         raise ConfigError(f"guidance={guidance.name} perturbs blocks {outside}, but {model.name} has blocks 0 to "
@@ -386,7 +379,7 @@ def validate(cfg) -> Backbone:
     backbone = validate_model(cfg.model)
     validate_steer(cfg.steer, cfg.model, backbone)
     validate_detect(cfg.detect, cfg.steer)
-    validate_guidance(cfg.guidance, cfg.model)
+    validate_guidance(cfg.guidance, cfg.model, backbone)
     check_parallel(cfg.model, backbone, cfg.detect.rule, cfg.guidance.name, GUIDANCE[cfg.guidance.name].change)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)

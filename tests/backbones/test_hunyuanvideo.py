@@ -220,3 +220,11 @@ def test_apply_stas_tells_true_cfg_from_the_users_pipeline_call(twin, true_cfg):
         record = steering.record()
     assert record["branches"] == (["cond", "uncond"] if true_cfg else ["cond"])
     assert np.array_equal(np.asarray(frames), expected) and record == expected_record
+
+
+@pytest.mark.parametrize("guidance", ["slg", "pag"])
+def test_guidance_that_skips_layers_is_refused_for_the_two_block_lists(guidance):
+    with pytest.raises(ConfigError, match=rf"guidance={guidance} perturbs blocks of one block list .* but "
+                                          r"tiny_hunyuanvideo's blocks are two lists \(transformer_blocks, "
+                                          r"single_transformer_blocks\)"):
+        validate(compose([f"model={TWIN}", "logger=none", f"guidance={guidance}"]))

@@ -26,7 +26,7 @@ class HunyuanVideo(Backbone):
     pipeline = "HunyuanVideoPipeline"
     transformer_class = "HunyuanVideoTransformer3DModel"
     blocks_attr = "transformer_blocks"
-    single_blocks_attr = "single_transformer_blocks"  # after blocks_attr's, in stas's one list of blocks
+    single_blocks_attr = "single_transformer_blocks"
     temporal_compression = 4
     spatial_compression = 8
     patch = (1, 2, 2)
@@ -38,11 +38,6 @@ class HunyuanVideo(Backbone):
     joint_attention = True  # both kinds of blocks' attention returns (video, text)
     flow_shift_key = "shift"  # FlowMatchEulerDiscreteScheduler's
     takes_true_cfg = True
-
-    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
-        """The double-stream blocks, then the single-stream ones (the same modules, in the order they run)."""
-        return torch.nn.ModuleList([*getattr(transformer, self.blocks_attr),
-                                    *getattr(transformer, self.single_blocks_attr)])
 
     # ------------------------------------------------------------------------------- true CFG, not guidance_scale
 
