@@ -141,7 +141,8 @@ BAD = [
     (["guidance=apg", "+guidance.params.etaa=0"], r"^guidance.params.etaa is not a parameter of diffusers' "
                                                   r"AdaptiveProjectedGuidance \(guidance=apg\); parameters: "),
     (["+guidance.params.guidance_scale=3"], r"^guidance.params.guidance_scale is set by the loop from "
-                                            r"model.guidance_scale; set that instead$"),
+                                            r"model.guidance_scale \(HunyuanVideo: model.true_cfg_scale\); set "
+                                            r"that instead$"),
     (["guidance.params.guidance_rescale=2"], r"^guidance.params.guidance_rescale=2 must be an integer in \[0, 1\]$"),
     # values that passed and then gave a black video or crashed late (adversarial review)
     (["model.flow_shift=1e-300"], r"^model.flow_shift=1e-300 must be a finite number in \[0.01, 100\]$"),
