@@ -14,6 +14,7 @@ A twin with two expert transformers (tiny_wan22_a14b) plants in both, the second
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -28,7 +29,7 @@ _VOCAB_CHARS = string.ascii_lowercase + string.digits + string.punctuation + " "
 _SPECIAL = {"<pad>": 0, "</s>": 1, "<unk>": 2}
 
 
-def build_tokenizer(max_length: int, words: tuple[str, ...] = (), specials: tuple[str, ...] = (),
+def build_tokenizer(max_length: int, words: Sequence[str] = (), specials: tuple[str, ...] = (),
                     bos: str | None = None):
     """The character-level tokenizer, plus whole-token `words` (matched before the characters, longest first, case
     kept) and `specials`; `bos`: a special token put in front of every text instead of `</s>` at its end (Llama)."""
@@ -42,7 +43,8 @@ def build_tokenizer(max_length: int, words: tuple[str, ...] = (), specials: tupl
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.decoder = decoders.BPEDecoder()
-    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in (*specials, *([bos] if bos else []))])
+    specials = (*specials, bos) if bos else specials
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in specials])
     tokenizer.add_tokens([AddedToken(word, normalized=False) for word in dict.fromkeys(words)])
     template = (f"{bos} $A", bos) if bos else ("$A </s>", "</s>")
     tokenizer.post_processor = TemplateProcessing(single=template[0],

@@ -66,7 +66,8 @@ class ParallelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING  # the model option (conf/model/<name>.yaml): W&B tag, run folder, tables' Model column
-    family: str = MISSING  # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15 | hunyuanvideo
+    # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15 | hunyuanvideo
+    family: str = MISSING
     hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
     revision: Optional[str] = None  # the checkpoint's revision on the hub; null: main
     tiny: Optional[TinyConfig] = None  # the tiny twin's sizes and planted MAs (tiny_* models only)

@@ -20,6 +20,11 @@ import torch
 
 from stas.backbones.base import Backbone, DenoisingRun, Expert, register_family
 
+# Llama 3's pre-tokenizer pattern (its tokenizer.json), in Python's `re` (no \p classes): words with one leading
+# non-letter, 1-3 digits, punctuation runs with a leading space, newlines, spaces.
+LLAMA3_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\w]?[^\W\d_]+|\d{1,3}| ?[^\s\w]+[\r\n]*|\s*[\r\n]+"
+                      r"|\s+(?!\S)|\s+")
+
 
 @register_family("hunyuanvideo")
 class HunyuanVideo(Backbone):
@@ -139,10 +144,11 @@ class HunyuanVideo(Backbone):
             num_hidden_layers=2, num_attention_heads=tiny.text_dim // 8, num_key_value_heads=tiny.text_dim // 8,
             max_position_embeddings=model_cfg.max_sequence_length + crop, pad_token_id=0))
         clip_tokenizer = build_tokenizer(77)  # the pipeline's CLIP length
+        # pooled at </s> (eos_token_id 1), as CLIP pools at its EOS token
         clip = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(clip_tokenizer), hidden_size=tiny.text_dim, intermediate_size=2 * tiny.text_dim,
             num_hidden_layers=1, num_attention_heads=tiny.text_dim // 8, max_position_embeddings=77,
-            projection_dim=tiny.text_dim, pad_token_id=0, bos_token_id=None, eos_token_id=1))  # pooled at </s>, as CLIP at its EOS
+            projection_dim=tiny.text_dim, pad_token_id=0, bos_token_id=None, eos_token_id=1))
         return dict(tokenizer=tokenizer, text_encoder=llama.eval(), tokenizer_2=clip_tokenizer,
                     text_encoder_2=clip.eval())
 
@@ -150,8 +156,3 @@ class HunyuanVideo(Backbone):
     def text_dim_of(cls, transformer_config: dict) -> int:
         return transformer_config["text_embed_dim"]
 
-
-# Llama 3's pre-tokenizer pattern (its tokenizer.json), in Python's `re` (no \p classes): words with one leading
-# non-letter, 1-3 digits, punctuation runs with a leading space, newlines, spaces.
-LLAMA3_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\w]?[^\W\d_]+|\d{1,3}| ?[^\s\w]+[\r\n]*|\s*[\r\n]+"
-                      r"|\s+(?!\S)|\s+")
