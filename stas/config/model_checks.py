@@ -28,9 +28,12 @@ def check_true_cfg(model, backbone: Backbone) -> None:
                           "has none (its CFG is model.guidance_scale): leave it at 1.0")
 
 
-def check_tiny(model) -> None:
+def check_tiny(model, backbone: Backbone) -> None:
     """A tiny twin's sizes against the model's, and its planted MAs."""
     tiny = model.tiny
+    if tiny.num_single_layers and backbone.single_blocks_attr is None:
+        raise ConfigError(f"model.tiny.num_single_layers={tiny.num_single_layers}, but family {model.family} has one "
+                          "block list (single-stream blocks are HunyuanVideo's): set it to 0")
     layers = tiny.num_layers + tiny.num_single_layers
     if (model.num_layers, model.hidden_dim) != (layers, tiny.num_heads * tiny.head_dim):
         raise ConfigError(

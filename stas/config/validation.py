@@ -137,7 +137,7 @@ def validate_model(model) -> Backbone:
     check_experts(model, backbone)
     check_true_cfg(model, backbone)
     if model.tiny is not None:
-        check_tiny(model)
+        check_tiny(model, backbone)
     return backbone
 
 

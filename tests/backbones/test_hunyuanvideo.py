@@ -228,3 +228,8 @@ def test_guidance_that_skips_layers_is_refused_for_the_two_block_lists(guidance)
                                           r"tiny_hunyuanvideo's blocks are two lists \(transformer_blocks, "
                                           r"single_transformer_blocks\)"):
         validate(compose([f"model={TWIN}", "logger=none", f"guidance={guidance}"]))
+
+
+def test_single_stream_blocks_are_refused_for_a_family_with_one_block_list():
+    with pytest.raises(ConfigError, match=r"model.tiny.num_single_layers=2, but family wan21 has one block list"):
+        validate(compose(["model=tiny_wan21", "logger=none", "model.tiny.num_single_layers=2", "model.num_layers=4"]))
