@@ -98,16 +98,13 @@ def twin():
     return build_twin(TWIN)[1:]
 
 
-def sample(twin, *overrides, loop: bool, attach: bool = True):
-    """(frames, steering record or None) of ITEM through stas's loop or `pipe(...)`, 3 steps."""
+def sample(twin, *overrides, loop: bool):
+    """(frames, steering record) of ITEM through stas's loop or `pipe(...)`, 3 steps, STAS attached."""
     backbone, pipe = twin
-    cfg = compose([f"model={TWIN}", "logger=none", "model.steps=3", *overrides])
-    steerer = make_steerer(cfg, backbone) if attach else None
+    cfg = compose([f"model={TWIN}", "logger=none", "model.steps=3", "steer=stas", *overrides])
+    steerer = make_steerer(cfg, backbone)
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
     kwargs = backbone.pipeline_kwargs(cfg.model)
-    if steerer is None:
-        return np.asarray(run_pipeline(pipe, ITEM, kwargs, None, layout, make_loop(cfg, backbone) if loop else None)
-                          .frames[0]), None
     with steerer.attach(backbone.experts(pipe)):
         output = run_pipeline(pipe, ITEM, kwargs, steerer, layout, make_loop(cfg, backbone) if loop else None)
         return np.asarray(output.frames[0]), steerer.record()
@@ -126,16 +123,16 @@ def test_the_twin_is_recognised_and_its_prompt_template_is_cropped_as_with_llama
 
 
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["distilled", "true_cfg"])
-@pytest.mark.parametrize("steer", ["none", "stas"])
-def test_the_owned_loop_gives_the_pipelines_frames_bit_for_bit(twin, true_cfg, steer):
-    overrides = [f"steer={steer}", *([TRUE_CFG] if true_cfg else [])]
+def test_the_owned_loop_steers_as_the_pipeline_bit_for_bit(twin, true_cfg):
+    """With STAS attached (without it: tests/test_owned_loop.py): the same frames and record."""
+    overrides = [TRUE_CFG] if true_cfg else []
     expected, expected_record = sample(twin, *overrides, loop=False)
     frames, record = sample(twin, *overrides, loop=True)
     assert np.array_equal(frames, expected) and record == expected_record
-    if record is not None:  # the steps in the window, one branch without true CFG, two with it
-        assert record["steps"] == [0] and record["layers"] == [0, 1, 2, 3]
-        assert record["branches"] == (["cond", "uncond"] if true_cfg else ["cond"])
-        assert record["hook_calls"] == 4 * (2 if true_cfg else 1)
+    # the step in the window, every block of both lists, one branch without true CFG, two with it
+    assert record["steps"] == [0] and record["layers"] == [0, 1, 2, 3]
+    assert record["branches"] == (["cond", "uncond"] if true_cfg else ["cond"])
+    assert record["hook_calls"] == 4 * (2 if true_cfg else 1)
 
 
 def test_guidance_scale_above_one_without_true_cfg_runs_and_steers_one_branch(twin):
@@ -211,7 +208,7 @@ def test_apply_stas_tells_true_cfg_from_the_users_pipeline_call(twin, true_cfg):
     import stas
 
     backbone, pipe = twin
-    overrides = ["steer=stas", *([TRUE_CFG] if true_cfg else [])]
+    overrides = [TRUE_CFG] if true_cfg else []
     expected, expected_record = sample(twin, *overrides, loop=True)
     cfg = compose([f"model={TWIN}", "logger=none", "model.steps=3", *overrides])
     with stas.apply_stas(pipe) as steering, torch.inference_mode():
