@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,11 +32,11 @@ from stas.methods.stas import StasSteerer, steering_calibration
 
 def apply_stas(pipe, *, detect: str | dict = "mean_abs", calibration: str | None = None, model: str | None = None,
                **steer) -> "StasHandle":
-    """Attach STAS to `pipe` (a WanPipeline, Wan2.2-TI2V's WanImageToVideoPipeline or a CogVideoXPipeline): returns
-    a handle to `remove()` it, usable as a context manager. `steer`: fields of the steer config (rule, alpha,
-    strength, targets, boundary_width, boundary_unit, dims, layers, window, branches, reference, compile_hook);
-    `model`: the model name a calibration was made for (default: the checkpoint the pipeline was loaded from). A bad
-    option raises ConfigError naming it."""
+    """Attach STAS to `pipe` (a WanPipeline, Wan2.2-TI2V's WanImageToVideoPipeline, a CogVideoXPipeline or a
+    HunyuanVideoPipeline): returns a handle to `remove()` it, usable as a context manager. `steer`: fields of the
+    steer config (rule, alpha, strength, targets, boundary_width, boundary_unit, dims, layers, window, branches,
+    reference, compile_hook); `model`: the model name a calibration was made for (default: the checkpoint the
+    pipeline was loaded from). A bad option raises ConfigError naming it."""
     backbone = backbone_of_pipeline(pipe, model)
     steer_cfg = _options(SteerConfig, {**steer, "calibration": calibration}, "apply_stas option")
     detect_cfg = (load_group_option("detect", detect) if isinstance(detect, str)
@@ -66,6 +67,9 @@ class StasHandle:
     def __init__(self, pipe, backbone, steerer: StasSteerer):
         self.pipe, self.backbone, self.steerer = pipe, backbone, steerer
         self._timesteps = None  # the scheduler's timesteps of the pipeline call in progress
+        # The first transformer call's timestep, while the call's second transformer call has to tell whether the
+        # pipeline runs CFG (Backbone.pipeline_call_cfg: None)
+        self._first_timestep = None
         self._stack = ExitStack()
         experts = backbone.experts(pipe)  # every expert transformer (Wan2.2-A14B: transformer, transformer_2)
         # Before the steerer's own pre-hook (prepend): a new pipeline call must begin before its first step counts.
@@ -75,14 +79,19 @@ class StasHandle:
         self._stack.enter_context(steerer.attach(experts))
 
     def _on_call(self, transformer, args, kwargs) -> None:
-        timesteps = self.pipe.scheduler.timesteps
+        timesteps, timestep = self.pipe.scheduler.timesteps, kwargs.get("timestep")
         if timesteps is self._timesteps:
+            if self._first_timestep is not None:  # two-pass CFG calls the transformer twice at a timestep
+                self.steerer.tracker.set_cfg(bool(torch.equal(timestep, self._first_timestep)))
+                self._first_timestep = None
             return
         # set_timesteps made new timesteps: a new pipeline call (also after an interrupted one)
         self._timesteps = timesteps
         latents = kwargs.get("hidden_states", args[0] if args else None)
         layout = TokenLayout(*self.backbone.grid_of_latents(latents))
-        self.steerer.begin(layout, len(timesteps), do_cfg=self.backbone.uses_cfg(self.pipe.guidance_scale))
+        do_cfg = self.backbone.pipeline_call_cfg(self.pipe)
+        self._first_timestep = timestep.clone() if do_cfg is None else None
+        self.steerer.begin(layout, len(timesteps), do_cfg=bool(do_cfg))
 
     def record(self) -> dict:
         """What the last pipeline call steered (layers, steps, branches, tokens, channels, values, reference)."""
@@ -90,7 +99,7 @@ class StasHandle:
 
     def remove(self) -> None:
         self._stack.close()
-        self._timesteps = None
+        self._timesteps = self._first_timestep = None
 
     def __enter__(self) -> "StasHandle":
         return self

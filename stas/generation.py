@@ -115,7 +115,7 @@ def sampling_kwargs(cfg, backbone: Backbone, loop: OwnedLoop) -> dict:
     kwargs = backbone.pipeline_kwargs(cfg.model)
     if cfg.guidance.match_nfe:
         kwargs["num_inference_steps"] = loop.steps_matching_nfe(kwargs["num_inference_steps"],
-                                                                backbone.uses_cfg(kwargs["guidance_scale"]))
+                                                                backbone.uses_cfg(kwargs))
     return kwargs
 
 
@@ -132,7 +132,7 @@ def run_pipeline(pipe, item: Item, kwargs: dict, steerer: StasSteerer | None, la
     (to `pipe(...)` too, which must then take one: WanImageToVideoPipeline)."""
     if steerer is not None:
         steerer.begin(layout, kwargs["num_inference_steps"],
-                      do_cfg=steerer.backbone.uses_cfg(kwargs["guidance_scale"]))
+                      do_cfg=steerer.backbone.uses_cfg(kwargs))
     generator = torch.Generator(device="cpu").manual_seed(item.seed)
     image = {} if item.image_file is None else {"image": load_image(item.image_file)}
     with torch.inference_mode():

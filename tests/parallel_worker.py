@@ -53,7 +53,7 @@ def run_case(pipe, backbone, overrides: list[str]) -> dict:
                         cfg.steer.boundary_unit)
     with steerer.attach(backbone.experts(pipe)) if steerer is not None else nullcontext():
         with capture.attach(backbone.experts(pipe)):
-            capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
+            capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs))
             frames = run_pipeline(pipe, run_items(cfg)[0], kwargs, steerer, layout, loop).frames[0]
             readout = capture.read()
     return {"frames": torch.from_numpy(frames.copy()), "record": None if steerer is None else steerer.record(),

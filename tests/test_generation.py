@@ -177,6 +177,8 @@ def test_default_run_needs_no_arguments(cli, tmp_path):
     ("tiny_wan21", [], 2 * 3),  # CFG: cond and uncond, 3 steps (two calls a step)
     ("tiny_cogvideox", [], 2 * 3),  # one batched [uncond, cond] call a step still evaluates two branches
     ("tiny_wan21", ["model.guidance_scale=1.0"], 3),  # no CFG: the cond branch only
+    ("tiny_hunyuanvideo", ["model.guidance_scale=6.0"], 3),  # distilled guidance: embedded, one call a step
+    ("tiny_hunyuanvideo", ["model.true_cfg_scale=4.0"], 2 * 3),  # true CFG: cond, then uncond
 ])
 def test_rows_record_the_network_function_evaluations(tmp_path, model, overrides, nfe):
     gen(tmp_path / "run", f"model={model}", "prompts.prompts=[a cat]", "steer=none", *overrides)

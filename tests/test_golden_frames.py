@@ -25,7 +25,7 @@ import torch
 from conftest import compose
 
 GOLDEN = Path(__file__).parent / "golden" / "frames.json"
-TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox")
+TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_hunyuanvideo")
 # Every preset in conf/steer, plus the settings no preset covers: one branch, fixed channels, every channel.
 CASES = {
     "none": ["steer=none"],

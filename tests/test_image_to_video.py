@@ -172,7 +172,7 @@ def test_apply_stas_on_a_users_image_to_video_pipeline_equals_stas_run(tiny_pipe
 def test_text_only_backbones_refuse_an_image(tiny_pipelines, images, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"a cat on a mat\n{PROMPT}\t{images[0]}\n")
-    for model in ("tiny_wan21", "tiny_cogvideox"):
+    for model in ("tiny_wan21", "tiny_cogvideox", "tiny_hunyuanvideo"):
         cfg = compose([f"model={model}", "logger=none", "prompts=file", f"prompts.path={prompts}"])
         with pytest.raises(ConfigError, match=rf"^prompts.path='{prompts}': line 2 gives an image "
                                               rf"\('{images[0]}'\), but model={model} \(family \w+\) generates from "

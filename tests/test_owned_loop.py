@@ -20,7 +20,11 @@ from stas.prompts import Item
 
 from conftest import compose
 
-TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox")
+TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_hunyuanvideo")
+# The overrides that turn CFG on and off: guidance_scale; HunyuanVideo's true CFG (its twin's default runs none, and
+# its guidance_scale is embedded, never a second branch)
+CFG_SWITCH = {"tiny_hunyuanvideo": {True: ["model.true_cfg_scale=4.0"], False: []}}
+GUIDANCE_SCALE_SWITCH = {True: [], False: ["model.guidance_scale=1"]}
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 3)
 STEPS = 4  # the default window [0, 0.4) steers steps 0 and 1
 
@@ -44,8 +48,9 @@ def frames_and_record(pipe, kwargs, layout, loop, steerer=None):
 @pytest.mark.parametrize("twin", TWINS)
 @pytest.mark.parametrize("cfg_on", [True, False], ids=["cfg", "no_cfg"])
 def test_owned_loop_gives_the_pipelines_frames_bit_for_bit(tiny_pipelines, twin, cfg_on):
-    cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, twin, *([] if cfg_on else ["model.guidance_scale=1"]))
-    assert backbone.uses_cfg(kwargs["guidance_scale"]) is cfg_on
+    cfg, backbone, pipe, layout, kwargs = setup(tiny_pipelines, twin,
+                                                *CFG_SWITCH.get(twin, GUIDANCE_SCALE_SWITCH)[cfg_on])
+    assert backbone.uses_cfg(kwargs) is cfg_on
     expected, _ = frames_and_record(pipe, kwargs, layout, None)
     frames, _ = frames_and_record(pipe, kwargs, layout, make_loop(cfg, backbone))
     assert frames.dtype == np.float32 and frames.shape == expected.shape

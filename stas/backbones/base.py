@@ -75,6 +75,9 @@ class Backbone:
     pipeline: ClassVar[str]  # diffusers pipeline class
     transformer_class: ClassVar[str]  # diffusers transformer class
     blocks_attr: ClassVar[str]  # attribute of the transformer holding the block list
+    # A second block list that runs after blocks_attr's (HunyuanVideo's single-stream blocks): `blocks` lists both,
+    # the first list's blocks first. None: one list.
+    single_blocks_attr: ClassVar[str | None] = None
     temporal_compression: ClassVar[int]
     spatial_compression: ClassVar[int]
     patch: ClassVar[tuple[int, int, int]]  # (time, height, width) patch of the transformer
@@ -90,10 +93,15 @@ class Backbone:
     # The pipeline can hand the low-noise steps to a second expert transformer (model.boundary_ratio,
     # model.guidance_scale_2: Wan2.2-A14B's transformer_2).
     takes_experts: ClassVar[bool] = False
+    # The pipeline takes `true_cfg_scale` (model.true_cfg_scale): a guidance-distilled model whose CFG branches it
+    # decides instead of guidance_scale (HunyuanVideo).
+    takes_true_cfg: ClassVar[bool] = False
     # The module whose hidden_states input diffusers' `_cp_plan` splits across context-parallel ranks (dim 1, the
     # flattened video tokens, in contiguous equal chunks; gathered after the blocks): every block then sees one
     # rank's chunk (stas.backbones.parallel). None: the family cannot run context-parallel (model.parallel).
     context_parallel_split: ClassVar[str | None] = None
+    # The key of the pipeline scheduler's config that model.flow_shift sets (UniPC: flow_shift; FlowMatchEuler: shift).
+    flow_shift_key: ClassVar[str] = "flow_shift"
 
     # ------------------------------------------------------------------------------------------- the token grid
 
@@ -128,7 +136,11 @@ class Backbone:
     # ------------------------------------------------------------------------------------ blocks and CFG calls
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
-        return getattr(transformer, self.blocks_attr)
+        """The blocks in the order they run: layer indices (steer.layers, analysis) count over all of them."""
+        if self.single_blocks_attr is None:
+            return getattr(transformer, self.blocks_attr)
+        return torch.nn.ModuleList([*getattr(transformer, self.blocks_attr),
+                                    *getattr(transformer, self.single_blocks_attr)])
 
     def experts(self, pipe) -> dict[str, torch.nn.Module]:
         """{name: transformer} of every expert transformer of a pipeline, in the order they denoise (the names are
@@ -139,9 +151,20 @@ class Backbone:
         """The (B, S, D) video-token hidden states inside a block's output."""
         return block_output[0] if self.block_returns_tuple else block_output
 
-    def uses_cfg(self, guidance_scale: float) -> bool:
-        """Whether the family's pipeline runs classifier-free guidance at this guidance scale."""
-        return guidance_scale > 1.0
+    def uses_cfg(self, kwargs: dict) -> bool:
+        """Whether the family's pipeline runs classifier-free guidance (two branches) for these pipeline call
+        arguments (`pipeline_kwargs`): guidance_scale > 1, unless the family says otherwise (HunyuanVideo)."""
+        return kwargs["guidance_scale"] > 1.0
+
+    def pipeline_call_cfg(self, pipe) -> bool | None:
+        """Whether a user's pipeline call in progress runs CFG (stas.apply_stas), from what the pipeline records of
+        the call; None: it records nothing that tells (a two-pass family only: the call's second transformer call
+        tells, at the first one's timestep for the uncond branch)."""
+        return self.uses_cfg({"guidance_scale": pipe.guidance_scale})
+
+    def cfg_settings(self, model_cfg) -> str:
+        """The model config's settings that decide CFG, for messages."""
+        return f"model.guidance_scale={model_cfg.guidance_scale!r}: CFG needs > 1"
 
     def cfg_calls(self, branches: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
         """The transformer calls of one denoising step for these guidance branches (in the guider's order), each
@@ -234,6 +257,11 @@ class Backbone:
                                   do_classifier_free_guidance=do_cfg, num_videos_per_prompt=1,
                                   max_sequence_length=args["max_sequence_length"], device=device)
 
+    def branch_inputs(self, run: DenoisingRun) -> dict:
+        """{transformer keyword: (cond value, uncond value)}: the inputs that differ between guidance branches, for
+        the guider to hand out per branch (None for uncond without CFG)."""
+        return {"encoder_hidden_states": (run.embeds, run.negative_embeds)}
+
     def step_expert(self, run: DenoisingRun, step: int, t) -> Expert:
         """Which transformer denoises this step, with which guidance scale."""
         return Expert("transformer", run.pipe.transformer, run.args["guidance_scale"])
@@ -273,6 +301,10 @@ class Backbone:
     def tiny_components(self, diffusers, tiny, model_cfg) -> tuple:
         """(vae, transformer, scheduler) of the family's tiny twin at the sizes of `model.tiny`."""
         raise NotImplementedError(f"{type(self).__name__} has no tiny twin")
+
+    def tiny_text_components(self, tiny, model_cfg) -> dict | None:
+        """The twin's tokenizers and text encoders as pipeline components; None: stas.backbones.tiny's T5 pair."""
+        return None
 
     def tiny_pipeline(self, diffusers, components: dict):
         """The family's pipeline around tiny components (tokenizer, text_encoder, vae, transformer, scheduler)."""

@@ -65,7 +65,10 @@ def load_pipeline(model_cfg, backbone: Backbone):
 def check_pipeline_matches(pipe, backbone: Backbone) -> None:
     """Fail early when a loaded pipeline contradicts its backbone description (wrong family or sizes)."""
     transformer = pipe.transformer
-    blocks = getattr(transformer, backbone.blocks_attr, None)
+    try:
+        blocks = backbone.blocks(transformer)
+    except AttributeError:  # a transformer of another family
+        blocks = None
     found = {
         "pipeline": type(pipe).__name__,
         "num_layers": len(blocks) if blocks is not None else None,
@@ -107,8 +110,9 @@ def _from_pretrained(model_cfg, backbone: Backbone):
     except (OSError, ValueError, EnvironmentError) as err:
         cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise BackboneError(_not_cached_message(model_cfg.hub_id, cause)) from None
-    if model_cfg.flow_shift is not None and "flow_shift" in pipe.scheduler.config:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=model_cfg.flow_shift)
+    key = backbone.flow_shift_key
+    if model_cfg.flow_shift is not None and key in pipe.scheduler.config:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **{key: model_cfg.flow_shift})
     return pipe
 
 

@@ -52,7 +52,7 @@ def backbone_of_pipeline(pipe, name: str | None = None) -> Backbone:
                             f"(supported pipelines: {supported})")
     family = found[0]
     transformer = pipe.transformer
-    num_layers = len(getattr(transformer, family.blocks_attr))
-    probe = family(name="probe", num_layers=num_layers, hidden_dim=1)
+    probe = family(name="probe", num_layers=1, hidden_dim=1)
+    num_layers = len(probe.blocks(transformer))
     name = name or getattr(pipe.config, "_name_or_path", None) or family.family
     return family(name=str(name), num_layers=num_layers, hidden_dim=probe.hidden_dim_of(transformer))

@@ -14,6 +14,7 @@ A twin with two expert transformers (tiny_wan22_a14b) plants in both, the second
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -28,8 +29,11 @@ _VOCAB_CHARS = string.ascii_lowercase + string.digits + string.punctuation + " "
 _SPECIAL = {"<pad>": 0, "</s>": 1, "<unk>": 2}
 
 
-def build_tokenizer(max_length: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers
+def build_tokenizer(max_length: int, words: Sequence[str] = (), specials: tuple[str, ...] = (),
+                    bos: str | None = None):
+    """The character-level tokenizer, plus whole-token `words` (matched before the characters, longest first, case
+    kept) and `specials`; `bos`: a special token put in front of every text instead of `</s>` at its end (Llama)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +43,12 @@ def build_tokenizer(max_length: int):
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.decoder = decoders.BPEDecoder()
-    tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    specials = (*specials, bos) if bos else specials
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in specials])
+    tokenizer.add_tokens([AddedToken(word, normalized=False) for word in dict.fromkeys(words)])
+    template = (f"{bos} $A", bos) if bos else ("$A </s>", "</s>")
+    tokenizer.post_processor = TemplateProcessing(single=template[0],
+                                                  special_tokens=[(template[1], tokenizer.token_to_id(template[1]))])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
     )
@@ -68,12 +77,14 @@ def build_tiny_pipeline(model_cfg, backbone: Backbone):
 
     tiny = model_cfg.tiny
     torch.manual_seed(tiny.seed)
-    tokenizer = build_tokenizer(model_cfg.max_sequence_length)
-    text_encoder = build_text_encoder(tiny, len(tokenizer))
+    text = backbone.tiny_text_components(tiny, model_cfg)
+    if text is None:
+        tokenizer = build_tokenizer(model_cfg.max_sequence_length)
+        text = dict(tokenizer=tokenizer, text_encoder=build_text_encoder(tiny, len(tokenizer)))
     vae, transformer, scheduler = backbone.tiny_components(diffusers, tiny, model_cfg)
     experts = backbone.tiny_expert_components(diffusers, tiny, model_cfg)
-    pipe = backbone.tiny_pipeline(diffusers, dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                                  transformer=transformer, scheduler=scheduler, **experts))
+    pipe = backbone.tiny_pipeline(diffusers, dict(**text, vae=vae, transformer=transformer, scheduler=scheduler,
+                                                  **experts))
     # Every expert gets planted MAs: the first `plant`, the others `plant_2` where given (their own channels).
     for index, expert in enumerate(backbone.experts(pipe).values()):
         plant = tiny.plant if index == 0 or getattr(tiny, "plant_2", None) is None else tiny.plant_2

@@ -1,5 +1,5 @@
 """Checks of a model config beyond its ranges (stas.config.validation.validate_model): a second expert
-transformer where the family has one, the tiny twins' planted massive activations."""
+transformer and true CFG where the family has them, the tiny twins' sizes and planted massive activations."""
 
 from __future__ import annotations
 
@@ -19,6 +19,30 @@ def check_experts(model, backbone: Backbone) -> None:
     if getattr(model, "guidance_scale_2", None) is not None and getattr(model, "boundary_ratio", None) is None:
         raise ConfigError(f"model.guidance_scale_2={model.guidance_scale_2} needs model.boundary_ratio (the switch to "
                           "the second expert transformer, transformer_2, whose guidance scale it is)")
+
+
+def check_true_cfg(model, backbone: Backbone) -> None:
+    """model.true_cfg_scale: only where the pipeline takes it (HunyuanVideo)."""
+    if model.true_cfg_scale != 1.0 and not backbone.takes_true_cfg:
+        raise ConfigError(f"model.true_cfg_scale={model.true_cfg_scale} is HunyuanVideo's; {model.name}'s pipeline "
+                          "has none (its CFG is model.guidance_scale): leave it at 1.0")
+
+
+def check_tiny(model, backbone: Backbone) -> None:
+    """A tiny twin's sizes against the model's, and its planted MAs."""
+    tiny = model.tiny
+    if tiny.num_single_layers and backbone.single_blocks_attr is None:
+        raise ConfigError(f"model.tiny.num_single_layers={tiny.num_single_layers}, but family {model.family} has one "
+                          "block list (single-stream blocks are HunyuanVideo's): set it to 0")
+    layers = tiny.num_layers + tiny.num_single_layers
+    if (model.num_layers, model.hidden_dim) != (layers, tiny.num_heads * tiny.head_dim):
+        raise ConfigError(
+            f"model.num_layers={model.num_layers} and model.hidden_dim={model.hidden_dim} must equal "
+            f"model.tiny.num_layers+num_single_layers={layers} and num_heads*head_dim={tiny.num_heads * tiny.head_dim}"
+        )
+    for name in ("plant", "plant_2"):
+        if tiny.get(name) is not None and tiny[name].enabled:
+            check_plant(f"model.tiny.{name}", tiny[name], model.hidden_dim)
 
 
 def check_plant(path: str, plant, hidden_dim: int) -> None:

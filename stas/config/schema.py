@@ -41,7 +41,8 @@ class PlantConfig:
 @dataclass
 class TinyConfig:
     seed: int = 0  # seed of the tiny twin's random weights
-    num_layers: int = 2  # transformer blocks
+    num_layers: int = 2  # transformer blocks (HunyuanVideo: its double-stream blocks)
+    num_single_layers: int = 0  # HunyuanVideo's single-stream blocks, after the double-stream ones; in [0, 4096]
     num_heads: int = 2  # attention heads
     head_dim: int = 64  # hidden_dim = num_heads x head_dim = 128: room for 3 planted MA channels to stand out
     ffn_dim: int = 64  # feed-forward width of a block
@@ -65,7 +66,8 @@ class ParallelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING  # the model option (conf/model/<name>.yaml): W&B tag, run folder, tables' Model column
-    family: str = MISSING  # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15
+    # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15 | hunyuanvideo
+    family: str = MISSING
     hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
     revision: Optional[str] = None  # the checkpoint's revision on the hub; null: main
     tiny: Optional[TinyConfig] = None  # the tiny twin's sizes and planted MAs (tiny_* models only)
@@ -75,7 +77,12 @@ class ModelConfig:
     width: int = MISSING  # video width in pixels
     num_frames: int = MISSING  # video frames (latent frames: (F - 1) // 4 + 1)
     steps: int = MISSING  # denoising steps
-    guidance_scale: float = MISSING  # classifier-free guidance scale; <= 1: no CFG (one branch)
+    # classifier-free guidance scale; <= 1: no CFG (one branch). HunyuanVideo (guidance-distilled): the guidance
+    # embedded in its one transformer call, never a second branch (see true_cfg_scale)
+    guidance_scale: float = MISSING
+    # HunyuanVideo's true CFG: > 1 runs a second, uncond branch on model.negative_prompt and guides at this scale;
+    # in [0, 100]. Other families' pipelines have none: 1.0 there.
+    true_cfg_scale: float = 1.0
     # Two expert transformers (Wan2.2-A14B: WanPipeline's transformer_2 for the low-noise steps): the fraction of the
     # train timesteps below which transformer_2 denoises (t < boundary_ratio x 1000), in [0, 1]; null: one transformer
     # (a checkpoint: its own pipeline config). A tiny twin builds a second transformer when it is set.

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
                             backbone_from_config)
 from stas.backbones.parallel import check_parallel
-from stas.config.model_checks import check_experts, check_plant
+from stas.config.model_checks import check_experts, check_tiny, check_true_cfg
 from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
                                SEARCH_DIRECTIONS, StasConfig)
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
@@ -54,6 +54,7 @@ NUMERIC_BOUNDS = {
     "model.steps": Bounds(1, 10000),
     "model.guidance_scale": Bounds(0, 100),
     "model.guidance_scale_2": Bounds(0, 100),
+    "model.true_cfg_scale": Bounds(0, 100),
     "model.boundary_ratio": Bounds(0, 1),  # of the train timesteps: 0, only transformer; 1, only transformer_2
     "model.flow_shift": Bounds(0.01, 100),  # far below the published 1-12 the schedule collapses (black video)
     "model.fps": Bounds(1, 240),
@@ -63,6 +64,7 @@ NUMERIC_BOUNDS = {
     "steer.strength": Bounds(0, 1, low_open=True),  # 0 would leave every value as it is
     "detect.ratio": Bounds(0, 1_000_000, low_open=True),
     "detect.floor": Bounds(0, 1_000_000_000),
+    "model.tiny.num_single_layers": Bounds(0, 4096),  # 0: a family with one block list
     **{f"model.tiny.{size}": Bounds(1, 4096) for size in ("num_layers", "num_heads", "head_dim", "ffn_dim", "text_dim",
                                                          "vae_base_dim")},
     **{f"model.tiny.{plant}.{region}": Bounds(0, 100) for plant in ("plant", "plant_2")
@@ -133,16 +135,9 @@ def validate_model(model) -> Backbone:
     if problems:
         raise ConfigError("model." + "; model.".join(problems))
     check_experts(model, backbone)
+    check_true_cfg(model, backbone)
     if model.tiny is not None:
-        tiny = model.tiny
-        if (model.num_layers, model.hidden_dim) != (tiny.num_layers, tiny.num_heads * tiny.head_dim):
-            raise ConfigError(
-                f"model.num_layers={model.num_layers} and model.hidden_dim={model.hidden_dim} must equal "
-                f"model.tiny.num_layers={tiny.num_layers} and num_heads*head_dim={tiny.num_heads * tiny.head_dim}"
-            )
-        for name in ("plant", "plant_2"):
-            if tiny.get(name) is not None and tiny[name].enabled:
-                check_plant(f"model.tiny.{name}", tiny[name], model.hidden_dim)
+        check_tiny(model, backbone)
     return backbone
 
 
@@ -186,9 +181,10 @@ def validate_steer(steer, model, backbone: Backbone) -> None:
     if not steer.enabled:
         return
     check_steer_options(steer, model, backbone)
-    if steer.branches == "uncond" and not backbone.uses_cfg(model.guidance_scale):
-        raise ConfigError(f"steer.branches=uncond, but model.guidance_scale={model.guidance_scale!r} runs no "
-                          "classifier-free guidance, so there is no uncond branch: STAS would steer nothing")
+    if steer.branches == "uncond" and not backbone.uses_cfg(backbone.pipeline_kwargs(model)):
+        raise ConfigError(f"steer.branches=uncond, but model {model.name} runs no classifier-free guidance at these "
+                          f"settings ({backbone.cfg_settings(model)}), so there is no uncond branch: STAS would steer "
+                          "nothing")
     layout = TokenLayout(*backbone.latent_grid(model.height, model.width, model.num_frames))
     try:
         layout.boundary_span(steer.boundary_width, steer.boundary_unit)
@@ -280,9 +276,14 @@ def validate_detect(detect, steer) -> Detection:
         raise ConfigError(str(err)) from None
 
 
-def validate_guidance(guidance, model) -> None:
+def validate_guidance(guidance, model, backbone: Backbone) -> None:
     check_allowed("guidance.name", guidance.name, GUIDANCE)
     guider = make_guider(guidance)  # its parameters: names the guider takes, values it accepts
+    if skipped_layers(guider) and backbone.single_blocks_attr is not None:
+        raise ConfigError(f"guidance={guidance.name} perturbs blocks of one block list (diffusers' LayerSkipConfig), "
+                          f"but {model.name}'s blocks are two lists ({backbone.blocks_attr}, "
+                          f"{backbone.single_blocks_attr}), between which diffusers' fqn='auto' picks by set order: "
+                          "not supported; use guidance=cfg")
     outside = [index for index in skipped_layers(guider) if not 0 <= index < model.num_layers]
     if outside:
         raise ConfigError(f"guidance={guidance.name} perturbs blocks {outside}, but {model.name} has blocks 0 to "
@@ -384,7 +385,7 @@ def validate(cfg) -> Backbone:
     backbone = validate_model(cfg.model)
     validate_steer(cfg.steer, cfg.model, backbone)
     validate_detect(cfg.detect, cfg.steer)
-    validate_guidance(cfg.guidance, cfg.model)
+    validate_guidance(cfg.guidance, cfg.model, backbone)
     check_parallel(cfg.model, backbone, cfg.detect.rule, cfg.guidance.name, GUIDANCE[cfg.guidance.name].change)
     validate_prompts(cfg.prompts)
     validate_logger(cfg.logger)

@@ -51,7 +51,7 @@ class OwnedLoop:
             for change in self.changes:
                 stack.enter_context(change.attach(self.backbone.experts(pipe)))
                 layout = TokenLayout.for_video(self.backbone, args["height"], args["width"], args["num_frames"])
-                change.begin(layout, args["num_inference_steps"], self.backbone.uses_cfg(args["guidance_scale"]))
+                change.begin(layout, args["num_inference_steps"], self.backbone.uses_cfg(args))
             output = denoise(pipe, self.backbone, self.guider, **args)
         self.nfe = output.nfe
         return output
@@ -118,7 +118,7 @@ def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) 
     expert = backbone.step_expert(run, step, t)
     guider.guidance_scale = expert.guidance_scale
     guider.set_state(step, run.num_steps, t)
-    batches = guider.prepare_inputs({"encoder_hidden_states": (run.embeds, run.negative_embeds)})
+    batches = guider.prepare_inputs(backbone.branch_inputs(run))
     by_branch = {branch_of(guider, batch): batch for batch in batches}
     calls = backbone.cfg_calls(tuple(by_branch))
     for index, branches in enumerate(calls):
@@ -132,11 +132,11 @@ def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) 
 
 def predict(run: DenoisingRun, backbone: Backbone, expert: Expert, t, call: DenoisingCall, batches) -> tuple:
     """One transformer call on the branches `batches` stacked in rows: each branch's prediction."""
-    embeds = [batch.encoder_hidden_states for batch in batches]
-    inputs = backbone.call_inputs(run, t, len(batches))
+    branch_inputs = {key: [getattr(batch, key) for batch in batches] for key in backbone.branch_inputs(run)}
+    inputs = {**backbone.call_inputs(run, t, len(batches)),
+              **{key: torch.cat(values) if len(values) > 1 else values[0] for key, values in branch_inputs.items()}}
     with backbone.call_context(run, expert, call.branches, call.step), announced(expert.module, call):
-        output = expert.module(**inputs, encoder_hidden_states=torch.cat(embeds) if len(embeds) > 1 else embeds[0],
-                               attention_kwargs=None, return_dict=False)[0]
+        output = expert.module(**inputs, attention_kwargs=None, return_dict=False)[0]
     return backbone.prediction(output).chunk(len(batches))
 
 

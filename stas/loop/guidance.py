@@ -41,7 +41,9 @@ GUIDANCE = {
                                 EnhanceAVideo, {"enhance_weight": "weight", "enhance_start": "start",
                                                 "enhance_stop": "stop"}),
 }
-SET_BY_THE_LOOP = {"guidance_scale": "model.guidance_scale", "enabled": "model.guidance_scale (> 1: CFG)"}
+# HunyuanVideo (guidance-distilled): model.true_cfg_scale instead (Backbone.step_expert, Backbone.uses_cfg)
+SET_BY_THE_LOOP = {"guidance_scale": "model.guidance_scale (HunyuanVideo: model.true_cfg_scale)",
+                   "enabled": "model.guidance_scale > 1 (HunyuanVideo: model.true_cfg_scale > 1)"}
 
 
 class GuidesEveryStep:

@@ -114,7 +114,7 @@ def analyze(cfg, run_dir: Path, backbone: Backbone, logger, pipe=None) -> Analys
                 stack.enter_context(variant_steerer.attach(backbone.experts(pipe)))
             stack.enter_context(capture.attach(backbone.experts(pipe)))  # after steering: sees the steered outputs
             for item in tqdm(items, desc=f"prompts ({name})", disable=not cfg.progress):
-                capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
+                capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs))
                 run_pipeline(pipe, item, kwargs, variant_steerer, layout, loop)
                 accumulated[name].add(capture.read())
     stats = {

@@ -95,6 +95,11 @@ class DenoisingTracker:
         self.calls, self.step, self.call_in_step = 0, -1, 0
         self.step_calls = self.backbone.pipeline_cfg_calls(do_cfg)
 
+    def set_cfg(self, do_cfg: bool) -> None:
+        """Whether the pipeline call in progress runs CFG, learnt after its first transformer call (a two-pass
+        pipeline that records nothing that tells: stas.apply_stas on HunyuanVideo); that call is cond either way."""
+        self.do_cfg = do_cfg
+
     def counted_call(self, expert: str = "transformer") -> DenoisingCall:
         """The call a family's own pipeline makes as call number `self.calls` of the run, on `expert`: the calls of
         every expert count on, so the step index goes on across a switch of experts (Wan2.2-A14B)."""

@@ -125,7 +125,7 @@ def capture_readout(*overrides: str):
                         cfg.steer.boundary_unit)
     steerer = make_steerer(cfg, backbone)
     with steerer.attach(pipe.transformer), capture.attach(pipe.transformer):
-        capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs["guidance_scale"]))
+        capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs))
         run_pipeline(pipe, ITEM, kwargs, steerer, layout)
         return capture.read()
 

@@ -121,8 +121,9 @@ BAD = [
                                                  r"no step"),
     (["steer.strength=0"], r"steer.strength=0.0 must be a finite number in \(0, 1\]"),
     (["steer.rule=scale"], r"steer.alpha=1.0 with steer.rule=scale leaves every value as it is"),
-    (["steer.branches=uncond", "model.guidance_scale=1"], r"steer.branches=uncond, but model.guidance_scale=1.0 runs "
-                                                          r"no classifier-free guidance"),
+    (["steer.branches=uncond", "model.guidance_scale=1"], r"steer.branches=uncond, but model tiny_wan21 runs no "
+                                                          r"classifier-free guidance at these settings "
+                                                          r"\(model.guidance_scale=1.0: CFG needs > 1\)"),
     (["model.num_frames=1", "steer.targets=boundary"], r"steer.targets='boundary' selects no token of a "
                                                        r"1-latent-frame video"),
     # keys that are not fields, values their field cannot hold
@@ -140,7 +141,8 @@ BAD = [
     (["guidance=apg", "+guidance.params.etaa=0"], r"^guidance.params.etaa is not a parameter of diffusers' "
                                                   r"AdaptiveProjectedGuidance \(guidance=apg\); parameters: "),
     (["+guidance.params.guidance_scale=3"], r"^guidance.params.guidance_scale is set by the loop from "
-                                            r"model.guidance_scale; set that instead$"),
+                                            r"model.guidance_scale \(HunyuanVideo: model.true_cfg_scale\); set "
+                                            r"that instead$"),
     (["guidance.params.guidance_rescale=2"], r"^guidance.params.guidance_rescale=2 must be an integer in \[0, 1\]$"),
     # values that passed and then gave a black video or crashed late (adversarial review)
     (["model.flow_shift=1e-300"], r"^model.flow_shift=1e-300 must be a finite number in \[0.01, 100\]$"),

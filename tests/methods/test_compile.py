@@ -160,7 +160,7 @@ def capture_runs(built, runs: int) -> list[dict]:
     results = []
     with steerer.attach(pipe.transformer), capture.attach(pipe.transformer):
         for _ in range(runs):
-            capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs['guidance_scale']))
+            capture.begin(layout, cfg.model.steps, backbone.uses_cfg(kwargs))
             run_pipeline(pipe, ITEM, kwargs, steerer, layout)
             readout = capture.read()
             results.append({"readout": readout, "record": steerer.record(), "counts": compile_counts()})

@@ -1,4 +1,4 @@
-"""STAS hooks on the real tiny pipelines of all three families."""
+"""STAS hooks on the real tiny pipelines of every family."""
 
 import json
 from collections import Counter
@@ -17,7 +17,8 @@ from stas.core.rules import RULES, apply_rule
 
 from conftest import compose
 
-FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]
+FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]  # CFG on: the cases of both branches
+EVERY_FAMILY = [*FAMILIES, "tiny_hunyuanvideo"]  # its twin runs one branch (true CFG off)
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 7)
 STEPS = 4
 
@@ -41,7 +42,7 @@ def steerer_for(pipelines, name, *overrides):
     return make_steerer(cfg, pipelines[name][1])
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", EVERY_FAMILY)
 def test_empty_window_equals_vanilla_and_steering_changes_the_video(tiny_pipelines, name):
     vanilla = run(tiny_pipelines, name, None)
     # [0, 0.05) of 4 steps rounds to no step at all
@@ -99,15 +100,17 @@ def test_batched_cfg_steers_only_the_configured_half(tiny_pipelines, branch):
     assert not torch.equal(steered[changed], vanilla[changed])
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", EVERY_FAMILY)
 @pytest.mark.parametrize("rule", RULES)
 def test_in_place_hook_equals_apply_rule(tiny_pipelines, name, rule):
-    """The fast in-place hook computes what the reference function `apply_rule` computes."""
+    """The fast in-place hook computes what the reference function `apply_rule` computes, in the last block (the
+    HunyuanVideo twin's: a single-stream block)."""
     cfg, backbone, pipe = tiny_pipelines[name]
     before, after = [], []
-    block = backbone.blocks(pipe.transformer)[1]
+    last = len(backbone.blocks(pipe.transformer)) - 1
+    block = backbone.blocks(pipe.transformer)[last]
     h1 = block.register_forward_hook(lambda m, a, o: before.append(backbone.video_tokens(o).clone()))
-    steerer = steerer_for(tiny_pipelines, name, "steer.layers=[1]", f"steer.rule={rule}", "steer.alpha=1.5",
+    steerer = steerer_for(tiny_pipelines, name, f"steer.layers=[{last}]", f"steer.rule={rule}", "steer.alpha=1.5",
                           "steer.strength=0.75", "steer.window.end=0.25")
     try:
         with steerer.attach(pipe.transformer):

@@ -46,7 +46,7 @@ class CogVideoX(Backbone):
     def denoising_run(self, pipe, args: dict) -> DenoisingRun:
         from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 
-        device, do_cfg = pipe._execution_device, self.uses_cfg(args["guidance_scale"])
+        device, do_cfg = pipe._execution_device, self.uses_cfg(args)
         embeds, negative = self.encode_prompt(pipe, args, do_cfg, device)
         timesteps, _ = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device)
         frames, config = args["num_frames"], pipe.transformer.config

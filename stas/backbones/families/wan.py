@@ -48,7 +48,7 @@ class Wan21(Backbone):
     # ------------------------------------------------------------ WanPipeline.__call__'s parts, for stas.loop
 
     def denoising_run(self, pipe, args: dict) -> DenoisingRun:
-        device, do_cfg = pipe._execution_device, self.uses_cfg(args["guidance_scale"])
+        device, do_cfg = pipe._execution_device, self.uses_cfg(args)
         embeds, negative = self.encode_prompt(pipe, args, do_cfg, device)
         dtype = pipe.transformer.dtype
         embeds, negative = embeds.to(dtype), None if negative is None else negative.to(dtype)
