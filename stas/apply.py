@@ -80,8 +80,7 @@ class StasHandle:
             return
         # set_timesteps made new timesteps: a new pipeline call (also after an interrupted one)
         self._timesteps = timesteps
-        latents = kwargs.get("hidden_states", args[0] if args else None)
-        layout = TokenLayout(*self.backbone.grid_of_latents(latents))
+        layout = TokenLayout(*self.backbone.grid_of_call(args, kwargs))
         self.steerer.begin(layout, len(timesteps), do_cfg=self.backbone.uses_cfg(self.pipe.guidance_scale))
 
     def record(self) -> dict:

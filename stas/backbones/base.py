@@ -39,6 +39,9 @@ class DenoisingRun:
     latents: torch.Tensor
     do_cfg: bool
     call_inputs: dict = field(default_factory=dict)  # transformer keywords computed once per video (RoPE tables)
+    # Transformer keywords that differ by guidance branch beyond the text embeddings, as (cond, uncond) like
+    # (embeds, negative_embeds): the guider splits them into its branches with the embeddings (LTX's text masks).
+    branch_inputs: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # the family's own loop state (scheduler step arguments, ...)
 
     @property
@@ -81,7 +84,7 @@ class Backbone:
     cfg_layout: ClassVar[str]  # "two_pass": cond call then uncond call per step; "batched": one call on [uncond, cond]
     block_returns_tuple: ClassVar[bool]  # the block returns (video tokens, text tokens) instead of the video tokens
     text_tokens: ClassVar[str]  # how text enters the blocks; steering and capture only ever see the video tokens
-    latents_frame_axis: ClassVar[int]  # axis of the latent frames in the latents a transformer call receives
+    latents_frame_axis: ClassVar[int]  # axis of the latent frames in the (unpacked) latents of a video
     expand_timesteps: ClassVar[bool] = False  # a timestep per token (Wan2.2-TI2V)
     takes_image: ClassVar[bool] = False  # image-to-video: a prompt may start from an image (args["image"] in the loop)
     # Self-attention runs on [text, video] tokens and returns (video, text) (joint attention, CogVideoX) instead of
@@ -121,9 +124,13 @@ class Backbone:
         return frames // self.patch[0], height // self.pixels_per_token[0], width // self.pixels_per_token[1]
 
     def grid_of_latents(self, latents: torch.Tensor) -> tuple[int, int, int]:
-        """(frames, height, width) token grid of the latents a transformer call receives."""
+        """(frames, height, width) token grid of a video's latents (B, C, F, H, W) or (B, F, C, H, W)."""
         frames, (height, width) = latents.shape[self.latents_frame_axis], latents.shape[-2:]
         return frames // self.patch[0], height // self.patch[1], width // self.patch[2]
+
+    def grid_of_call(self, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+        """(frames, height, width) token grid of a transformer call, from its inputs (a forward pre-hook's)."""
+        return self.grid_of_latents(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
     # ------------------------------------------------------------------------------------ blocks and CFG calls
 
@@ -198,6 +205,10 @@ class Backbone:
                 AttentionProcessorRegistry.register(processor, AttentionProcessorMetadata(skip_processor_output_fn=skipped))
 
     # --------------------------------------------------------------------------------------- the pipeline call
+
+    def vae_compression_of(self, pipe) -> tuple[int, int]:
+        """(time, space) compression of a loaded pipeline's VAE, as the pipeline reads it."""
+        return pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
 
     def pipeline_kwargs(self, model_cfg) -> dict:
         """The sampling arguments of every pipeline call of a run (prompt and generator come per video)."""

@@ -66,11 +66,12 @@ def check_pipeline_matches(pipe, backbone: Backbone) -> None:
     """Fail early when a loaded pipeline contradicts its backbone description (wrong family or sizes)."""
     transformer = pipe.transformer
     blocks = getattr(transformer, backbone.blocks_attr, None)
+    temporal, spatial = backbone.vae_compression_of(pipe)
     found = {
         "pipeline": type(pipe).__name__,
         "num_layers": len(blocks) if blocks is not None else None,
-        "vae temporal compression": pipe.vae_scale_factor_temporal,
-        "vae spatial compression": pipe.vae_scale_factor_spatial,
+        "vae temporal compression": temporal,
+        "vae spatial compression": spatial,
     }
     expected = {
         "pipeline": backbone.pipeline,

@@ -65,7 +65,7 @@ class ParallelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING  # the model option (conf/model/<name>.yaml): W&B tag, run folder, tables' Model column
-    family: str = MISSING  # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15
+    family: str = MISSING  # backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15 | ltx
     hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
     revision: Optional[str] = None  # the checkpoint's revision on the hub; null: main
     tiny: Optional[TinyConfig] = None  # the tiny twin's sizes and planted MAs (tiny_* models only)
@@ -73,7 +73,7 @@ class ModelConfig:
     hidden_dim: int = MISSING  # hidden-state channels (checked against the loaded model)
     height: int = MISSING  # video height in pixels
     width: int = MISSING  # video width in pixels
-    num_frames: int = MISSING  # video frames (latent frames: (F - 1) // 4 + 1)
+    num_frames: int = MISSING  # video frames (latent frames: (F - 1) // the VAE's time compression (4, LTX 8) + 1)
     steps: int = MISSING  # denoising steps
     guidance_scale: float = MISSING  # classifier-free guidance scale; <= 1: no CFG (one branch)
     # Two expert transformers (Wan2.2-A14B: WanPipeline's transformer_2 for the low-noise steps): the fraction of the

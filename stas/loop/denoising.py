@@ -118,7 +118,7 @@ def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) 
     expert = backbone.step_expert(run, step, t)
     guider.guidance_scale = expert.guidance_scale
     guider.set_state(step, run.num_steps, t)
-    batches = guider.prepare_inputs({"encoder_hidden_states": (run.embeds, run.negative_embeds)})
+    batches = guider.prepare_inputs({"encoder_hidden_states": (run.embeds, run.negative_embeds), **run.branch_inputs})
     by_branch = {branch_of(guider, batch): batch for batch in batches}
     calls = backbone.cfg_calls(tuple(by_branch))
     for index, branches in enumerate(calls):
@@ -132,11 +132,12 @@ def denoising_step(run: DenoisingRun, backbone: Backbone, guider, step: int, t) 
 
 def predict(run: DenoisingRun, backbone: Backbone, expert: Expert, t, call: DenoisingCall, batches) -> tuple:
     """One transformer call on the branches `batches` stacked in rows: each branch's prediction."""
-    embeds = [batch.encoder_hidden_states for batch in batches]
     inputs = backbone.call_inputs(run, t, len(batches))
+    for name in ("encoder_hidden_states", *run.branch_inputs):  # each branch's rows, stacked in the call's order
+        rows = [getattr(batch, name) for batch in batches]
+        inputs[name] = torch.cat(rows) if len(rows) > 1 else rows[0]
     with backbone.call_context(run, expert, call.branches, call.step), announced(expert.module, call):
-        output = expert.module(**inputs, encoder_hidden_states=torch.cat(embeds) if len(embeds) > 1 else embeds[0],
-                               attention_kwargs=None, return_dict=False)[0]
+        output = expert.module(**inputs, attention_kwargs=None, return_dict=False)[0]
     return backbone.prediction(output).chunk(len(batches))
 
 
