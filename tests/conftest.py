@@ -58,5 +58,5 @@ def build_twin(name: str) -> tuple:
 
 @pytest.fixture(scope="session")
 def tiny_pipelines():
-    """Built once per session: {model name: (cfg, backbone, pipe)} for the three tiny families."""
-    return {name: build_twin(name) for name in ("tiny_wan21", "tiny_wan22", "tiny_cogvideox")}
+    """Built once per session: {model name: (cfg, backbone, pipe)} for the four tiny families."""
+    return {name: build_twin(name) for name in ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_ltx")}

@@ -20,7 +20,7 @@ from stas.prompts import Item
 
 from conftest import compose
 
-TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox")
+TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_ltx")
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 3)
 STEPS = 4  # the default window [0, 0.4) steers steps 0 and 1
 
