@@ -120,5 +120,5 @@ def test_an_unknown_pipeline_is_refused():
         pass
 
     with pytest.raises(Exception, match=r"NotAPipeline is no family stas knows \(supported pipelines: "
-                                        r"CogVideoXPipeline, WanPipeline\)"):
+                                        r"CogVideoXPipeline, LTXPipeline, WanPipeline\)"):
         stas.apply_stas(NotAPipeline())

@@ -16,7 +16,7 @@ from stas.core.rules import RULES, apply_rule
 
 from conftest import compose
 
-FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]
+FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_ltx"]
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 7)
 STEPS = 4
 

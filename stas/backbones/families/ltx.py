@@ -55,6 +55,13 @@ class LTXVideo(Backbone):
         # LTXAttention has no is_cross_attention: attn1 is the block's self-attention, attn2 its cross-attention.
         return [block.attn1 for block in self.blocks(transformer)]
 
+    def register_layer_skip(self, transformer: torch.nn.Module) -> None:
+        # diffusers' layer-skip hooks (skip-layer, perturbed-attention guidance) tell self- from cross-attention by
+        # `is_cross_attention`, which LTXAttention lacks (diffusers 0.42.1)
+        for block in self.blocks(transformer):
+            block.attn1.is_cross_attention, block.attn2.is_cross_attention = False, True
+        super().register_layer_skip(transformer)
+
     def pipeline_kwargs(self, model_cfg) -> dict:
         # The pipeline's frame_rate sets the time scale of its RoPE (rope_interpolation_scale): the video's fps.
         return {**super().pipeline_kwargs(model_cfg), "frame_rate": model_cfg.fps}
