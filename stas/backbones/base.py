@@ -93,6 +93,9 @@ class Backbone:
     # The pipeline can hand the low-noise steps to a second expert transformer (model.boundary_ratio,
     # model.guidance_scale_2: Wan2.2-A14B's transformer_2).
     takes_experts: ClassVar[bool] = False
+    # The fewest denoising steps the family's pipeline can take (LTX's scheduler stretches its sigmas towards a
+    # terminal shift, which divides 0 by 0 for a single step).
+    min_steps: ClassVar[int] = 1
     # The module whose hidden_states input diffusers' `_cp_plan` splits across context-parallel ranks (dim 1, the
     # flattened video tokens, in contiguous equal chunks; gathered after the blocks): every block then sees one
     # rank's chunk (stas.backbones.parallel). None: the family cannot run context-parallel (model.parallel).

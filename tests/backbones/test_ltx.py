@@ -88,8 +88,10 @@ def test_the_published_grid():
     (["model.num_frames=17"], None),
     (["model.width=700"], r"model.width=700 must be a positive multiple of 32 for ltx_video \(32x VAE x patch 1\)"),
     (["model.height=488"], r"model.height=488 must be a positive multiple of 32"),
+    (["model.steps=1"], r"model.steps=1 is too few for family ltx: its pipeline's scheduler needs at least 2 steps"),
+    (["model.steps=2"], None),
 ])
-def test_sizes_are_checked_with_a_clear_error(overrides, message):
+def test_sizes_and_steps_are_checked_with_a_clear_error(overrides, message):
     cfg = compose(["model=ltx_video", "logger=none", *overrides])
     if message is None:
         assert validate(cfg).family == "ltx"

@@ -33,6 +33,7 @@ class LTXVideo(Backbone):
     text_tokens = ("cross-attention only (encoder_hidden_states, masked by encoder_attention_mask), never in the block "
                    "output")
     latents_frame_axis = 2  # unpacked latents are (B, C, F, H, W); a transformer call gets them packed (B, S, C)
+    min_steps = 2  # FlowMatchEulerDiscreteScheduler with shift_terminal (Lightricks/LTX-Video's config)
     # diffusers' _cp_plan for LTX splits the transformer's own inputs and its RoPE tables, not a block's input as
     # stas's context parallelism expects (stas.backbones.parallel): not supported yet.
     context_parallel_split = None
