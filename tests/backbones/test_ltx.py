@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stas.backbones import BackboneError, backbone_of_pipeline, get_backbone
+from stas.backbones.loading import check_pipeline_matches
 from stas.config import ConfigError, load_group_option, validate
 from stas.core.layout import TokenLayout
 from stas.generation import make_loop, make_steerer, run_pipeline
@@ -128,6 +129,16 @@ def test_the_twin_is_recognised_as_ltx_and_its_transformer_gets_packed_latents(t
     # one call a step on [uncond, cond]; 3 x 4 x 5 tokens of 8 latent channels
     assert seen == [((2, 60, 8), (3, 4, 5))] * 2
     assert TokenLayout.for_video(backbone, 128, 160, 17) == TokenLayout(3, 4, 5)
+
+
+def test_a_checkpoint_is_checked_against_its_config_with_the_pipelines_own_vae_ratios(tiny_pipelines):
+    """LTXPipeline has vae_temporal/spatial_compression_ratio, not vae_scale_factor_*: the load check reads those,
+    and only the block count of the twin differs from ltx_video's config."""
+    _, _, pipe = tiny_pipelines[TWIN]
+    check_pipeline_matches(pipe, get_backbone(TWIN))
+    with pytest.raises(BackboneError, match=r"^model 'ltx_video' does not match its checkpoint: "
+                                            r"num_layers: config says 28, checkpoint has 2$"):
+        check_pipeline_matches(pipe, get_backbone("ltx_video"))
 
 
 @pytest.mark.parametrize("cfg_on", [True, False], ids=["cfg", "no_cfg"])
