@@ -210,8 +210,9 @@ class Backbone:
     # --------------------------------------------------------------------------------------- the pipeline call
 
     def vae_compression_of(self, pipe) -> tuple[int, int]:
-        """(time, space) compression of a loaded pipeline's VAE, as the pipeline reads it."""
-        return pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+        """(time, space) compression of a loaded pipeline's VAE, as the pipeline reads it (None where a pipeline of
+        another family names it otherwise: the load check then reports the wrong pipeline)."""
+        return getattr(pipe, "vae_scale_factor_temporal", None), getattr(pipe, "vae_scale_factor_spatial", None)
 
     def pipeline_kwargs(self, model_cfg) -> dict:
         """The sampling arguments of every pipeline call of a run (prompt and generator come per video)."""

@@ -139,6 +139,10 @@ def test_a_checkpoint_is_checked_against_its_config_with_the_pipelines_own_vae_r
     with pytest.raises(BackboneError, match=r"^model 'ltx_video' does not match its checkpoint: "
                                             r"num_layers: config says 28, checkpoint has 2$"):
         check_pipeline_matches(pipe, get_backbone("ltx_video"))
+    wan = tiny_pipelines["tiny_wan21"][2]
+    with pytest.raises(BackboneError, match=r"pipeline: config says LTXPipeline, checkpoint has WanPipeline; .*"
+                                            r"vae temporal compression: config says 8, checkpoint has None"):
+        check_pipeline_matches(wan, get_backbone(TWIN))
 
 
 @pytest.mark.parametrize("cfg_on", [True, False], ids=["cfg", "no_cfg"])

@@ -50,7 +50,8 @@ class LTXVideo(Backbone):
         return tuple(int(size) for size in grid)  # patch 1: a token per latent position
 
     def vae_compression_of(self, pipe) -> tuple[int, int]:
-        return pipe.vae_temporal_compression_ratio, pipe.vae_spatial_compression_ratio
+        return (getattr(pipe, "vae_temporal_compression_ratio", None),
+                getattr(pipe, "vae_spatial_compression_ratio", None))
 
     def self_attentions(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         # LTXAttention has no is_cross_attention: attn1 is the block's self-attention, attn2 its cross-attention.
@@ -109,7 +110,7 @@ class LTXVideo(Backbone):
         latents = pipe._denormalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
         latents = latents.to(run.embeds.dtype)
         timestep = None
-        if vae.config.timestep_conditioning:  # LTX-Video >= 0.9.1: the VAE decodes at a timestep, with noise mixed in
+        if vae.config.timestep_conditioning:  # LTX-Video >= 0.9.1: the VAE decodes at a timestep, noise mixed in
             noise = randn_tensor(latents.shape, generator=run.args["generator"], device=run.device,
                                  dtype=latents.dtype)
             decode_timestep = run.args.get("decode_timestep", 0.0)  # the pipeline's defaults
@@ -135,10 +136,10 @@ class LTXVideo(Backbone):
         )
 
     def tiny_components(self, diffusers, tiny, model_cfg) -> tuple:
-        width = tiny.num_heads * tiny.head_dim
         transformer = diffusers.LTXVideoTransformer3DModel(
             in_channels=8, out_channels=8, num_attention_heads=tiny.num_heads, attention_head_dim=tiny.head_dim,
-            cross_attention_dim=width, num_layers=tiny.num_layers, caption_channels=tiny.text_dim,
+            cross_attention_dim=tiny.num_heads * tiny.head_dim, num_layers=tiny.num_layers,
+            caption_channels=tiny.text_dim,
         )
         # Lightricks/LTX-Video's scheduler config: the shift grows with the token count (the pipeline's mu)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
