@@ -87,8 +87,7 @@ class StasHandle:
             return
         # set_timesteps made new timesteps: a new pipeline call (also after an interrupted one)
         self._timesteps = timesteps
-        latents = kwargs.get("hidden_states", args[0] if args else None)
-        layout = TokenLayout(*self.backbone.grid_of_latents(latents))
+        layout = TokenLayout(*self.backbone.grid_of_call(args, kwargs))
         do_cfg = self.backbone.pipeline_call_cfg(self.pipe)
         self._first_timestep = timestep.clone() if do_cfg is None else None
         self.steerer.begin(layout, len(timesteps), do_cfg=bool(do_cfg))

@@ -58,8 +58,9 @@ def build_twin(name: str) -> tuple:
 
 @pytest.fixture(scope="session")
 def tiny_pipelines():
-    """Built once per session: {model name: (cfg, backbone, pipe)} for the four tiny families."""
-    return {name: build_twin(name) for name in ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_hunyuanvideo")}
+    """Built once per session: {model name: (cfg, backbone, pipe)} for the five tiny families."""
+    return {name: build_twin(name) for name in ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_hunyuanvideo",
+                                                   "tiny_ltx")}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -142,6 +142,8 @@ def test_torchrun_stas_run_writes_one_run_with_one_process_videos(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["model=tiny_cogvideox", "model.parallel.ulysses_degree=2"],
      r"cogvideox family \(CogVideoXTransformer3DModel\) has no context-parallel plan"),
+    (["model=tiny_ltx", "model.parallel.ulysses_degree=2"],
+     r"ltx family \(LTXVideoTransformer3DModel\) has no context-parallel plan in diffusers that stas supports"),
     (["model=tiny_wan21", "model.num_frames=9", "model.parallel.ulysses_degree=5"],
      r"splits the 72 video tokens .* into 5 equal chunks"),
     (["model=tiny_wan21", "model.parallel.ring_degree=2", "model.device=cpu"], r"ring_degree=2 needs CUDA"),

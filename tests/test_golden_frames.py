@@ -25,7 +25,7 @@ import torch
 from conftest import compose
 
 GOLDEN = Path(__file__).parent / "golden" / "frames.json"
-TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_hunyuanvideo")
+TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_hunyuanvideo", "tiny_ltx")
 # Every preset in conf/steer, plus the settings no preset covers: one branch, fixed channels, every channel.
 CASES = {
     "none": ["steer=none"],
@@ -39,7 +39,7 @@ CASES = {
     "stas_fixed_channels": ["steer=stas", "steer.dims=[3,17]"],
     "scale_all_channels": ["steer=amplify", "steer.dims=all", "steer.alpha=1.5"],
 }
-# Short runs: 4 steps (2 in the default window), 9 frames (3 latent frames: first, interior, boundaries).
+# Short runs: 4 steps (2 in the default window), 9 frames (3 latent frames, tiny_ltx 2: first, interior, boundaries).
 SIZE = ["model.steps=4", "model.num_frames=9"]
 
 

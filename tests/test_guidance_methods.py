@@ -39,6 +39,8 @@ SLOW = pytest.mark.slow  # the quick tier keeps one case per guidance, one per f
 
 @pytest.mark.parametrize("twin,name,weight_key", [
     ("tiny_wan21", "slg", "skip_layer_guidance_scale"), ("tiny_cogvideox", "pag", "perturbed_guidance_scale"),
+    ("tiny_ltx", "pag", "perturbed_guidance_scale"),
+    pytest.param("tiny_ltx", "slg", "skip_layer_guidance_scale", marks=SLOW),
     pytest.param("tiny_cogvideox", "slg", "skip_layer_guidance_scale", marks=SLOW),
     pytest.param("tiny_wan21", "pag", "perturbed_guidance_scale", marks=SLOW)])
 def test_perturbed_pass_guidance_follows_the_guiders_math_and_leaves_no_hook(tiny_pipelines, twin, name, weight_key):
@@ -80,7 +82,7 @@ def test_enhance_factor_is_the_papers_cross_frame_intensity():
     assert enhance_factor(query, key, frames, -frames) == 1.0  # clamped: never weakens the attention
 
 
-@pytest.mark.parametrize("twin", ["tiny_cogvideox", pytest.param("tiny_wan21", marks=SLOW)])
+@pytest.mark.parametrize("twin", ["tiny_cogvideox", "tiny_ltx", pytest.param("tiny_wan21", marks=SLOW)])
 def test_enhance_hook_scales_the_video_output_of_each_self_attention_by_one_factor(tiny_pipelines, twin):
     """The first self-attention of the first call (the same inputs with and without the method): its video output is
     the plain one times a single factor > 1; CogVideoX's text output is untouched."""

@@ -84,7 +84,7 @@ class Backbone:
     cfg_layout: ClassVar[str]  # "two_pass": cond call then uncond call per step; "batched": one call on [uncond, cond]
     block_returns_tuple: ClassVar[bool]  # the block returns (video tokens, text tokens) instead of the video tokens
     text_tokens: ClassVar[str]  # how text enters the blocks; steering and capture only ever see the video tokens
-    latents_frame_axis: ClassVar[int]  # axis of the latent frames in the latents a transformer call receives
+    latents_frame_axis: ClassVar[int]  # axis of the latent frames in the (unpacked) latents of a video
     expand_timesteps: ClassVar[bool] = False  # a timestep per token (Wan2.2-TI2V)
     takes_image: ClassVar[bool] = False  # image-to-video: a prompt may start from an image (args["image"] in the loop)
     # Self-attention runs on [text, video] tokens and returns (video, text) (joint attention, CogVideoX) instead of
@@ -96,6 +96,9 @@ class Backbone:
     # The pipeline takes `true_cfg_scale` (model.true_cfg_scale): a guidance-distilled model whose CFG branches it
     # decides instead of guidance_scale (HunyuanVideo).
     takes_true_cfg: ClassVar[bool] = False
+    # The fewest denoising steps the family's pipeline can take (LTX's scheduler stretches its sigmas towards a
+    # terminal shift, which divides 0 by 0 for a single step).
+    min_steps: ClassVar[int] = 1
     # The module whose hidden_states input diffusers' `_cp_plan` splits across context-parallel ranks (dim 1, the
     # flattened video tokens, in contiguous equal chunks; gathered after the blocks): every block then sees one
     # rank's chunk (stas.backbones.parallel). None: the family cannot run context-parallel (model.parallel).
@@ -115,9 +118,9 @@ class Backbone:
         tc = self.temporal_compression
         if num_frames < 1 or (num_frames - 1) % tc:
             problems.append(f"num_frames={num_frames} must be {tc}k+1 (e.g. {tc * 4 + 1}) for a VAE compressing time {tc}x")
-        for field, value, step in (("height", height, self.pixels_per_token[0]), ("width", width, self.pixels_per_token[1])):
+        for name, value, step in (("height", height, self.pixels_per_token[0]), ("width", width, self.pixels_per_token[1])):
             if value < step or value % step:
-                problems.append(f"{field}={value} must be a positive multiple of {step} for {self.name} "
+                problems.append(f"{name}={value} must be a positive multiple of {step} for {self.name} "
                                 f"({self.spatial_compression}x VAE x patch {self.patch[1]})")
         return problems
 
@@ -129,9 +132,13 @@ class Backbone:
         return frames // self.patch[0], height // self.pixels_per_token[0], width // self.pixels_per_token[1]
 
     def grid_of_latents(self, latents: torch.Tensor) -> tuple[int, int, int]:
-        """(frames, height, width) token grid of the latents a transformer call receives."""
+        """(frames, height, width) token grid of a video's latents (B, C, F, H, W) or (B, F, C, H, W)."""
         frames, (height, width) = latents.shape[self.latents_frame_axis], latents.shape[-2:]
         return frames // self.patch[0], height // self.patch[1], width // self.patch[2]
+
+    def grid_of_call(self, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+        """(frames, height, width) token grid of a transformer call, from its inputs (a forward pre-hook's)."""
+        return self.grid_of_latents(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
     # ------------------------------------------------------------------------------------ blocks and CFG calls
 
@@ -221,6 +228,11 @@ class Backbone:
                 AttentionProcessorRegistry.register(processor, AttentionProcessorMetadata(skip_processor_output_fn=skipped))
 
     # --------------------------------------------------------------------------------------- the pipeline call
+
+    def vae_compression_of(self, pipe) -> tuple[int, int]:
+        """(time, space) compression of a loaded pipeline's VAE, as the pipeline reads it (None where a pipeline of
+        another family names it otherwise: the load check then reports the wrong pipeline)."""
+        return getattr(pipe, "vae_scale_factor_temporal", None), getattr(pipe, "vae_scale_factor_spatial", None)
 
     def pipeline_kwargs(self, model_cfg) -> dict:
         """The sampling arguments of every pipeline call of a run (prompt and generator come per video)."""

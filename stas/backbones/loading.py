@@ -69,11 +69,12 @@ def check_pipeline_matches(pipe, backbone: Backbone) -> None:
         blocks = backbone.blocks(transformer)
     except AttributeError:  # a transformer of another family
         blocks = None
+    temporal, spatial = backbone.vae_compression_of(pipe)
     found = {
         "pipeline": type(pipe).__name__,
         "num_layers": len(blocks) if blocks is not None else None,
-        "vae temporal compression": pipe.vae_scale_factor_temporal,
-        "vae spatial compression": pipe.vae_scale_factor_spatial,
+        "vae temporal compression": temporal,
+        "vae spatial compression": spatial,
     }
     expected = {
         "pipeline": backbone.pipeline,

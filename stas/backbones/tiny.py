@@ -129,7 +129,7 @@ class MassiveActivationPlanter:
 
     def read_grid(self, transformer, args, kwargs):
         latents = kwargs.get("hidden_states", args[0] if args else None)
-        self.layout = TokenLayout(*self.backbone.grid_of_latents(latents))
+        self.layout = TokenLayout(*self.backbone.grid_of_call(args, kwargs))
         self.split = token_split(self.backbone, transformer)
         key = (self.layout, latents.device, self.split)
         if key not in self._bias_cache:

@@ -1,5 +1,6 @@
-"""Checks of a model config beyond its ranges (stas.config.validation.validate_model): a second expert
-transformer and true CFG where the family has them, the tiny twins' sizes and planted massive activations."""
+"""Checks of a model config beyond its ranges (stas.config.validation.validate_model): the steps the family's
+pipeline can take, a second expert transformer and true CFG where the family has them, the tiny twins' sizes and
+planted massive activations."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from stas.backbones import FAMILIES, Backbone
 from stas.errors import ConfigError
 
 PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
+
+
+def check_steps(model, backbone: Backbone) -> None:
+    if model.steps < backbone.min_steps:
+        raise ConfigError(f"model.steps={model.steps} is too few for family {model.family}: its pipeline's scheduler "
+                          f"needs at least {backbone.min_steps} steps")
 
 
 def check_experts(model, backbone: Backbone) -> None:

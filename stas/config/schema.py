@@ -66,7 +66,7 @@ class ParallelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING  # the model option (conf/model/<name>.yaml): W&B tag, run folder, tables' Model column
-    # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15 | hunyuanvideo
+    # the backbone family (stas/backbones/families): wan21 | wan22 | cogvideox | cogvideox15 | hunyuanvideo | ltx
     family: str = MISSING
     hub_id: Optional[str] = None  # None: a tiny twin built offline from `tiny`
     revision: Optional[str] = None  # the checkpoint's revision on the hub; null: main
@@ -75,7 +75,7 @@ class ModelConfig:
     hidden_dim: int = MISSING  # hidden-state channels (checked against the loaded model)
     height: int = MISSING  # video height in pixels
     width: int = MISSING  # video width in pixels
-    num_frames: int = MISSING  # video frames (latent frames: (F - 1) // 4 + 1)
+    num_frames: int = MISSING  # video frames (latent frames: (F - 1) // the VAE's time compression (4, LTX 8) + 1)
     steps: int = MISSING  # denoising steps
     # classifier-free guidance scale; <= 1: no CFG (one branch). HunyuanVideo (guidance-distilled): the guidance
     # embedded in its one transformer call, never a second branch (see true_cfg_scale)

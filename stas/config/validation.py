@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
                             backbone_from_config)
 from stas.backbones.parallel import check_parallel
-from stas.config.model_checks import check_experts, check_tiny, check_true_cfg
+from stas.config.model_checks import check_experts, check_steps, check_tiny, check_true_cfg
 from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
                                SEARCH_DIRECTIONS, StasConfig)
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
@@ -134,6 +134,7 @@ def validate_model(model) -> Backbone:
     problems = backbone.video_problems(model.height, model.width, model.num_frames)
     if problems:
         raise ConfigError("model." + "; model.".join(problems))
+    check_steps(model, backbone)
     check_experts(model, backbone)
     check_true_cfg(model, backbone)
     if model.tiny is not None:

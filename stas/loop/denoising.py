@@ -2,9 +2,10 @@
 by a diffusers guider (`diffusers.guiders`) and every transformer call announced to the hooks.
 
 The family's backbone supplies each part as its pipeline computes it (stas.backbones: `denoising_run` encodes the
-prompt, sets the timesteps, prepares the latents and per-video inputs such as CogVideoX's RoPE tables; `step_expert`
-picks the transformer and the step's guidance scale, e.g. CogVideoX's dynamic CFG; `call_inputs` the call's latents
-and timesteps, e.g. Wan2.2's per-token timesteps; `scheduler_step`; `decode`). This module only orders them: per step
+prompt, sets the timesteps, prepares the latents and per-video inputs such as CogVideoX's RoPE tables, and the inputs
+that differ by branch beyond the text, such as LTX's text masks; `step_expert` picks the transformer and the step's
+guidance scale, e.g. CogVideoX's dynamic CFG; `call_inputs` the call's latents and timesteps, e.g. Wan2.2's per-token
+timesteps; `scheduler_step`; `decode`). This module only orders them: per step
 the guider prepares its branches (cond, uncond, ...), the family groups them into transformer calls the way its
 pipeline does (Wan: one call per branch; CogVideoX: one call on [uncond, cond]), each call runs inside a
 `DenoisingCall` announcement (step, the branch of every row, the expert), and the guider combines the predictions.

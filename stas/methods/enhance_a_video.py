@@ -105,8 +105,7 @@ class EnhanceAVideo(Method):
                                "announces each call's step; this transformer call was not announced")
         steps = self.num_steps
         inside = int(self.start * steps) <= call.step < int(self.stop * steps)
-        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        grid = self.backbone.grid_of_latents(latents)
+        grid = self.backbone.grid_of_call(args, kwargs)
         self.grid = grid if inside and grid[0] > 1 else None  # one latent frame: no cross-frame attention
 
 

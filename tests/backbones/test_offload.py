@@ -70,6 +70,8 @@ def test_group_offloading_leaves_a_short_stas_run_bit_identical():
     ("tiny_wan21", ("model.group_offload=block_level", "model.group_offload_blocks=2")),
     ("tiny_cogvideox", ("model.group_offload=block_level",)),
     ("tiny_cogvideox", ("model.group_offload=leaf_level",)),
+    ("tiny_ltx", ("model.group_offload=block_level",)),
+    ("tiny_ltx", ("model.group_offload=leaf_level",)),
 ])
 def test_group_offloading_leaves_stas_bit_identical(model, overrides):
     plain, offloaded = generate(model), generate(model, *overrides)

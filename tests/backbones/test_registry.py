@@ -19,8 +19,8 @@ from conftest import compose
 
 def test_every_family_module_registers_its_families():
     modules = {info.name for info in pkgutil.iter_modules(families.__path__)}
-    assert modules == {"wan", "cogvideox", "hunyuan"}
-    assert set(FAMILIES) == {"wan21", "wan22", "cogvideox", "cogvideox15", "hunyuanvideo"}
+    assert modules == {"wan", "cogvideox", "hunyuan", "ltx"}
+    assert set(FAMILIES) == {"wan21", "wan22", "cogvideox", "cogvideox15", "hunyuanvideo", "ltx"}
     assert {cls.__module__.rsplit(".", 1)[1] for cls in FAMILIES.values()} == modules
 
 

@@ -14,6 +14,7 @@ REAL = {  # model: latent grid at its default size
     "wan22_a14b": (21, 45, 80),
     "cogvideox15_5b": (11, 48, 85),  # 21 latent frames padded at the front to 22, two a token
     "hunyuanvideo": (33, 45, 80),  # 720x1280x129
+    "ltx_video": (21, 15, 22),  # 161x480x704: 8x time, 32x space, a token per latent position
 }
 
 

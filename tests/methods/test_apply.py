@@ -14,7 +14,7 @@ from stas.prompts import Item
 
 from conftest import compose
 
-FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]
+FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_ltx"]
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 7)
 STEPS = 4
 
@@ -120,5 +120,5 @@ def test_an_unknown_pipeline_is_refused():
         pass
 
     with pytest.raises(Exception, match=r"NotAPipeline is no family stas knows \(supported pipelines: "
-                                        r"CogVideoXPipeline, HunyuanVideoPipeline, WanPipeline\)"):
+                                        r"CogVideoXPipeline, HunyuanVideoPipeline, LTXPipeline, WanPipeline\)"):
         stas.apply_stas(NotAPipeline())

@@ -92,6 +92,8 @@ def assert_compiled_like_eager(eager: dict, warm: dict, second: dict, warmup_rec
     pytest.param("tiny_wan21", "full", marks=pytest.mark.slow),
     pytest.param("tiny_cogvideox", "full", marks=pytest.mark.slow),
     pytest.param("tiny_cogvideox", "blocks", marks=pytest.mark.slow),
+    pytest.param("tiny_ltx", "regional", marks=pytest.mark.slow),
+    pytest.param("tiny_ltx", "full", marks=pytest.mark.slow),
 ])
 def test_compiled_stas_equals_eager_without_recompiles(model, mode):
     eager_vanilla = generate(build(model, "none", "steer=none"), 1)[0]

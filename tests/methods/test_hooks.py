@@ -17,7 +17,7 @@ from stas.core.rules import RULES, apply_rule
 
 from conftest import compose
 
-FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox"]  # CFG on: the cases of both branches
+FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_ltx"]  # CFG on: the cases of both branches
 EVERY_FAMILY = [*FAMILIES, "tiny_hunyuanvideo"]  # its twin runs one branch (true CFG off)
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 7)
 STEPS = 4
