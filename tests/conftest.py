@@ -56,11 +56,18 @@ def build_twin(name: str) -> tuple:
     return cfg, backbone, pipe
 
 
+class TwinCache(dict):
+    """{model name: (cfg, backbone, pipe)}, each twin built on first use."""
+
+    def __missing__(self, name: str):
+        self[name] = build_twin(name)
+        return self[name]
+
+
 @pytest.fixture(scope="session")
 def tiny_pipelines():
-    """Built once per session: {model name: (cfg, backbone, pipe)} for the five tiny families."""
-    return {name: build_twin(name) for name in ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_hunyuanvideo",
-                                                   "tiny_ltx")}
+    """The tiny twins, each built once per session (on first use): {model name: (cfg, backbone, pipe)}."""
+    return TwinCache()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,7 +20,8 @@ from stas.prompts import Item
 
 from conftest import compose
 
-TWINS = ("tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_hunyuanvideo", "tiny_ltx")
+TWINS = ("tiny_wan21", "tiny_wan22", "tiny_wan22_a14b", "tiny_cogvideox", "tiny_cogvideox15", "tiny_hunyuanvideo",
+         "tiny_ltx")
 # The overrides that turn CFG on and off: guidance_scale; HunyuanVideo's true CFG (its twin's default runs none, and
 # its guidance_scale is embedded, never a second branch)
 CFG_SWITCH = {"tiny_hunyuanvideo": {True: ["model.true_cfg_scale=4.0"], False: []}}

@@ -17,7 +17,7 @@ from stas.core.rules import RULES, apply_rule
 
 from conftest import compose
 
-FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_ltx"]  # CFG on: the cases of both branches
+FAMILIES = ["tiny_wan21", "tiny_wan22", "tiny_wan22_a14b", "tiny_cogvideox", "tiny_cogvideox15", "tiny_ltx"]  # CFG on
 EVERY_FAMILY = [*FAMILIES, "tiny_hunyuanvideo"]  # its twin runs one branch (true CFG off)
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 7)
 STEPS = 4
@@ -33,7 +33,7 @@ def run(pipelines, name, steerer):
     layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
     if steerer is None:
         return sample(pipe, ITEM, kwargs, None, layout)
-    with steerer.attach(pipe.transformer):
+    with steerer.attach(backbone.experts(pipe)):  # both of Wan2.2-A14B's experts
         return sample(pipe, ITEM, kwargs, steerer, layout)
 
 
