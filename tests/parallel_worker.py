@@ -6,7 +6,8 @@ the one process) saves the frames, the steering record and the capture readout t
 
 `--local-max` makes every all-reduce MAX a no-op (each rank keeps its own chunk's maximum): the test's proof that
 the comparison can fail. `--compile=regional` compiles the blocks (`--compile=hook`: only the steering hook) and runs
-the `stas` case twice (the first call compiles), saving dynamo's counts after each under "counts"."""
+the `stas` case twice (the first call compiles), saving dynamo's counts after each under "counts". `--set=KEY=VALUE`
+(repeatable) adds a config override to every case and runs only the `stas` case (the memory options)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def run_apply(pipe, backbone, overrides: list[str]) -> dict:
     return {"frames": torch.from_numpy(frames.copy()), "record": record, "capture": {}}
 
 
-def main(out: str, twin: str, local_max: bool, compile_mode: str) -> None:
+def main(out: str, twin: str, local_max: bool, compile_mode: str, settings: list[str]) -> None:
     from conftest import compose
     from stas.backbones import compile_counts, load_pipeline
     from stas.config import validate
@@ -83,7 +84,7 @@ def main(out: str, twin: str, local_max: bool, compile_mode: str) -> None:
     parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
     hook_only = compile_mode == "hook"  # the transformer eager, the steering hook compiled (steer.compile_hook)
     base = [f"model={twin}", "logger=none", *SIZE, f"model.compile={'none' if hook_only else compile_mode}",
-            *(["steer.compile_hook=true"] if hook_only else [])]
+            *(["steer.compile_hook=true"] if hook_only else []), *settings]
     base += ["model.parallel.ulysses_degree=2"] if parallel else []
     cfg = compose(base)
     backbone = validate(cfg)
@@ -93,13 +94,13 @@ def main(out: str, twin: str, local_max: bool, compile_mode: str) -> None:
         from stas.core.parallel import TokenSplit
 
         TokenSplit.max = lambda self, tensor: tensor  # each rank's own maximum: what the all-reduce prevents
-    cases = STEERED[:1] if local_max or compile_mode != "none" else list(CASES)
+    cases = STEERED[:1] if local_max or compile_mode != "none" or settings else list(CASES)
     counts = []
     if compile_mode != "none":  # the warm-up call compiles
         run_case(pipe, backbone, base + CASES["stas"])
         counts.append(compile_counts())
     results = {case: run_case(pipe, backbone, base + CASES[case]) for case in cases}
-    if not local_max and compile_mode == "none":
+    if not local_max and compile_mode == "none" and not settings:
         results["apply_stas"] = run_apply(pipe, backbone, base)
     if counts:
         results["counts"] = [*counts, compile_counts()]
@@ -112,4 +113,5 @@ def main(out: str, twin: str, local_max: bool, compile_mode: str) -> None:
 if __name__ == "__main__":
     args = sys.argv[1:]
     modes = [arg.split("=", 1)[1] for arg in args if arg.startswith("--compile=")]
-    main(args[0], args[1], "--local-max" in args, modes[0] if modes else "none")
+    main(args[0], args[1], "--local-max" in args, modes[0] if modes else "none",
+         [arg.split("=", 1)[1] for arg in args if arg.startswith("--set=")])

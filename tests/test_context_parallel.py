@@ -104,6 +104,22 @@ def test_two_ranks_compiled_recompile_nothing_after_the_warm_up(mode, tmp_path, 
     assert compiled["stas"]["record"] == single["record"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["model.group_offload=block_level", "model.layerwise_casting=float8_e4m3fn"])
+def test_two_ranks_with_a_memory_option_give_one_process_outputs(setting, tmp_path, tmp_path_factory):
+    """Context parallelism under group offloading (weights onloaded group by group on every rank) and float8
+    storage: the frames, record and capture of one process with the same option, bit for bit. Group offloading
+    changes nothing (its frames are those without it); float8 storage changes the video (so the comparison is not
+    between equal videos by accident)."""
+    single = run_worker(tmp_path / "single.pt", "tiny_wan21", 1, f"--set={setting}")
+    split = run_worker(tmp_path / "split.pt", "tiny_wan21", 2, f"--set={setting}")
+    assert set(split) == set(single) == {"stas"}
+    assert_same(single["stas"], split["stas"])
+    assert split["stas"]["record"]["values_steered"] > 0
+    plain = single_process("tiny_wan21", tmp_path_factory)["stas"]["frames"]
+    assert torch.equal(single["stas"]["frames"], plain) is setting.startswith("model.group_offload")
+
+
 def run_dirs(root: Path) -> list[Path]:
     return sorted(path.parent for path in root.rglob("generation.jsonl"))
 
