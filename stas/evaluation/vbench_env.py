@@ -2,7 +2,8 @@
 dimensions whose VBench code does not run beside this stack (human_action: numpy 2, timm 1.0.31; scene: Tag2Text
 under transformers 5).
 
-    python -m stas.evaluation.vbench_env PATH [PIP_ARGUMENT ...]   # e.g. --index-url https://download.pytorch.org/whl/cu121
+    python -m stas.evaluation.vbench_env PATH [PIP_ARGUMENT ...]
+    python -m stas.evaluation.vbench_env /opt/vbench-env --index-url https://download.pytorch.org/whl/cu121
 
 then evaluate with `eval.vbench.separate_python=PATH/bin/python`: stas sends those dimensions there and keeps the
 others beside stas (stas.evaluation.vbench). PATH must not exist, be empty, or be a virtual environment already

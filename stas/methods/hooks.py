@@ -11,9 +11,9 @@ torch.compile (model.compile=regional|full): the block hooks are traced into the
 read may change from call to call on the host. Everything that does (is this call's step in the window, which CFG
 branch it is) is decided by the transformer's pre-hook, which always runs eagerly (regional compilation compiles
 the blocks, full compilation the transformer's `forward`, never its hooks), and handed to the block hooks as small
-device tensors updated in place (stas.methods.stas.CallState). The config is read once into plain Python values
-(stas.methods.steering_hook.SteerParams). In eager mode a hook outside the window still returns after a Python check; traced, it always computes and the
-per-call gate selects (`torch.where`), so one graph serves every step and branch.
+device tensors updated in place (stas.methods.call_state.CallState). The config is read once into plain Python values
+(stas.methods.steering_hook.SteerParams). In eager mode a hook outside the window still returns after a Python check;
+traced, it always computes and the per-call gate selects (`torch.where`), so one graph serves every step and branch.
 """
 
 from __future__ import annotations

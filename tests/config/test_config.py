@@ -224,8 +224,8 @@ def test_cli_unknown_option_lists_the_available_ones(cli, tmp_path):
 
 @pytest.mark.parametrize("tool,args,message", [
     ("stas.run", ["steer.targts=boundary"], "steer.targts is not a field of steer; fields: alpha, boundary_unit, "
-                                           "boundary_width, branches, calibration, dims, enabled, layers, name, "
-                                           "reference, rule, strength, targets, window"),
+                                           "boundary_width, branches, calibration, compile_hook, dims, enabled, "
+                                           "layers, name, reference, rule, strength, targets, window"),
     ("stas.run", ["-m", "steer.targts=boundary,all"], "steer.targts is not a field of steer; fields: alpha, "),
     ("stas.run", ["+seedd=1"], "seedd is not a field of the config; fields: analysis, detect, eval, "),
     ("stas.run", ["model.stepz=3"], "model.stepz is not a field of model; fields: "),
