@@ -9,7 +9,7 @@ An instance adds one model's name and sizes (from its conf/model/*.yaml).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -226,6 +226,28 @@ class Backbone:
                 AttentionProcessorRegistry.get(processor)
             except ValueError:  # not registered
                 AttentionProcessorRegistry.register(processor, AttentionProcessorMetadata(skip_processor_output_fn=skipped))
+
+    def place_layer_skips(self, guider, transformer: torch.nn.Module) -> None:
+        """Name the block list of each of the guider's layer skips (diffusers' LayerSkipConfig, built with
+        fqn='auto' and indices over stas's one list of blocks, `blocks`): an index past the first list lands in the
+        second (HunyuanVideo's single-stream blocks), so one config may become two. diffusers' 'auto' would take
+        whichever list name it finds first in a set, not stable between runs for a model with two lists."""
+        lists = [(name, len(getattr(transformer, name))) for name in (self.blocks_attr, self.single_blocks_attr)
+                 if name is not None]
+        placed = []
+        for config in guider.skip_layer_config:
+            if config.fqn != "auto":  # placed already (the guider serves every video of a run)
+                placed.append(config)
+                continue
+            start = 0
+            for name, count in lists:
+                indices = [index - start for index in config.indices if start <= index < start + count]
+                if indices:
+                    placed.append(replace(config, indices=indices, fqn=name))
+                start += count
+        guider.skip_layer_config = placed
+        # the guider names one hook per config when it is built; the names must follow the configs
+        guider._skip_layer_hook_names = [f"SkipLayerGuidance_{index}" for index in range(len(placed))]
 
     # --------------------------------------------------------------------------------------- the pipeline call
 

@@ -280,11 +280,6 @@ def validate_detect(detect, steer) -> Detection:
 def validate_guidance(guidance, model, backbone: Backbone) -> None:
     check_allowed("guidance.name", guidance.name, GUIDANCE)
     guider = make_guider(guidance)  # its parameters: names the guider takes, values it accepts
-    if skipped_layers(guider) and backbone.single_blocks_attr is not None:
-        raise ConfigError(f"guidance={guidance.name} perturbs blocks of one block list (diffusers' LayerSkipConfig), "
-                          f"but {model.name}'s blocks are two lists ({backbone.blocks_attr}, "
-                          f"{backbone.single_blocks_attr}), between which diffusers' fqn='auto' picks by set order: "
-                          "not supported; use guidance=cfg")
     outside = [index for index in skipped_layers(guider) if not 0 <= index < model.num_layers]
     if outside:
         raise ConfigError(f"guidance={guidance.name} perturbs blocks {outside}, but {model.name} has blocks 0 to "

@@ -100,6 +100,7 @@ def denoise(pipe, backbone: Backbone, guider, **args) -> DenoiseOutput:
     run = backbone.denoising_run(pipe, args)
     decide_cfg(guider, run.do_cfg)
     if skipped_layers(guider):  # the guider hooks blocks for its perturbed pass (diffusers' layer-skip hooks)
+        backbone.place_layer_skips(guider, pipe.transformer)  # every expert has the same blocks
         for expert in backbone.experts(pipe).values():
             backbone.register_layer_skip(expert)
     nfe = 0

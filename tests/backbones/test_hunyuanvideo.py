@@ -219,12 +219,47 @@ def test_apply_stas_tells_true_cfg_from_the_users_pipeline_call(twin, true_cfg):
     assert np.array_equal(np.asarray(frames), expected) and record == expected_record
 
 
-@pytest.mark.parametrize("guidance", ["slg", "pag"])
-def test_guidance_that_skips_layers_is_refused_for_the_two_block_lists(guidance):
-    with pytest.raises(ConfigError, match=rf"guidance={guidance} perturbs blocks of one block list .* but "
-                                          r"tiny_hunyuanvideo's blocks are two lists \(transformer_blocks, "
-                                          r"single_transformer_blocks\)"):
-        validate(compose([f"model={TWIN}", "logger=none", f"guidance={guidance}"]))
+@pytest.mark.parametrize("guidance, layers, placed", [
+    ("slg", [1], [("transformer_blocks", [1])]),  # the last double-stream block
+    ("slg", [1, 2], [("transformer_blocks", [1]), ("single_transformer_blocks", [0])]),  # one in each list
+    ("pag", [3], [("single_transformer_blocks", [1])]),  # the last single-stream block
+])
+def test_perturbed_pass_guidance_reaches_the_blocks_of_either_list(twin, guidance, layers, placed):
+    """Layer indices count over both lists (as steer.layers does): each lands in its own list's LayerSkipConfig. In
+    the perturbed pass a skipped block (slg skips the whole block) returns its input; no other block does, and no
+    block of the cond and uncond passes."""
+    backbone, pipe = twin
+    key = "skip_layer_config.indices" if guidance == "slg" else "perturbed_guidance_layers"
+    cfg = compose([f"model={TWIN}", "logger=none", "model.steps=3", "steer=none", TRUE_CFG, f"guidance={guidance}",
+                   f"guidance.params.{key}={layers}"])
+    validate(cfg)
+    loop = make_loop(cfg, backbone)
+    unchanged = []  # (call, block) where the block's video tokens came out as they went in
+
+    def spy(index):
+        def hook(module, args, kwargs, output):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if torch.equal(backbone.video_tokens(output), hidden):
+                unchanged.append((calls[0], index))
+        return hook
+
+    calls = [0]
+    counter = pipe.transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    handles = [block.register_forward_hook(spy(index), with_kwargs=True)
+               for index, block in enumerate(backbone.blocks(pipe.transformer))]
+    try:
+        layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
+        run_pipeline(pipe, ITEM, backbone.pipeline_kwargs(cfg.model), None, layout, loop)
+    finally:
+        for handle in [counter, *handles]:
+            handle.remove()
+    assert [(config.fqn, config.indices) for config in loop.guider.skip_layer_config] == placed
+    # 3 steps: cond, uncond (calls 1, 2), then cond, uncond, perturbed at steps 1 and 2 (calls 5 and 8)
+    assert loop.nfe == 8
+    if guidance == "slg":
+        assert unchanged == [(call, layer) for call in (5, 8) for layer in layers]
+    else:  # identity attention maps change the block's output, but only in the perturbed pass
+        assert all(call in (5, 8) for call, _ in unchanged)
 
 
 def test_single_stream_blocks_are_refused_for_a_family_with_one_block_list():
