@@ -1,0 +1,105 @@
+"""The VBench integration suite: every dimension through `python -m stas.evaluate` on a tiny run, with VBench 0.1.5's
+real code and random-init weights in the real file formats (vbench_random_weights.py), so that each dimension's whole
+path runs: stas's probe and routing, the worker, VBench's loading of each file, its models, its scoring, stas's rows
+and metrics.json. The values are meaningless; that each video gets a finite one is what is checked.
+
+    python -m pytest -m vbench_full tests/evaluation/test_vbench_full.py
+
+Interpreters: eval.vbench.python is $STAS_VBENCH_PYTHON (default: this one; it needs the `vbench` extra's packages,
+e.g. a `venv --system-site-packages` with them added), and human_action and scene go to the separate environment
+$STAS_VBENCH_ENV (default /tmp/vbenv/bin/python, made by `python -m stas.evaluation.vbench_env /tmp/vbenv`). A dimension
+whose packages are missing or too new in the interpreter that would run it is skipped with the probe's message (which
+says how to install them). The weights are built once per session in a temporary cache. Each test prints its
+seconds per video (the evaluate call, model loading included, divided by the videos).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stas.evaluate import main as evaluate_main
+from stas.evaluation.records import AGGREGATE_FILE, METRICS_FILE
+from stas.evaluation.scores import NEED_STANDARD_PROMPTS
+from stas.evaluation.vbench import VBenchRunner
+from stas.evaluation.vbench_env import SEPARATE_DIMENSIONS
+from stas.rundir import read_jsonl
+
+from conftest import compose
+from evaluation_helpers import make_run
+
+WEIGHT_BUILDER = Path(__file__).with_name("vbench_random_weights.py")
+BESIDE_PYTHON = os.environ.get("STAS_VBENCH_PYTHON") or sys.executable
+SEPARATE_PYTHON = os.environ.get("STAS_VBENCH_ENV", "/tmp/vbenv/bin/python")
+# In the order of the issue: the cheapest first.
+DIMENSIONS = ["temporal_flickering", "background_consistency", "aesthetic_quality", "appearance_style",
+              "imaging_quality", "motion_smoothness", "dynamic_degree", "temporal_style", "overall_consistency",
+              "human_action", "scene", "subject_consistency", "object_class", "multiple_objects", "color",
+              "spatial_relationship"]
+
+
+@pytest.fixture(scope="session")
+def weights_cache(tmp_path_factory) -> Path:
+    """One VBench cache for the session: files several dimensions read (CLIP ViT-B/32, ViCLIP) are built once."""
+    return tmp_path_factory.mktemp("vbench-cache")
+
+
+def interpreters(dimension: str) -> list[str]:
+    """The eval.vbench.* overrides that choose where the dimension runs."""
+    overrides = [f"eval.vbench.python={BESIDE_PYTHON}"]
+    if dimension in SEPARATE_DIMENSIONS and Path(SEPARATE_PYTHON).is_file():
+        overrides.append(f"eval.vbench.separate_python={SEPARATE_PYTHON}")
+    return overrides
+
+
+def run_overrides(dimension: str) -> list[str]:
+    """A run of one video: VBench's own prompt for the dimensions it scores only on its prompts, else stas's."""
+    if dimension in NEED_STANDARD_PROMPTS:
+        return ["prompts=vbench", f"prompts.vbench_dimensions=[{dimension}]", "prompts.limit=1",
+                "prompts.samples_per_prompt=1", "eval.vbench.mode=vbench_standard"]
+    return ["prompts.limit=1"]
+
+
+def route(dimension: str, cache: Path, logs: Path):
+    """Where the dimension runs, asked of stas's probe; skips it when that interpreter lacks packages (or has them too
+    new), with the probe's message. Missing weight files are not a reason: the suite builds them."""
+    options = compose([*interpreters(dimension), f"eval.vbench.cache_dir={cache}"]).eval.vbench
+    dimension_route = VBenchRunner(options, "cpu", logs).plan([dimension])[dimension]
+    summary = (dimension_route.problems or "").split("\n")[0]
+    if "package(s)" in summary:
+        hint = (f" (the separate environment: set STAS_VBENCH_ENV or make {SEPARATE_PYTHON} with python -m "
+                f"stas.evaluation.vbench_env {Path(SEPARATE_PYTHON).parent.parent})"
+                if dimension in SEPARATE_DIMENSIONS else " (eval.vbench.python: set STAS_VBENCH_PYTHON)")
+        pytest.skip(f"{dimension}: {summary}{hint}")
+    return dimension_route
+
+
+@pytest.mark.vbench_full
+@pytest.mark.parametrize("dimension", DIMENSIONS)
+def test_a_dimension_gives_every_video_a_finite_value_with_random_weights(dimension, weights_cache, tmp_path,
+                                                                          capsys):
+    dimension_route = route(dimension, weights_cache, tmp_path / "probe")
+    subprocess.run([dimension_route.python, str(WEIGHT_BUILDER), str(weights_cache), dimension], check=True,
+                   env=dict(os.environ, PYTHONPATH=""))
+    _, run_dir = make_run(tmp_path, run_overrides(dimension))
+    videos = sorted(path.name for path in (run_dir / "videos").glob("*.mp4"))
+    start = time.perf_counter()
+    evaluate_main([str(run_dir), "eval.evaluators=[vbench]", f"eval.vbench.dimensions=[{dimension}]",
+                   f"eval.vbench.cache_dir={weights_cache}", *interpreters(dimension), "logger=none"])
+    seconds_per_video = (time.perf_counter() - start) / len(videos)
+    output = capsys.readouterr().out
+    rows = [row for row in read_jsonl(run_dir / METRICS_FILE) if row["evaluator"] == "vbench"]
+    assert [row["metric"] for row in rows] == [dimension] * len(videos), output
+    assert sorted(row["video"] for row in rows) == videos
+    assert all(isinstance(row["value"], float) and math.isfinite(row["value"]) for row in rows), rows
+    aggregate = json.loads((run_dir / AGGREGATE_FILE).read_text())
+    assert math.isfinite(aggregate["vbench"]["dimensions"][dimension])
+    where = "separate" if dimension_route.separate else "beside stas"
+    with capsys.disabled():
+        print(f"\n{dimension}: {seconds_per_video:.1f} s per video ({len(videos)} video(s), {where}: "
+              f"{dimension_route.python})")
