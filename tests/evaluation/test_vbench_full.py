@@ -57,11 +57,15 @@ def interpreters(dimension: str) -> list[str]:
     return overrides
 
 
-def run_overrides(dimension: str) -> list[str]:
-    """A run of one video: VBench's own prompt for the dimensions it scores only on its prompts, else stas's."""
-    if dimension in NEED_STANDARD_PROMPTS:
+def mode(dimension: str) -> str:
+    return "vbench_standard" if dimension in NEED_STANDARD_PROMPTS else "custom_input"
+
+
+def prompt_overrides(dimension: str) -> list[str]:
+    """A run of one video: of VBench's own prompt for the dimensions it scores only on its prompts, else of stas's."""
+    if mode(dimension) == "vbench_standard":
         return ["prompts=vbench", f"prompts.vbench_dimensions=[{dimension}]", "prompts.limit=1",
-                "prompts.samples_per_prompt=1", "eval.vbench.mode=vbench_standard"]
+                "prompts.samples_per_prompt=1"]
     return ["prompts.limit=1"]
 
 
@@ -86,11 +90,12 @@ def test_a_dimension_gives_every_video_a_finite_value_with_random_weights(dimens
     dimension_route = route(dimension, weights_cache, tmp_path / "probe")
     subprocess.run([dimension_route.python, str(WEIGHT_BUILDER), str(weights_cache), dimension], check=True,
                    env=dict(os.environ, PYTHONPATH=""))
-    _, run_dir = make_run(tmp_path, run_overrides(dimension))
+    _, run_dir = make_run(tmp_path, prompt_overrides(dimension))
     videos = sorted(path.name for path in (run_dir / "videos").glob("*.mp4"))
     start = time.perf_counter()
     evaluate_main([str(run_dir), "eval.evaluators=[vbench]", f"eval.vbench.dimensions=[{dimension}]",
-                   f"eval.vbench.cache_dir={weights_cache}", *interpreters(dimension), "logger=none"])
+                   f"eval.vbench.mode={mode(dimension)}", f"eval.vbench.cache_dir={weights_cache}",
+                   *interpreters(dimension), "logger=none"])
     seconds_per_video = (time.perf_counter() - start) / len(videos)
     output = capsys.readouterr().out
     rows = [row for row in read_jsonl(run_dir / METRICS_FILE) if row["evaluator"] == "vbench"]
