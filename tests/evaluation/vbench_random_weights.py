@@ -14,11 +14,13 @@ the model packages, and reads CACHE_FILES from stas's worker script by path.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
 
 SEED = 0
+DINO_CLONE = "STAS_DINO_REPO"  # a local clone of github.com/facebookresearch/dino (none can be made offline)
 WORKER = Path(__file__).resolve().parents[2] / "stas" / "evaluation" / "vbench_worker.py"
 # openai-clip's CLIP(...) arguments of OpenAI's releases (the shapes clip.model.build_model reads back).
 CLIP_ARCHITECTURES = {
@@ -123,7 +125,37 @@ def write_umt(path: Path) -> None:
     torch.save(model.state_dict(), path)
 
 
-# One builder per file VBench reads (path under the cache); the BPE vocabulary must precede ViCLIP's weights.
+def copy_dino_repository(path: Path) -> None:
+    """VBench loads DINO with torch.hub from a clone of facebookresearch/dino in its cache: the files of the clone
+    at $STAS_DINO_REPO (hubconf.py, vision_transformer.py, ...)."""
+    shutil.copytree(os.environ[DINO_CLONE], path.parent, ignore=shutil.ignore_patterns(".git"), dirs_exist_ok=True)
+
+
+def write_dino(path: Path) -> None:
+    """DINO ViT-B/16 built by the clone's own vision_transformer.py (as its hubconf builds dino_vitb16), the release's
+    bare state dict; also where the hubconf loads it from: torch's hub cache (TORCH_HOME), checkpoints/."""
+    import torch
+
+    sys.path.insert(0, str(path.parent / "facebookresearch_dino_main"))
+    import vision_transformer
+
+    torch.save(vision_transformer.vit_base(patch_size=16, num_classes=0).state_dict(), path)
+    hub_copy = Path(torch.hub.get_dir()) / "checkpoints" / path.name
+    hub_copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, hub_copy)
+
+
+def write_tag2text(path: Path) -> None:
+    """VBench's Tag2Text captioner with the Swin-B encoder at 384 px (as scene.py builds it), {"model": state dict}.
+    Its constructor loads bert-base-uncased from the Hugging Face cache."""
+    import torch
+    from vbench.third_party.tag2Text.tag2text import tag2text_caption
+
+    torch.save({"model": tag2text_caption(image_size=384, vit="swin_b").state_dict()}, path)
+
+
+# One builder per file VBench reads (path under the cache), in the order they are built: the BPE vocabulary before
+# ViCLIP's weights, DINO's code before its weights. The GRiT file has none: building GRiT needs detectron2.
 BUILDERS = {
     "clip_model/ViT-B-32.pt": write_clip,
     "clip_model/ViT-L-14.pt": write_clip,
@@ -134,6 +166,9 @@ BUILDERS = {
     "ViCLIP/bpe_simple_vocab_16e6.txt.gz": copy_bpe_vocabulary,
     "ViCLIP/ViClip-InternVid-10M-FLT.pth": write_viclip,
     "umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth": write_umt,
+    "dino_model/facebookresearch_dino_main/hubconf.py": copy_dino_repository,
+    "dino_model/dino_vitbase16_pretrain.pth": write_dino,
+    "caption_model/tag2text_swin_14m.pth": write_tag2text,
 }
 
 
@@ -142,6 +177,8 @@ def write_weights(cache: Path, dimension: str) -> list[Path]:
     builder here."""
     import torch
 
+    # vbench reads its cache directory at import, and ViCLIP's tokenizer fetches its vocabulary there when imported
+    os.environ["VBENCH_CACHE_DIR"] = str(cache)
     order = list(BUILDERS)
     written = []
     for relative in sorted(cache_files(dimension), key=lambda name: order.index(name) if name in BUILDERS else -1):
