@@ -9,8 +9,9 @@ Interpreters: eval.vbench.python is $STAS_VBENCH_PYTHON (default: this one; it n
 e.g. a `venv --system-site-packages` with them added), and human_action and scene go to the separate environment
 $STAS_VBENCH_ENV (default /tmp/vbenv/bin/python, made by `python -m stas.evaluation.vbench_env /tmp/vbenv`). A dimension
 whose packages are missing or too new in the interpreter that would run it is skipped with the probe's message (which
-says how to install them). The weights are built once per session in a temporary cache. Each test prints its
-seconds per video (the evaluate call, model loading included, divided by the videos).
+says how to install them), and so is one that needs what the suite cannot build (`unbuildable`: DINO's code, the
+bert-base-uncased files). The weights are built once per session in a temporary cache. Each test prints its seconds
+per video (the evaluate call, model loading included, divided by the videos).
 """
 
 import json
@@ -107,9 +108,11 @@ def route(dimension: str, cache: Path, logs: Path):
     summary = re.sub(r"^\d+ weight file\(s\) missing .*?eval\.vbench\.cache_dir\)(; )?", "",
                      (dimension_route.problems or "").split("\n")[0])
     if summary:
-        hint = (f" (the separate environment: set STAS_VBENCH_ENV or make {SEPARATE_PYTHON} with python -m "
-                f"stas.evaluation.vbench_env {Path(SEPARATE_PYTHON).parent.parent})"
-                if dimension in SEPARATE_DIMENSIONS else " (eval.vbench.python: set STAS_VBENCH_PYTHON)")
+        if dimension in SEPARATE_DIMENSIONS:
+            hint = (f" (the separate environment: set STAS_VBENCH_ENV or make {SEPARATE_PYTHON} with python -m "
+                    f"stas.evaluation.vbench_env {Path(SEPARATE_PYTHON).parent.parent})")
+        else:
+            hint = " (eval.vbench.python: set STAS_VBENCH_PYTHON to a Python with the `vbench` extra's packages)"
         pytest.skip(f"{dimension}: {summary}{hint}")
     return dimension_route
 

@@ -8,7 +8,9 @@ unchanged. Scores computed with them are meaningless; the code paths are the rea
 writes every file DIMENSION reads from VBench's cache (stas's CACHE_FILES) that CACHE_DIR does not hold yet. It runs
 in the interpreter that will run the dimension, since the model code is imported from there (the separate
 environment's for human_action: VBench's UMT needs timm 1.0.12); so it imports only the standard library, torch and
-the model packages, and reads CACHE_FILES from stas's worker script by path.
+the model packages, and reads CACHE_FILES from stas's worker script by path. subject_consistency's DINO code is
+copied from a local clone of facebookresearch/dino ($STAS_DINO_REPO); GRiT's file has no builder (GRiT needs
+detectron2).
 """
 
 from __future__ import annotations
