@@ -31,6 +31,7 @@ from stas.evaluation.scores import NEED_STANDARD_PROMPTS
 from stas.evaluation.vbench import VBenchRunner
 from stas.evaluation.vbench_env import SEPARATE_DIMENSIONS
 from stas.evaluation.vbench_worker import CACHE_FILES, LEFT_OUT
+from stas.generation import VIDEOS_DIR
 from stas.rundir import read_jsonl
 
 from conftest import compose
@@ -133,7 +134,7 @@ def test_a_dimension_gives_every_video_a_finite_value_with_random_weights(dimens
         pytest.skip(f"{dimension}: {reason}")
     subprocess.run([dimension_route.python, str(WEIGHT_BUILDER), str(weights_cache), dimension], check=True)
     _, run_dir = make_run(tmp_path, prompt_overrides(dimension))
-    videos = sorted(path.name for path in (run_dir / "videos").glob("*.mp4"))
+    videos = sorted(path.name for path in (run_dir / VIDEOS_DIR).glob("*.mp4"))
     start = time.perf_counter()
     evaluate_main([str(run_dir), "eval.evaluators=[vbench]", f"eval.vbench.dimensions=[{dimension}]",
                    f"eval.vbench.mode={mode(dimension)}", f"eval.vbench.cache_dir={weights_cache}",
