@@ -1,0 +1,160 @@
+"""The VBench integration suite: every dimension through `python -m stas.evaluate` on a tiny run, with VBench 0.1.5's
+real code and random-init weights in the real file formats (vbench_random_weights.py), so that each dimension's whole
+path runs: stas's probe and routing, the worker, VBench's loading of each file, its models, its scoring, stas's rows
+and metrics.json. The values are meaningless; that each video gets a finite one is what is checked.
+
+    python -m pytest -m vbench_full tests/evaluation/test_vbench_full.py
+
+Interpreters: eval.vbench.python is $STAS_VBENCH_PYTHON (default: this one; it needs the `vbench` extra's packages,
+e.g. a `venv --system-site-packages` with them added), and human_action and scene go to the separate environment
+$STAS_VBENCH_ENV (default /tmp/vbenv/bin/python, made by `python -m stas.evaluation.vbench_env /tmp/vbenv`). A dimension
+whose packages are missing or too new in the interpreter that would run it is skipped with the probe's message (which
+says how to install them), and so is one that needs what the suite cannot build (`unbuildable`: DINO's code, the
+bert-base-uncased files). The weights are built once per session in a temporary cache. Each test prints its seconds
+per video (the evaluate call, model loading included, divided by the videos).
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stas.evaluate import main as evaluate_main
+from stas.evaluation.records import AGGREGATE_FILE, METRICS_FILE
+from stas.evaluation.scores import NEED_STANDARD_PROMPTS
+from stas.evaluation.vbench import VBenchRunner
+from stas.evaluation.vbench_env import SEPARATE_DIMENSIONS
+from stas.evaluation.vbench_worker import CACHE_FILES, LEFT_OUT
+from stas.generation import VIDEOS_DIR
+from stas.rundir import read_jsonl
+
+from conftest import compose
+from evaluation_helpers import make_run
+from vbench_random_weights import BUILDERS, DINO_CLONE
+
+WEIGHT_BUILDER = Path(__file__).with_name("vbench_random_weights.py")
+BESIDE_PYTHON = os.environ.get("STAS_VBENCH_PYTHON") or sys.executable
+SEPARATE_PYTHON = os.environ.get("STAS_VBENCH_ENV", "/tmp/vbenv/bin/python")
+# Every VBench dimension, in issue 16's order: no weights, one model each beside stas, the separate environment, DINO,
+# GRiT.
+DIMENSIONS = ["temporal_flickering", "background_consistency", "aesthetic_quality", "appearance_style",
+              "imaging_quality", "motion_smoothness", "dynamic_degree", "temporal_style", "overall_consistency",
+              "human_action", "scene", "subject_consistency", "object_class", "multiple_objects", "color",
+              "spatial_relationship"]
+
+
+BERT = "bert-base-uncased"
+
+
+def missing_bert_files(*names: str) -> list[str]:
+    from huggingface_hub import try_to_load_from_cache
+
+    return [name for name in names if not isinstance(try_to_load_from_cache(BERT, name), str)]
+
+
+def unbuildable(dimension: str) -> str | None:
+    """Why the suite cannot provide what `dimension` loads, or None."""
+    without_builder = [relative for relative, _ in CACHE_FILES[dimension] if relative not in BUILDERS]
+    if without_builder:
+        return (f"the suite has no random-weight builder for {', '.join(without_builder)} (GRiT's DenseCaptioning "
+                "needs detectron2, which the machine the suite was written on lacked)")
+    if dimension == "subject_consistency":
+        clone = os.environ.get(DINO_CLONE)
+        if not clone or not (Path(clone) / "hubconf.py").is_file():
+            return (f"VBench loads DINO with torch.hub from a clone of facebookresearch/dino in its cache; "
+                    f"{DINO_CLONE} names none ({clone!r}) and there is no network to clone one: git clone "
+                    f"https://github.com/facebookresearch/dino DIR, then {DINO_CLONE}=DIR")
+    if dimension == "scene":
+        missing = missing_bert_files("config.json", "vocab.txt", "tokenizer_config.json", "model.safetensors")
+        if missing:
+            return (f"Tag2Text builds its text encoders from {BERT} (tokenizer and BertModel weights), not in the "
+                    f"Hugging Face cache here ({', '.join(missing)} missing): hf download {BERT} {' '.join(missing)} "
+                    "on a machine with network")
+    return None
+
+
+@pytest.fixture(scope="session")
+def weights_cache(tmp_path_factory) -> Path:
+    """One VBench cache for the session: files several dimensions read (CLIP ViT-B/32, ViCLIP) are built once."""
+    return tmp_path_factory.mktemp("vbench-cache")
+
+
+def interpreters(dimension: str) -> list[str]:
+    """The eval.vbench.* overrides that choose where the dimension runs."""
+    overrides = [f"eval.vbench.python={BESIDE_PYTHON}"]
+    if dimension in SEPARATE_DIMENSIONS and Path(SEPARATE_PYTHON).is_file():
+        overrides.append(f"eval.vbench.separate_python={SEPARATE_PYTHON}")
+    return overrides
+
+
+def mode(dimension: str) -> str:
+    return "vbench_standard" if dimension in NEED_STANDARD_PROMPTS else "custom_input"
+
+
+def prompt_overrides(dimension: str) -> list[str]:
+    """A run of one video: of VBench's own prompt for the dimensions it scores only on its prompts, else of stas's."""
+    if mode(dimension) == "vbench_standard":
+        return ["prompts=vbench", f"prompts.vbench_dimensions=[{dimension}]", "prompts.limit=1",
+                "prompts.samples_per_prompt=1"]
+    return ["prompts.limit=1"]
+
+
+def route(dimension: str, cache: Path, logs: Path):
+    """Where the dimension runs, asked of stas's probe; skips it when that interpreter lacks packages (or has them too
+    new), with the probe's message. Missing weight files are not a reason: the suite builds them."""
+    options = compose([*interpreters(dimension), f"eval.vbench.cache_dir={cache}"]).eval.vbench
+    dimension_route = VBenchRunner(options, "cpu", logs).plan([dimension])[dimension]
+    # The first line lists the missing weight files (the suite builds them), then the package problems.
+    summary = re.sub(r"^\d+ weight file\(s\) missing .*?eval\.vbench\.cache_dir\)(; )?", "",
+                     (dimension_route.problems or "").split("\n")[0])
+    if summary:
+        if dimension in SEPARATE_DIMENSIONS:
+            hint = (f" (the separate environment: set STAS_VBENCH_ENV or make {SEPARATE_PYTHON} with python -m "
+                    f"stas.evaluation.vbench_env {Path(SEPARATE_PYTHON).parent.parent})")
+        else:
+            hint = " (eval.vbench.python: set STAS_VBENCH_PYTHON to a Python with the `vbench` extra's packages)"
+        pytest.skip(f"{dimension}: {summary}{hint}")
+    return dimension_route
+
+
+@pytest.mark.vbench_full
+@pytest.mark.parametrize("dimension", DIMENSIONS)
+def test_a_dimension_gives_every_video_a_finite_value_with_random_weights(dimension, weights_cache, tmp_path,
+                                                                          capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(weights_cache / "torch"))  # DINO's hubconf reads its weights there
+    dimension_route = route(dimension, weights_cache, tmp_path / "probe")
+    reason = unbuildable(dimension)
+    if reason:
+        pytest.skip(f"{dimension}: {reason}")
+    subprocess.run([dimension_route.python, str(WEIGHT_BUILDER), str(weights_cache), dimension], check=True)
+    _, run_dir = make_run(tmp_path, prompt_overrides(dimension))
+    videos = sorted(path.name for path in (run_dir / VIDEOS_DIR).glob("*.mp4"))
+    start = time.perf_counter()
+    evaluate_main([str(run_dir), "eval.evaluators=[vbench]", f"eval.vbench.dimensions=[{dimension}]",
+                   f"eval.vbench.mode={mode(dimension)}", f"eval.vbench.cache_dir={weights_cache}",
+                   *interpreters(dimension), "logger=none"])
+    seconds_per_video = (time.perf_counter() - start) / len(videos)
+    output = capsys.readouterr().out
+    rows = [row for row in read_jsonl(run_dir / METRICS_FILE) if row["evaluator"] == "vbench"]
+    assert [row["metric"] for row in rows] == [dimension] * len(videos), output
+    assert sorted(row["video"] for row in rows) == videos
+    scored = [row for row in rows if row["value"] is not None]
+    # color gives no value to a video where GRiT detects nothing: such a video has VBench's documented row instead
+    unscored = [row for row in rows if row["value"] is None]
+    assert all(dimension in LEFT_OUT and row["excluded"] == LEFT_OUT[dimension] for row in unscored), unscored
+    assert all(isinstance(row["value"], float) and math.isfinite(row["value"]) for row in scored), rows
+    aggregate = json.loads((run_dir / AGGREGATE_FILE).read_text())
+    if scored:
+        assert math.isfinite(aggregate["vbench"]["dimensions"][dimension])
+    else:
+        assert sorted(entry["video"] for entry in aggregate["excluded"]) == videos
+    where = "separate" if dimension_route.separate else "beside stas"
+    with capsys.disabled():
+        print(f"\n{dimension}: {seconds_per_video:.1f} s per video ({len(videos)} video(s), {where}: "
+              f"{dimension_route.python})")
