@@ -166,6 +166,11 @@ def test_guidance_settings_are_checked_against_the_model():
 
     with pytest.raises(ConfigError, match=r"guidance=slg perturbs blocks \[5\], but tiny_wan21 has blocks 0 to 1"):
         validate(compose(["guidance=slg", "guidance.params.skip_layer_config.indices=[5]"]))
+    # LTX's scheduler takes 2 steps at least: slg's extra passes would leave 1 of 2 (NFE 2 + 3 > CFG's 4)
+    with pytest.raises(ConfigError, match=r"guidance.match_nfe=true leaves guidance=slg 1 step\(s\) at "
+                                          r"model.steps=2, fewer than family ltx's pipeline takes \(2\)"):
+        validate(compose(["model=tiny_ltx", "model.steps=2", "guidance=slg", "guidance.match_nfe=true"]))
+    validate(compose(["model=tiny_ltx", "model.steps=3", "guidance=slg", "guidance.match_nfe=true"]))  # 2 steps
     with pytest.raises(ConfigError, match=r"guidance.params.enhance_start=0.8 must be below"):
         validate(compose(["guidance=enhance_a_video", "guidance.params.enhance_start=0.8",
                           "guidance.params.enhance_stop=0.5"]))
