@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from stas.backbones import FAMILIES, Backbone
 from stas.errors import ConfigError
+from stas.loop import OwnedLoop
 
 PLANT_MAGNITUDE_MAX = 1e4  # planted MAs far beyond this overflow the tiny twins' activations
 
@@ -14,6 +15,16 @@ def check_steps(model, backbone: Backbone) -> None:
     if model.steps < backbone.min_steps:
         raise ConfigError(f"model.steps={model.steps} is too few for family {model.family}: its pipeline's scheduler "
                           f"needs at least {backbone.min_steps} steps")
+
+
+def check_matched_steps(guidance_name: str, guider, model, backbone: Backbone) -> None:
+    """guidance.match_nfe: the steps it leaves a guidance with extra passes must be steps the pipeline can take."""
+    steps = OwnedLoop(backbone, guider).steps_matching_nfe(model.steps,
+                                                           backbone.uses_cfg(backbone.pipeline_kwargs(model)))
+    if steps < backbone.min_steps:
+        raise ConfigError(f"guidance.match_nfe=true leaves guidance={guidance_name} {steps} step(s) at "
+                          f"model.steps={model.steps}, fewer than family {model.family}'s pipeline takes "
+                          f"({backbone.min_steps}); raise model.steps or set guidance.match_nfe=false")
 
 
 def check_experts(model, backbone: Backbone) -> None:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from stas.backbones import (COMPILE_MODES, DTYPES, FAMILIES, GROUP_OFFLOAD_MODES, LAYERWISE_CASTING_DTYPES, Backbone,
                             backbone_from_config)
 from stas.backbones.parallel import check_parallel
-from stas.config.model_checks import check_experts, check_steps, check_tiny, check_true_cfg
+from stas.config.model_checks import check_experts, check_matched_steps, check_steps, check_tiny, check_true_cfg
 from stas.config.schema import (ANALYSIS_PLOTS, BRANCHES, DETECT_BRANCHES, DIMS_MODES, OFFLOAD_MODES, REFERENCES,
                                SEARCH_DIRECTIONS, StasConfig)
 from stas.core.layout import BOUNDARY_UNITS, LayoutError, TokenLayout, parse_targets
@@ -24,7 +24,7 @@ from stas.core.selection import (WINDOW_UNITS, AnalysisSelection, analysis_selec
                                  window_steps)
 from stas.errors import ConfigError, check_allowed, check_at_least
 from stas.evaluation.schema import EVAL_BOUNDS, validate_eval
-from stas.loop import GUIDANCE, OwnedLoop, make_guider
+from stas.loop import GUIDANCE, make_guider
 from stas.loop.guidance import skipped_layers
 from stas.methods.stas import calibration_by_expert, steering_calibration
 
@@ -286,12 +286,7 @@ def validate_guidance(guidance, model, backbone: Backbone) -> None:
                           f"{model.num_layers - 1} (model.num_layers={model.num_layers}); set the guider's layers "
                           "in guidance.params")
     if guidance.match_nfe:
-        do_cfg = backbone.uses_cfg(backbone.pipeline_kwargs(model))
-        steps = OwnedLoop(backbone, guider).steps_matching_nfe(model.steps, do_cfg)
-        if steps < backbone.min_steps:
-            raise ConfigError(f"guidance.match_nfe=true leaves guidance={guidance.name} {steps} step(s) at "
-                              f"model.steps={model.steps}, fewer than family {model.family}'s pipeline takes "
-                              f"({backbone.min_steps}); raise model.steps or set guidance.match_nfe=false")
+        check_matched_steps(guidance.name, guider, model, backbone)
     params = guidance.params
     if "enhance_start" in params and not params.enhance_start < params.get("enhance_stop", 1.0):
         raise ConfigError(f"guidance.params.enhance_start={params.enhance_start} must be below "
