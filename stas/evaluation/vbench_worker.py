@@ -65,6 +65,9 @@ CACHE_FILES = {
     "temporal_style": VICLIP,
     "overall_consistency": VICLIP,
 }
+# Dimensions whose models load bert-base-uncased from the Hugging Face hub cache (GRiT its tokenizer, Tag2Text its
+# tokenizer and BertModel weights): offline, each process would spend ~90 s retrying the hub unless HF_HUB_OFFLINE=1.
+HUB_DIMENSIONS = ("object_class", "multiple_objects", "color", "spatial_relationship", "scene")
 # Packages a dimension imports beyond what `import vbench` needs (torch, torchvision, decord, cv2, numpy, PIL).
 PACKAGES = {
     "background_consistency": ["clip"],

@@ -36,7 +36,7 @@ from stas.rundir import read_jsonl
 
 from conftest import compose
 from evaluation_helpers import make_run
-from vbench_random_weights import BUILDERS, DINO_CLONE
+from vbench_random_weights import BUILDERS, DINO_CLONE, hub_environment
 
 WEIGHT_BUILDER = Path(__file__).with_name("vbench_random_weights.py")
 BESIDE_PYTHON = os.environ.get("STAS_VBENCH_PYTHON") or sys.executable
@@ -49,33 +49,17 @@ DIMENSIONS = ["temporal_flickering", "background_consistency", "aesthetic_qualit
               "spatial_relationship"]
 
 
-BERT = "bert-base-uncased"
-
-
-def missing_bert_files(*names: str) -> list[str]:
-    from huggingface_hub import try_to_load_from_cache
-
-    return [name for name in names if not isinstance(try_to_load_from_cache(BERT, name), str)]
-
-
 def unbuildable(dimension: str) -> str | None:
     """Why the suite cannot provide what `dimension` loads, or None."""
     without_builder = [relative for relative, _ in CACHE_FILES[dimension] if relative not in BUILDERS]
     if without_builder:
-        return (f"the suite has no random-weight builder for {', '.join(without_builder)} (GRiT's DenseCaptioning "
-                "needs detectron2, which the machine the suite was written on lacked)")
+        return f"the suite has no random-weight builder for {', '.join(without_builder)}"
     if dimension == "subject_consistency":
         clone = os.environ.get(DINO_CLONE)
         if not clone or not (Path(clone) / "hubconf.py").is_file():
             return (f"VBench loads DINO with torch.hub from a clone of facebookresearch/dino in its cache; "
                     f"{DINO_CLONE} names none ({clone!r}) and there is no network to clone one: git clone "
                     f"https://github.com/facebookresearch/dino DIR, then {DINO_CLONE}=DIR")
-    if dimension == "scene":
-        missing = missing_bert_files("config.json", "vocab.txt", "tokenizer_config.json", "model.safetensors")
-        if missing:
-            return (f"Tag2Text builds its text encoders from {BERT} (tokenizer and BertModel weights), not in the "
-                    f"Hugging Face cache here ({', '.join(missing)} missing): hf download {BERT} {' '.join(missing)} "
-                    "on a machine with network")
     return None
 
 
@@ -128,6 +112,8 @@ def route(dimension: str, cache: Path, logs: Path):
 def test_a_dimension_gives_every_video_a_finite_value_with_random_weights(dimension, weights_cache, tmp_path,
                                                                           capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(weights_cache / "torch"))  # DINO's hubconf reads its weights there
+    for name, value in hub_environment(weights_cache).items():  # where the builder puts bert-base-uncased
+        monkeypatch.setenv(name, value)
     dimension_route = route(dimension, weights_cache, tmp_path / "probe")
     reason = unbuildable(dimension)
     if reason:
