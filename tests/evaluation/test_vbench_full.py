@@ -9,9 +9,10 @@ Interpreters: eval.vbench.python is $STAS_VBENCH_PYTHON (default: this one; it n
 e.g. a `venv --system-site-packages` with them added), and human_action and scene go to the separate environment
 $STAS_VBENCH_ENV (default /tmp/vbenv/bin/python, made by `python -m stas.evaluation.vbench_env /tmp/vbenv`). A dimension
 whose packages are missing or too new in the interpreter that would run it is skipped with the probe's message (which
-says how to install them), and so is one that needs what the suite cannot build (`unbuildable`: DINO's code, the
-bert-base-uncased files). The weights are built once per session in a temporary cache. Each test prints its seconds
-per video (the evaluate call, model loading included, divided by the videos).
+says how to install them; GRiT's detectron2 is built from source), and so is one that needs what the suite cannot
+build (`unbuildable`: DINO's code). The weights are built once per session in a temporary cache, bert-base-uncased
+(Tag2Text's and GRiT's) in a Hugging Face hub cache inside it that every process of the test is pointed at. Each test
+prints its seconds per video (the evaluate call, model loading included, divided by the videos).
 """
 
 import json
@@ -102,7 +103,11 @@ def route(dimension: str, cache: Path, logs: Path):
             hint = (f" (the separate environment: set STAS_VBENCH_ENV or make {SEPARATE_PYTHON} with python -m "
                     f"stas.evaluation.vbench_env {Path(SEPARATE_PYTHON).parent.parent})")
         else:
-            hint = " (eval.vbench.python: set STAS_VBENCH_PYTHON to a Python with the `vbench` extra's packages)"
+            hint = " (eval.vbench.python: set STAS_VBENCH_PYTHON to a Python with the `vbench` extra's packages"
+            if "detectron2" in summary:  # GRiT's, not on PyPI and not in the extra: built from a source copy
+                hint += (", and detectron2 built into it: git clone https://github.com/facebookresearch/detectron2 "
+                         f"DIR && {dimension_route.python} -m pip install --no-build-isolation DIR")
+            hint += ")"
         pytest.skip(f"{dimension}: {summary}{hint}")
     return dimension_route
 
