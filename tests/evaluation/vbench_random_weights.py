@@ -21,8 +21,8 @@ import importlib.util
 import itertools
 import json
 import os
-import string
 import shutil
+import string
 import sys
 from pathlib import Path
 
@@ -42,12 +42,12 @@ CLIP_ARCHITECTURES = {
 
 BERT = "bert-base-uncased"
 # bert-base-uncased's config.json as released (BERT-base: 12 layers of width 768, a vocabulary of 30522 word pieces).
-BERT_CONFIG = {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "gradient_checkpointing": False,
-               "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02,
-               "intermediate_size": 3072, "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert",
-               "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0,
-               "position_embedding_type": "absolute", "transformers_version": "4.6.0.dev0", "type_vocab_size": 2,
-               "use_cache": True, "vocab_size": 30522}
+BERT_CONFIG = {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1,
+               "gradient_checkpointing": False, "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,
+               "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-12,
+               "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12, "num_hidden_layers": 12,
+               "pad_token_id": 0, "position_embedding_type": "absolute", "transformers_version": "4.6.0.dev0",
+               "type_vocab_size": 2, "use_cache": True, "vocab_size": 30522}
 BERT_TOKENIZER_CONFIG = {"do_lower_case": True, "model_max_length": 512}
 # The snapshot's name in the hub cache: no commit of the real repository holds these files, so a fixed made-up one.
 BERT_REVISION = hashlib.sha1(b"stas random-init bert-base-uncased").hexdigest()
@@ -85,7 +85,7 @@ def bert_vocabulary() -> list[str]:
     letters = string.ascii_lowercase
     words = [*characters, *("##" + character for character in characters)]
     for length in (2, 3):
-        combinations = ["".join(letters_) for letters_ in itertools.product(letters, repeat=length)]
+        combinations = ["".join(picked) for picked in itertools.product(letters, repeat=length)]
         words += [*combinations, *("##" + combination for combination in combinations)]
     return specials + words[:BERT_CONFIG["vocab_size"] - len(specials)]
 
