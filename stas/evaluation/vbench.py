@@ -24,13 +24,11 @@ from pathlib import Path
 
 from stas.errors import UserError
 from stas.evaluation.records import Video
+from stas.evaluation.vbench_worker import HUB_DIMENSIONS
 from stas.hub import hub_reachable
 
 WORKER = Path(__file__).with_name("vbench_worker.py")
 SAMPLES_PER_PROMPT = 5  # VBench's standard suite: {prompt}-{0..4}.mp4
-# Dimensions whose models load a tokenizer from the Hugging Face hub (bert-base-uncased, for GRiT and Tag2Text):
-# offline, each process would spend ~90 s retrying the hub unless HF_HUB_OFFLINE=1.
-HUB_DIMENSIONS = ("object_class", "multiple_objects", "color", "spatial_relationship", "scene")
 CLIP_FORMAT = ("clip_model/*.pt must be OpenAI's release files from the URLs above (TorchScript archives): "
                "openai-clip's clip.load tries torch.jit.load first; its fallback for a plain state-dict file fails "
                "under torch 2.14 with a bare `EOFError:`.")

@@ -65,6 +65,9 @@ CACHE_FILES = {
     "temporal_style": VICLIP,
     "overall_consistency": VICLIP,
 }
+# Dimensions whose models load bert-base-uncased from the Hugging Face hub cache (GRiT its tokenizer, Tag2Text its
+# tokenizer and BertModel weights): offline, each process would spend ~90 s retrying the hub unless HF_HUB_OFFLINE=1.
+HUB_DIMENSIONS = ("object_class", "multiple_objects", "color", "spatial_relationship", "scene")
 # Packages a dimension imports beyond what `import vbench` needs (torch, torchvision, decord, cv2, numpy, PIL).
 PACKAGES = {
     "background_consistency": ["clip"],
@@ -74,10 +77,10 @@ PACKAGES = {
     "imaging_quality": ["pyiqa"],
     "dynamic_degree": ["easydict", "scipy"],
     "motion_smoothness": ["omegaconf"],
-    "object_class": ["detectron2", "fvcore", "lvis"],
-    "multiple_objects": ["detectron2", "fvcore", "lvis"],
-    "color": ["detectron2", "fvcore", "lvis"],
-    "spatial_relationship": ["detectron2", "fvcore", "lvis"],
+    "object_class": ["detectron2", "fvcore", "lvis", "transformers"],
+    "multiple_objects": ["detectron2", "fvcore", "lvis", "transformers"],
+    "color": ["detectron2", "fvcore", "lvis", "transformers"],
+    "spatial_relationship": ["detectron2", "fvcore", "lvis", "transformers"],
     "scene": ["transformers", "timm", "fairscale"],
     "temporal_style": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
     "overall_consistency": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
@@ -304,8 +307,11 @@ def evaluate(request: dict) -> dict:
     work_dir = Path(request["work_dir"])
     bench = VBench(torch.device(device), full_info, str(work_dir))
     prompts = request.get("prompts") or {}
-    bench.evaluate(videos_path=request["videos_dir"], name=dimension, dimension_list=[dimension], local=True,
-                   mode=request["mode"], **({"prompt_list": prompts} if request["mode"] == "custom_input" else {}))
+    # Scoring needs no gradients, and some of VBench's code runs its models without no_grad: scene's Tag2Text keeps
+    # the autograd graph of its Swin-B encoder over 16 frames at 384 px (over 20 GB on CPU, killed for memory here).
+    with torch.no_grad():
+        bench.evaluate(videos_path=request["videos_dir"], name=dimension, dimension_list=[dimension], local=True,
+                       mode=request["mode"], **({"prompt_list": prompts} if request["mode"] == "custom_input" else {}))
     value, per_video = json.loads((work_dir / f"{dimension}_eval_results.json").read_text())[dimension]
     return {
         "dimension": dimension,

@@ -9,9 +9,10 @@ Interpreters: eval.vbench.python is $STAS_VBENCH_PYTHON (default: this one; it n
 e.g. a `venv --system-site-packages` with them added), and human_action and scene go to the separate environment
 $STAS_VBENCH_ENV (default /tmp/vbenv/bin/python, made by `python -m stas.evaluation.vbench_env /tmp/vbenv`). A dimension
 whose packages are missing or too new in the interpreter that would run it is skipped with the probe's message (which
-says how to install them), and so is one that needs what the suite cannot build (`unbuildable`: DINO's code, the
-bert-base-uncased files). The weights are built once per session in a temporary cache. Each test prints its seconds
-per video (the evaluate call, model loading included, divided by the videos).
+says how to install them; GRiT's detectron2 is built from source), and so is one that needs what the suite cannot
+build (`unbuildable`: DINO's code). The weights are built once per session in a temporary cache, bert-base-uncased
+(Tag2Text's and GRiT's) in a Hugging Face hub cache inside it that every process of the test is pointed at. Each test
+prints its seconds per video (the evaluate call, model loading included, divided by the videos).
 """
 
 import json
@@ -36,7 +37,7 @@ from stas.rundir import read_jsonl
 
 from conftest import compose
 from evaluation_helpers import make_run
-from vbench_random_weights import BUILDERS, DINO_CLONE
+from vbench_random_weights import BUILDERS, DINO_CLONE, hub_environment
 
 WEIGHT_BUILDER = Path(__file__).with_name("vbench_random_weights.py")
 BESIDE_PYTHON = os.environ.get("STAS_VBENCH_PYTHON") or sys.executable
@@ -49,33 +50,17 @@ DIMENSIONS = ["temporal_flickering", "background_consistency", "aesthetic_qualit
               "spatial_relationship"]
 
 
-BERT = "bert-base-uncased"
-
-
-def missing_bert_files(*names: str) -> list[str]:
-    from huggingface_hub import try_to_load_from_cache
-
-    return [name for name in names if not isinstance(try_to_load_from_cache(BERT, name), str)]
-
-
 def unbuildable(dimension: str) -> str | None:
     """Why the suite cannot provide what `dimension` loads, or None."""
     without_builder = [relative for relative, _ in CACHE_FILES[dimension] if relative not in BUILDERS]
     if without_builder:
-        return (f"the suite has no random-weight builder for {', '.join(without_builder)} (GRiT's DenseCaptioning "
-                "needs detectron2, which the machine the suite was written on lacked)")
+        return f"the suite has no random-weight builder for {', '.join(without_builder)}"
     if dimension == "subject_consistency":
         clone = os.environ.get(DINO_CLONE)
         if not clone or not (Path(clone) / "hubconf.py").is_file():
             return (f"VBench loads DINO with torch.hub from a clone of facebookresearch/dino in its cache; "
                     f"{DINO_CLONE} names none ({clone!r}) and there is no network to clone one: git clone "
                     f"https://github.com/facebookresearch/dino DIR, then {DINO_CLONE}=DIR")
-    if dimension == "scene":
-        missing = missing_bert_files("config.json", "vocab.txt", "tokenizer_config.json", "model.safetensors")
-        if missing:
-            return (f"Tag2Text builds its text encoders from {BERT} (tokenizer and BertModel weights), not in the "
-                    f"Hugging Face cache here ({', '.join(missing)} missing): hf download {BERT} {' '.join(missing)} "
-                    "on a machine with network")
     return None
 
 
@@ -118,7 +103,11 @@ def route(dimension: str, cache: Path, logs: Path):
             hint = (f" (the separate environment: set STAS_VBENCH_ENV or make {SEPARATE_PYTHON} with python -m "
                     f"stas.evaluation.vbench_env {Path(SEPARATE_PYTHON).parent.parent})")
         else:
-            hint = " (eval.vbench.python: set STAS_VBENCH_PYTHON to a Python with the `vbench` extra's packages)"
+            hint = " (eval.vbench.python: set STAS_VBENCH_PYTHON to a Python with the `vbench` extra's packages"
+            if "detectron2" in summary:  # GRiT's, not on PyPI and not in the extra: built from a source copy
+                hint += (", and detectron2 built into it: git clone https://github.com/facebookresearch/detectron2 "
+                         f"DIR && {dimension_route.python} -m pip install --no-build-isolation DIR")
+            hint += ")"
         pytest.skip(f"{dimension}: {summary}{hint}")
     return dimension_route
 
@@ -128,6 +117,8 @@ def route(dimension: str, cache: Path, logs: Path):
 def test_a_dimension_gives_every_video_a_finite_value_with_random_weights(dimension, weights_cache, tmp_path,
                                                                           capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(weights_cache / "torch"))  # DINO's hubconf reads its weights there
+    for name, value in hub_environment(weights_cache).items():  # where the builder puts bert-base-uncased
+        monkeypatch.setenv(name, value)
     dimension_route = route(dimension, weights_cache, tmp_path / "probe")
     reason = unbuildable(dimension)
     if reason:

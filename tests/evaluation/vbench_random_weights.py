@@ -9,15 +9,20 @@ writes every file DIMENSION reads from VBench's cache (stas's CACHE_FILES) that 
 in the interpreter that will run the dimension, since the model code is imported from there (the separate
 environment's for human_action: VBench's UMT needs timm 1.0.12); so it imports only the standard library, torch and
 the model packages, and reads CACHE_FILES from stas's worker script by path. subject_consistency's DINO code is
-copied from a local clone of facebookresearch/dino ($STAS_DINO_REPO); GRiT's file has no builder (GRiT needs
-detectron2).
+copied from a local clone of facebookresearch/dino ($STAS_DINO_REPO). The dimensions that load bert-base-uncased
+(Tag2Text's and GRiT's, stas's HUB_DIMENSIONS) get it in a Hugging Face hub cache inside CACHE_DIR (hub_environment),
+built first: config, random-init weights, a synthetic WordPiece vocabulary. GRiT's builder needs detectron2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import itertools
+import json
 import os
 import shutil
+import string
 import sys
 from pathlib import Path
 
@@ -35,11 +40,82 @@ CLIP_ARCHITECTURES = {
 }
 
 
-def cache_files(dimension: str) -> list[str]:
+BERT = "bert-base-uncased"
+# bert-base-uncased's config.json as released (BERT-base: 12 layers of width 768, a vocabulary of 30522 word pieces).
+BERT_CONFIG = {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1,
+               "gradient_checkpointing": False, "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,
+               "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-12,
+               "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12, "num_hidden_layers": 12,
+               "pad_token_id": 0, "position_embedding_type": "absolute", "transformers_version": "4.6.0.dev0",
+               "type_vocab_size": 2, "use_cache": True, "vocab_size": 30522}
+BERT_TOKENIZER_CONFIG = {"do_lower_case": True, "model_max_length": 512}
+# The snapshot's name in the hub cache: no commit of the real repository holds these files, so a fixed made-up one.
+BERT_REVISION = hashlib.sha1(b"stas random-init bert-base-uncased").hexdigest()
+
+
+def load_worker():
     spec = importlib.util.spec_from_file_location("stas_vbench_worker", WORKER)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
-    return [relative for relative, _ in worker.CACHE_FILES[dimension]]
+    return worker
+
+
+def cache_files(dimension: str) -> list[str]:
+    return [relative for relative, _ in load_worker().CACHE_FILES[dimension]]
+
+
+def hub_environment(cache: Path) -> dict[str, str]:
+    """The variables that point Hugging Face loading at the hub cache the suite builds inside `cache` (never at
+    ~/.cache/huggingface): transformers 4.33 (the separate environment) reads only HF_HOME, huggingface_hub
+    HF_HUB_CACHE first."""
+    home = cache / "huggingface"
+    return {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub")}
+
+
+def bert_vocabulary() -> list[str]:
+    """Stands in for bert-base-uncased's vocab.txt, which cannot be downloaded here: the release's size (30522) with
+    its special tokens at their ids ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103, [unusedN] at the ids
+    around them up to 998, as released), then single characters and word pieces (every lowercase letter pair and
+    triple, also as `##` continuations), so that every lowercase prompt splits into pieces instead of [UNK]. Word ids
+    differ from the release's, which random weights make irrelevant."""
+    unused = (f"[unused{index}]" for index in itertools.count())
+    specials = ["[PAD]", *itertools.islice(unused, 99), "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                *itertools.islice(unused, 999 - 104)]
+    characters = string.punctuation + string.digits + string.ascii_lowercase
+    letters = string.ascii_lowercase
+    words = [*characters, *("##" + character for character in characters)]
+    for length in (2, 3):
+        combinations = ["".join(picked) for picked in itertools.product(letters, repeat=length)]
+        words += [*combinations, *("##" + combination for combination in combinations)]
+    return specials + words[:BERT_CONFIG["vocab_size"] - len(specials)]
+
+
+def write_bert(hub: Path) -> Path | None:
+    """bert-base-uncased in the hub cache's layout (models--bert-base-uncased/snapshots/<rev>/ and refs/main), so that
+    from_pretrained("bert-base-uncased") finds it offline: the released config, tokenizer config, the stand-in
+    vocabulary, and random-init weights of BertForPreTraining (the released file's keys: bert.*, cls.*) as
+    model.safetensors. Returns the snapshot folder, or None when it is complete already (refs/main is written last)."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import BertConfig, BertForPreTraining
+
+    repository = hub / f"models--{BERT}"
+    reference = repository / "refs" / "main"
+    snapshot = repository / "snapshots" / BERT_REVISION
+    if reference.is_file():
+        return None
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / "config.json").write_text(json.dumps(BERT_CONFIG, indent=2))
+    (snapshot / "tokenizer_config.json").write_text(json.dumps(BERT_TOKENIZER_CONFIG))
+    (snapshot / "vocab.txt").write_text("\n".join(bert_vocabulary()) + "\n")
+    torch.manual_seed(SEED)
+    model = BertForPreTraining(BertConfig.from_json_file(snapshot / "config.json"))
+    # save_model stores the output embedding tied to the input one once, as the release does (save_file refuses
+    # tensors that share memory); transformers reads only files whose metadata says format "pt".
+    save_model(model, str(snapshot / "model.safetensors"), metadata={"format": "pt"})
+    reference.parent.mkdir(parents=True, exist_ok=True)
+    reference.write_text(BERT_REVISION)
+    return snapshot
 
 
 def write_clip(path: Path) -> None:
@@ -149,15 +225,27 @@ def write_dino(path: Path) -> None:
 
 def write_tag2text(path: Path) -> None:
     """VBench's Tag2Text captioner with the Swin-B encoder at 384 px (as scene.py builds it), {"model": state dict}.
-    Its constructor loads bert-base-uncased from the Hugging Face cache."""
+    Its constructor loads bert-base-uncased from the Hugging Face cache (written first)."""
     import torch
     from vbench.third_party.tag2Text.tag2text import tag2text_caption
 
     torch.save({"model": tag2text_caption(image_size=384, vit="swin_b").state_dict()}, path)
 
 
+def write_grit(path: Path) -> None:
+    """VBench's GRiT (ViT-B, DenseCap and ObjectDet heads) built by detectron2 from VBench's own config, as its
+    predictor builds it before loading the file; detectron2's checkpoint format, {"model": state dict}. Its
+    constructor loads the bert-base-uncased tokenizer (written first)."""
+    import torch
+    from detectron2.modeling import build_model
+    from vbench.third_party.grit_src.image_dense_captions import get_parser, setup_cfg
+
+    model = build_model(setup_cfg(get_parser(torch.device("cpu"), str(path))))
+    torch.save({"model": model.state_dict()}, path)
+
+
 # One builder per file VBench reads (path under the cache), in the order they are built: the BPE vocabulary before
-# ViCLIP's weights, DINO's code before its weights. The GRiT file has none: building GRiT needs detectron2.
+# ViCLIP's weights, DINO's code before its weights.
 BUILDERS = {
     "clip_model/ViT-B-32.pt": write_clip,
     "clip_model/ViT-L-14.pt": write_clip,
@@ -171,18 +259,22 @@ BUILDERS = {
     "dino_model/facebookresearch_dino_main/hubconf.py": copy_dino_repository,
     "dino_model/dino_vitbase16_pretrain.pth": write_dino,
     "caption_model/tag2text_swin_14m.pth": write_tag2text,
+    "grit_model/grit_b_densecap_objectdet.pth": write_grit,
 }
 
 
 def write_weights(cache: Path, dimension: str) -> list[Path]:
-    """Build the files `dimension` reads that `cache` lacks; returns the ones written. KeyError: a file without a
-    builder here."""
+    """Build the files `dimension` reads that `cache` lacks (bert-base-uncased first, for the dimensions that load
+    it); returns the ones written. KeyError: a file without a builder here."""
     import torch
 
-    # vbench reads its cache directory at import, and ViCLIP's tokenizer fetches its vocabulary there when imported
-    os.environ["VBENCH_CACHE_DIR"] = str(cache)
-    order = list(BUILDERS)
+    # vbench reads its cache directory at import, and ViCLIP's tokenizer fetches its vocabulary there when imported;
+    # the Hugging Face variables are read when transformers is imported. Everything is built offline.
+    os.environ.update(VBENCH_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1", **hub_environment(cache))
     written = []
+    if dimension in load_worker().HUB_DIMENSIONS:
+        written += filter(None, [write_bert(Path(hub_environment(cache)["HF_HUB_CACHE"]))])
+    order = list(BUILDERS)
     for relative in sorted(cache_files(dimension), key=lambda name: order.index(name) if name in BUILDERS else -1):
         path = cache / relative
         if path.is_file():
