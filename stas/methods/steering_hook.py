@@ -4,6 +4,7 @@ config as plain values (SteerParams). StasSteerer (stas.methods.stas) decides wh
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 import torch
 
@@ -130,17 +131,13 @@ class LayerSteering:
         return channels, is_massive, row_peaks.gather(1, channels)
 
 
-_COMPILED_STEERING = []
-
-
+@functools.cache
 def compiled_steering():
     """LayerSteering.steer torch.compiled once for every block (steer.compile_hook): in an eager transformer the
     hook is some twenty small kernels whose launches cost about a millisecond per call on a GPU (BENCHMARKS.md);
     compiled, they fuse into a few. One compiled function for all blocks and both branches: a block's hook differs
     only in tensors, which dynamo guards by shape and dtype, not by identity (no recompile from block to block)."""
-    if not _COMPILED_STEERING:
-        _COMPILED_STEERING.append(torch.compile(LayerSteering.steer))
-    return _COMPILED_STEERING[0]
+    return torch.compile(LayerSteering.steer)
 
 
 def steer_tokens_(hidden, token_index, channels, is_massive, reference, cfg, gate=None) -> None:
