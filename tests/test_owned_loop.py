@@ -26,6 +26,9 @@ TWINS = ("tiny_wan21", "tiny_wan22", "tiny_wan22_a14b", "tiny_cogvideox", "tiny_
 # its guidance_scale is embedded, never a second branch)
 CFG_SWITCH = {"tiny_hunyuanvideo": {True: ["model.true_cfg_scale=4.0"], False: []}}
 GUIDANCE_SCALE_SWITCH = {True: [], False: ["model.guidance_scale=1"]}
+# (first-frame + boundary tokens, all tokens) of a twin's video: CogVideoX1.5's 3 x 4 x 6 grid (12 first-frame tokens,
+# 2 x 2 boundary rows of 6), LTX's 3 x 4 x 5 (20 first-frame tokens, 2 x 2 boundary rows of 5)
+STEERED_TOKENS = {"tiny_cogvideox15": (48, 72), "tiny_ltx": (40, 60)}
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 3)
 STEPS = 4  # the default window [0, 0.4) steers steps 0 and 1
 
@@ -40,7 +43,7 @@ def setup(tiny_pipelines, twin: str, *overrides):
 
 def frames_and_record(pipe, kwargs, layout, loop, steerer=None):
     """The float frames (and the steering record) of ITEM through `loop` (None: pipe(...))."""
-    with steerer.attach(pipe.transformer) if steerer is not None else nullcontext():
+    with steerer.attach(steerer.backbone.experts(pipe)) if steerer is not None else nullcontext():
         frames = np.asarray(run_pipeline(pipe, ITEM, kwargs, steerer, layout, loop).frames[0])
         record = None if steerer is None else json.dumps(steerer.record(), sort_keys=True)
     return frames, record
@@ -66,7 +69,10 @@ def test_owned_loop_with_steering_gives_the_pipelines_frames_and_record(tiny_pip
     expected, expected_record = frames_and_record(pipe, kwargs, layout, None, steerer)
     frames, record = frames_and_record(pipe, kwargs, layout, make_loop(cfg, backbone), steerer)
     assert np.array_equal(frames, expected) and record == expected_record
-    assert json.loads(record)["steps"] == [0, 1] and json.loads(record)["values_steered"] > 0
+    steered = json.loads(record)
+    assert steered["steps"] == [0, 1] and steered["values_steered"] > 0
+    if twin in STEERED_TOKENS:  # the families whose regions are defined anew: temporal patches, packed latents
+        assert (steered["tokens"], steered["tokens_total"]) == STEERED_TOKENS[twin]
     vanilla, _ = frames_and_record(pipe, kwargs, layout, make_loop(cfg, backbone))
     assert not np.array_equal(frames, vanilla)  # steering did something
 

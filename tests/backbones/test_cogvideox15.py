@@ -2,18 +2,16 @@
 transformer really sees, verified by planting a value in the latents at a known (latent frame, row, column) and
 finding the token of the real transformer's patch embedding it lands on, at the published size and the twin's; the
 regions it falls in; bad sizes; and the twin tiny_cogvideox15 generating (as `pipe(...)` does, bit for bit),
-analyzing and steering."""
+analyzing (steering bit for bit with its pipeline, and its steered tokens: tests/test_owned_loop.py)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from stas.backbones import backbone_of_pipeline, get_backbone
 from stas.config import ConfigError, load_group_option, validate
 from stas.core.layout import TokenLayout
-from stas.generation import make_loop, make_steerer, run_pipeline
 from stas.loggers import RunLogger
 from stas.ma.analysis import analyze
 from stas.prompts import Item
@@ -115,26 +113,6 @@ def test_the_twin_is_recognised_as_cogvideox15_and_its_pipeline_pads(twin):
         handle.remove()
     assert seen[0][1] == 6  # 5 latent frames, one padding frame in front
     assert TokenLayout.for_video(backbone, 64, 96, 17) == TokenLayout(3, 4, 6)
-
-
-def test_the_twin_steers_bit_for_bit_with_its_pipeline(twin):
-    backbone, pipe = twin
-    cfg = compose([f"model={TWIN}", "logger=none", "steer=stas", "model.steps=4"])
-    steerer = make_steerer(cfg, backbone)
-    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-    kwargs = backbone.pipeline_kwargs(cfg.model)
-    results = []
-    with steerer.attach(backbone.experts(pipe)):
-        for loop in (None, make_loop(cfg, backbone)):
-            results.append((np.asarray(run_pipeline(pipe, ITEM, kwargs, steerer, layout, loop).frames[0]),
-                            steerer.record()))
-    (expected, expected_record), (frames, record) = results
-    assert np.array_equal(frames, expected) and record == expected_record
-    assert record["steps"] == [0, 1] and record["tokens"] == 48 and record["tokens_total"] == 72
-    assert record["values_steered"] > 0
-    vanilla = compose([f"model={TWIN}", "logger=none", "steer=none", "model.steps=4"])
-    plain = run_pipeline(pipe, ITEM, kwargs, None, layout, make_loop(vanilla, backbone)).frames[0]
-    assert not np.array_equal(np.asarray(plain), frames)
 
 
 def test_the_twin_analysis_finds_the_planted_channels_and_hierarchy(twin, tmp_path):

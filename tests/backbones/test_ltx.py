@@ -2,7 +2,8 @@
 really sees, verified by planting a value in the latents at a known (latent frame, row, column), packing them as the
 pipeline does and finding the token of the real transformer's input projection it lands on, and the RoPE position
 the transformer gives that token; the grid of a call; bad sizes; and the twin tiny_ltx generating (as `pipe(...)`
-does, bit for bit, also with a timestep-conditioned VAE), analyzing and steering."""
+does, bit for bit, also with a timestep-conditioned VAE) and analyzing (steering bit for bit with its pipeline, and
+its steered tokens: tests/test_owned_loop.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from stas.backbones import BackboneError, backbone_of_pipeline, get_backbone
 from stas.backbones.loading import check_pipeline_matches
 from stas.config import ConfigError, load_group_option, validate
 from stas.core.layout import TokenLayout
-from stas.generation import make_loop, make_steerer, run_pipeline
 from stas.loggers import RunLogger
 from stas.loop import denoise, make_guider
 from stas.ma.analysis import analyze
@@ -166,27 +166,6 @@ def test_a_timestep_conditioned_vae_decodes_bit_for_bit(tiny_pipelines, cfg_on):
                         generator=torch.Generator().manual_seed(3), **{**kwargs, "decode_noise_scale": 0.0}).frames
     assert np.array_equal(frames, expected)
     assert not np.array_equal(plain, expected)  # the noise scale reached the decoder
-
-
-def test_the_twin_steers_bit_for_bit_with_its_pipeline(tiny_pipelines):
-    _, backbone, pipe = tiny_pipelines[TWIN]
-    cfg = compose([f"model={TWIN}", "logger=none", "steer=stas", "model.steps=4"])
-    steerer = make_steerer(cfg, backbone)
-    layout = TokenLayout.for_video(backbone, cfg.model.height, cfg.model.width, cfg.model.num_frames)
-    kwargs = backbone.pipeline_kwargs(cfg.model)
-    results = []
-    with steerer.attach(backbone.experts(pipe)):
-        for loop in (None, make_loop(cfg, backbone)):
-            results.append((np.asarray(run_pipeline(pipe, ITEM, kwargs, steerer, layout, loop).frames[0]),
-                            steerer.record()))
-    (expected, expected_record), (frames, record) = results
-    assert np.array_equal(frames, expected) and record == expected_record
-    # 20 first-frame tokens and the first and last rows (5 tokens each) of the 2 later frames, of 60
-    assert record["steps"] == [0, 1] and record["tokens"] == 40 and record["tokens_total"] == 60
-    assert record["values_steered"] > 0
-    vanilla = compose([f"model={TWIN}", "logger=none", "steer=none", "model.steps=4"])
-    plain = run_pipeline(pipe, ITEM, kwargs, None, layout, make_loop(vanilla, backbone)).frames[0]
-    assert not np.array_equal(np.asarray(plain), frames)
 
 
 def test_the_twin_analysis_finds_the_planted_channels_and_hierarchy(tiny_pipelines, tmp_path):
