@@ -56,6 +56,20 @@ def build_twin(name: str) -> tuple:
     return cfg, backbone, pipe
 
 
+def landing_tokens(embed, latents: torch.Tensor, where: tuple[int, int, int], frame_axis: int) -> list[int]:
+    """The tokens of `embed(latents)` ((1, tokens, dim): a transformer's patch embedding or input projection) that
+    change when the latent value at `where` (latent frame, row, column) changes; the latents' frame axis is
+    `frame_axis` (the channels are the other of axes 1 and 2). How the families' layout tests find where a latent
+    position lands."""
+    planted = latents.clone()
+    index = [0, slice(None), slice(None), where[1], where[2]]
+    index[frame_axis] = where[0]
+    planted[tuple(index)] += 10.0
+    with torch.no_grad():
+        changed = (embed(planted) - embed(latents)).abs().amax(dim=-1)[0] > 0
+    return torch.nonzero(changed).flatten().tolist()
+
+
 class TwinCache(dict):
     """{model name: (cfg, backbone, pipe)}, each twin built on first use."""
 

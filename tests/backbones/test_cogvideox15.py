@@ -16,7 +16,7 @@ from stas.loggers import RunLogger
 from stas.ma.analysis import analyze
 from stas.prompts import Item
 
-from conftest import build_twin, compose
+from conftest import build_twin, compose, landing_tokens
 
 TWIN = "tiny_cogvideox15"
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 3)
@@ -34,18 +34,6 @@ def embed_transformer(height: int, width: int, frames: int):
         patch_size=2, patch_size_t=2, use_rotary_positional_embeddings=True, max_text_seq_length=4).eval()
 
 
-def landing_tokens(transformer, latents: torch.Tensor, where: tuple[int, int, int]) -> list[int]:
-    """The video tokens of the patch embedding that change when `where` (latent frame, row, column) of the
-    latents (B, F, C, H, W) changes."""
-    text = torch.zeros(1, 4, 8)
-    with torch.no_grad():
-        before = transformer.patch_embed(text, latents)[:, 4:]
-        planted = latents.clone()
-        planted[0, where[0], :, where[1], where[2]] += 10.0
-        after = transformer.patch_embed(text, planted)[:, 4:]
-    return torch.nonzero((after - before).abs().amax(dim=-1)[0] > 0).flatten().tolist()
-
-
 @pytest.mark.parametrize("model", ["cogvideox15_5b", TWIN])
 def test_a_planted_latent_lands_on_the_token_the_layout_gives(model):
     cfg = load_group_option("model", model)
@@ -55,6 +43,11 @@ def test_a_planted_latent_lands_on_the_token_the_layout_gives(model):
     padding = backbone.padding_frames(frames)
     latent_frames = (frames - 1) // 4 + 1
     transformer = embed_transformer(height, width, frames)
+    text = torch.zeros(1, 4, 8)
+
+    def embed(video):  # the patch embedding's video tokens (the 4 text tokens come first)
+        return transformer.patch_embed(text, video)[:, 4:]
+
     # the latents the pipeline gives the transformer: the padding frames in front
     latents = torch.randn(1, latent_frames + padding, 16, height // 8, width // 8,
                           generator=torch.Generator().manual_seed(0))
@@ -66,13 +59,13 @@ def test_a_planted_latent_lands_on_the_token_the_layout_gives(model):
                                (2, 0, columns // 2), (latent_frames - 1, rows - 1, 0)]:
         padded = frame + padding  # the video's latent frame `frame` in the padded latents
         token = ((padded // 2) * layout.height + row // 2) * layout.width + column // 2
-        assert landing_tokens(transformer, latents, (padded, row, column)) == [token]
+        assert landing_tokens(embed, latents, (padded, row, column), frame_axis=1) == [token]
         # pixel frame 0 (latent frame 0) is in the first-frame tokens; a later token's first and last token rows
         # are boundary tokens
         assert bool(first[token]) == (padded // 2 == 0)
         assert bool(boundary[token]) == (padded // 2 > 0 and row // 2 in (0, layout.height - 1))
     if padding:  # the padding frame shares temporal token 0 with latent frame 0
-        assert landing_tokens(transformer, latents, (0, 0, 0)) == [0]
+        assert landing_tokens(embed, latents, (0, 0, 0), frame_axis=1) == [0]
 
 
 def test_the_published_grid_and_padding():

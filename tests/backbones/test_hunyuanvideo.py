@@ -18,7 +18,7 @@ from stas.loggers import RunLogger
 from stas.ma.analysis import analyze
 from stas.prompts import Item
 
-from conftest import build_twin, compose
+from conftest import build_twin, compose, landing_tokens
 
 TWIN = "tiny_hunyuanvideo"
 ITEM = Item(0, "a red fox runs through fresh snow", 0, 3)
@@ -37,17 +37,6 @@ def embed_transformer():
         rope_axes_dim=(4, 6, 6)).eval()
 
 
-def landing_tokens(transformer, latents: torch.Tensor, where: tuple[int, int, int]) -> list[int]:
-    """The video tokens of the patch embedding that change when `where` (latent frame, row, column) of the
-    latents (B, C, F, H, W) changes."""
-    with torch.no_grad():
-        before = transformer.x_embedder(latents)
-        planted = latents.clone()
-        planted[0, :, where[0], where[1], where[2]] += 10.0
-        after = transformer.x_embedder(planted)
-    return torch.nonzero((after - before).abs().amax(dim=-1)[0] > 0).flatten().tolist()
-
-
 @pytest.mark.parametrize("model", ["hunyuanvideo", TWIN])
 def test_a_planted_latent_lands_on_the_token_the_layout_gives(model):
     cfg = load_group_option("model", model)
@@ -62,7 +51,7 @@ def test_a_planted_latent_lands_on_the_token_the_layout_gives(model):
     for frame, row, column in [(0, 0, 0), (0, rows - 1, columns - 1), (1, 3, 5), (latent_frames - 1, rows // 2, 1),
                                (2, 0, columns // 2), (latent_frames - 1, rows - 1, 0)]:
         token = (frame * layout.height + row // 2) * layout.width + column // 2
-        assert landing_tokens(transformer, latents, (frame, row, column)) == [token]
+        assert landing_tokens(transformer.x_embedder, latents, (frame, row, column), frame_axis=2) == [token]
         assert bool(first[token]) == (frame == 0)
         assert bool(boundary[token]) == (frame > 0 and row // 2 in (0, layout.height - 1))
 
