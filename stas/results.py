@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from stas.errors import UserError
-from stas.evaluation.scores import DIMENSIONS, QUALITY_DIMENSIONS, SEMANTIC_DIMENSIONS, vbench_scores
+from stas.evaluation.scores import (DIMENSIONS, QUALITY_DIMENSIONS, SEMANTIC_DIMENSIONS, unscored_dimensions,
+                                   vbench_scores)
 from stas.evaluation.significance import CORRECTIONS, adjust_pvalues, compare_paired
 from stas.generation import generation_rows, video_costs
 from stas.rundir import (IDENTITY_FILE, MANIFEST_FILE, METRIC_FIELDS, checked_records, flatten, hydra_job,
@@ -209,6 +210,11 @@ def composite_scores(dimension_means: dict[str, float]) -> dict[str, float]:
     return {name: scores[name] for name in COMPOSITES if scores.get(name) is not None}
 
 
+def run_scores(run: Run) -> dict:
+    """vbench_scores of the run's dimension means, dimensions with every video excluded (color) as unscored."""
+    return vbench_scores(dimension_means(run), unscored_dimensions(run.metrics))
+
+
 def dimension_means(run: Run) -> dict[str, float]:
     """The run's raw VBench value of each dimension it has (mean over prompts)."""
     return {m: float(np.mean(list(v.values()))) for m, v in _vbench_dims(run.per_prompt()).items()}
@@ -217,10 +223,9 @@ def dimension_means(run: Run) -> dict[str, float]:
 def run_values(run: Run) -> dict[str, float]:
     """Every metric of a run ('evaluator/metric'), VBench dimensions and composite scores in percent."""
     values = {f"{e}/{m}": float(np.mean(list(v.values()))) for (e, m), v in run.per_prompt().items()}
-    dims = dimension_means(run)
-    values.update({f"vbench/{m}": 100.0 * v for m, v in dims.items()})
-    if dims:
-        values.update(composite_scores(dims))
+    values.update({f"vbench/{m}": 100.0 * v for m, v in dimension_means(run).items()})
+    scores = run_scores(run)
+    values.update({name: scores[name] for name in COMPOSITES if name in scores})
     return values
 
 
@@ -247,9 +252,11 @@ def paper_table(runs: list[Run]) -> pd.DataFrame:
 
 def paper_table_notes(runs: list[Run]) -> list[str]:
     """Why cells of the paper table are empty: for each column some run lacks, the VBench dimensions it needs and
-    which are missing, then how to get them; each score withheld for a raw value not in [0, 1]. Empty when every
-    cell has a value."""
-    have = [{m for (e, m) in run.per_prompt() if e == "vbench"} for run in runs]
+    which are missing, then how to get them; each dimension a run evaluated without any value (every video excluded:
+    color) and each score withheld for that or for a raw value not in [0, 1]. Empty when every cell has a value."""
+    unscored = [unscored_dimensions(run.metrics) for run in runs]
+    # An unscored dimension was evaluated: evaluating again gives no value, so it is not among the missing
+    have = [{m for (e, m) in run.per_prompt() if e == "vbench"} | set(empty) for run, empty in zip(runs, unscored)]
     labels = run_labels(runs)
     notes = []
     for title, name in PAPER_COLUMNS.items():
@@ -263,8 +270,10 @@ def paper_table_notes(runs: list[Run]) -> list[str]:
         notes.append(f"{title} ({PERCENT}): VBench's {name} is missing in {who}." if len(needs) == 1 else
                      f"{title} ({PERCENT}) needs all {len(needs)} {COMPOSITE_KINDS[name]} dimensions; missing in "
                      f"{who}: {', '.join(missing)}.")
-    withheld = [f"{run.model} {label}: {name} withheld, {reason}." for run, label in zip(runs, labels)
-                for name, reason in vbench_scores(dimension_means(run))["withheld"].items()]
+    withheld = [f"{run.model} {label}: {dimension} has no value, {reason}." for run, label, empty
+                in zip(runs, labels, unscored) for dimension, reason in empty.items()]
+    withheld += [f"{run.model} {label}: {name} withheld, {reason}." for run, label in zip(runs, labels)
+                 for name, reason in run_scores(run)["withheld"].items()]
     return notes + [HOW_TO_EVALUATE] + withheld if notes else withheld
 
 

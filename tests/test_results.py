@@ -424,3 +424,23 @@ def test_a_score_withheld_for_an_out_of_range_value_is_named_in_the_notes(tmp_pa
     notes = [note for note in paper_table_notes(runs) if "withheld" in note]
     assert notes and notes[0].startswith("m Vanilla: quality_score withheld, raw value(s) not a number in [0, 1]: "
                                          "aesthetic_quality=-0.0027")
+
+
+def test_a_dimension_with_every_video_excluded_is_named_not_asked_for_again(tmp_path):
+    """color evaluated with no object detected in any video has no value: the table notes say so and withhold
+    Semantic and Total for it, instead of sending the user to evaluate color again."""
+    from stas.evaluation.scores import DIMENSIONS
+
+    values = {("vbench", d): {"a cat": [0.5]} for d in DIMENSIONS if d != "color"}
+    run_dir = fake_run(tmp_path / "0", steer="none", metrics=values)
+    with open(run_dir / "metrics.jsonl", "a") as rows:
+        rows.write(json.dumps({"video": "a cat-0.mp4", "prompt": "a cat", "seed": 0, "evaluator": "vbench",
+                               "metric": "color", "value": None, "excluded": "no object detected"}) + "\n")
+    runs = find_runs([tmp_path])
+    notes = paper_table_notes(runs)
+    assert not any("missing" in note for note in notes), notes
+    assert "m Vanilla: color has no value, all 1 video(s) excluded: no object detected." in notes
+    assert ("m Vanilla: semantic_score withheld, no value for color (all 1 video(s) excluded: no object detected)."
+            in notes)
+    frame = paper_table(runs)
+    assert frame["Quality Score (%)"].notna().all() and frame["Total Score (%)"].isna().all()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stas.errors import UserError
-from stas.evaluation.scores import DIMENSIONS, raw_value_problem, vbench_scores
+from stas.evaluation.scores import DIMENSIONS, raw_value_problem, unscored_dimensions, vbench_scores
 
 METRICS_STAGE = "metrics"  # rows in metrics.jsonl, or shards/metrics-III-of-KKK.jsonl (stas.rundir.shard_file)
 METRICS_FILE = f"{METRICS_STAGE}.jsonl"
@@ -69,7 +69,8 @@ def aggregate_metrics(rows) -> dict:
     every row has a weight) = sum(value * weight) / sum(weight), which is how VBench aggregates.
     vbench: the dimensions' values as VBench aggregates them, and vbench_scores of those (partial sets say what
     is missing; a value outside [0, 1] is "invalid" and the scores built on it "withheld", with the reason), and
-    "flagged": the videos whose rows hold such values. errors: the rows of videos that could not be scored;
+    "flagged": the videos whose rows hold such values; "unscored": each dimension every video of which is excluded
+    (no value; the scores built on it are withheld, not "missing": evaluating again gives none). errors: the rows of videos that could not be scored;
     excluded: the rows of videos the tool scored and gave no value by its own definition (VBench's color when the
     object is never detected), left out of the values as VBench leaves them out.
     """
@@ -95,8 +96,9 @@ def aggregate_metrics(rows) -> dict:
               "excluded": excluded}
     dimensions = {d: metrics[f"vbench/{d}"].get("pooled", metrics[f"vbench/{d}"]["mean"])
                   for d in DIMENSIONS if f"vbench/{d}" in metrics}
-    if dimensions:
-        result["vbench"] = {"dimensions": dimensions, **vbench_scores(dimensions),
+    unscored = unscored_dimensions(rows)
+    if dimensions or unscored:
+        result["vbench"] = {"dimensions": dimensions, **vbench_scores(dimensions, unscored), "unscored": unscored,
                             "flagged": flagged_rows(groups)}
     return result
 

@@ -9,6 +9,7 @@ values, and neither do we.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 # dimension: (Min, Max, weight), snake_case as VBench names its dimensions in code and in results files.
 NORMALIZATION = {
@@ -62,17 +63,22 @@ def raw_value_problem(value) -> str | None:
     return None
 
 
-def vbench_scores(raw: dict) -> dict:
+def vbench_scores(raw: dict, unscored: dict[str, str] | None = None) -> dict:
     """VBench's Quality, Semantic and Total scores in percent from raw dimension values in [0, 1].
+
+    `unscored`: {dimension: why} for dimensions that were evaluated and have no value by VBench's own definition
+    (color when no video of the set has its object detected); evaluating again would give none either.
 
     Returns the scores whose dimensions are all in `raw` with valid values (quality_score, semantic_score,
     total_score), each valid dimension's normalised value in percent under "normalized", under "missing" the
-    dimensions each absent score still needs, under "invalid" each dimension whose raw value is not a number in
-    [0, 1] (NaN, out of range: broken or random weights) with why, and under "withheld" each score that is not
-    computed because one of its dimensions is invalid, with the reason. Never raises for a bad value: the value is
-    flagged and the scores built on it are withheld. A Total is never computed from a partial set.
+    dimensions each absent score still needs (not evaluated yet), under "invalid" each dimension whose raw value is
+    not a number in [0, 1] (NaN, out of range: broken or random weights) with why, and under "withheld" each score
+    that is not computed because one of its dimensions is invalid or unscored, with the reason. Never raises for a
+    bad value: the value is flagged and the scores built on it are withheld. A Total is never computed from a
+    partial set.
     """
-    unknown = sorted(set(raw) - set(NORMALIZATION))
+    unscored = {d: why for d, why in (unscored or {}).items() if d not in raw}
+    unknown = sorted((set(raw) | set(unscored)) - set(NORMALIZATION))
     if unknown:
         raise ValueError(f"unknown VBench dimension(s) {unknown}; allowed: {', '.join(DIMENSIONS)}")
     invalid = {d: problem for d in DIMENSIONS if d in raw and (problem := raw_value_problem(raw[d]))}
@@ -82,14 +88,20 @@ def vbench_scores(raw: dict) -> dict:
     groups = (("quality_score", QUALITY_DIMENSIONS), ("semantic_score", SEMANTIC_DIMENSIONS),
               ("total_score", DIMENSIONS))
     for name, dimensions in groups:
-        absent = [d for d in dimensions if d not in raw]
+        absent = [d for d in dimensions if d not in raw and d not in unscored]
         bad = [d for d in dimensions if d in invalid]
+        empty = [d for d in dimensions if d in unscored]
         if absent:
             missing[name] = absent
+        reasons = []
         if bad:
-            withheld[name] = "raw value(s) not a number in [0, 1]: " + ", ".join(
-                f"{d}={raw[d]!r} ({invalid[d]})" for d in bad)
-        if absent or bad:
+            reasons.append("raw value(s) not a number in [0, 1]: " + ", ".join(
+                f"{d}={raw[d]!r} ({invalid[d]})" for d in bad))
+        if empty:
+            reasons.append("no value for " + ", ".join(f"{d} ({unscored[d]})" for d in empty))
+        if reasons:
+            withheld[name] = "; ".join(reasons)
+        if absent or reasons:
             continue
         if name == "total_score":
             result[name] = ((QUALITY_WEIGHT * result["quality_score"] + SEMANTIC_WEIGHT * result["semantic_score"])
@@ -98,3 +110,18 @@ def vbench_scores(raw: dict) -> dict:
             result[name] = 100.0 * _weighted_mean(raw, dimensions)
     result.update(missing=missing, invalid=invalid, withheld=withheld)
     return result
+
+
+def unscored_dimensions(rows) -> dict[str, str]:
+    """{dimension: why} for each VBench dimension whose metric rows are all excluded: evaluated, and no video has a
+    value by VBench's own rule (color when no video has its object detected). vbench_scores' `unscored`."""
+    excluded, valued = defaultdict(list), set()
+    for row in rows:
+        if row.get("evaluator") != "vbench" or row.get("metric") not in NORMALIZATION:
+            continue
+        if row.get("value") is not None:
+            valued.add(row["metric"])
+        elif row.get("excluded"):
+            excluded[row["metric"]].append(str(row["excluded"]))
+    return {d: f"all {len(reasons)} video(s) excluded: {reasons[0]}" for d, reasons in excluded.items()
+            if d not in valued}

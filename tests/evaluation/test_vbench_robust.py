@@ -10,6 +10,7 @@ from stas.evaluate import main as evaluate_main
 from stas.evaluation import aggregate_metrics, vbench_scores
 from stas.evaluation.records import AGGREGATE_FILE, METRICS_FILE
 from stas.evaluation.scores import DIMENSIONS, QUALITY_DIMENSIONS
+from stas.evaluation.vbench_worker import LEFT_OUT
 from stas.rundir import read_jsonl
 
 from evaluation_helpers import make_run
@@ -117,3 +118,42 @@ def test_a_search_on_a_withheld_score_says_why():
         aggregate_value(aggregate_metrics(rows), "vbench/total_score", "run/metrics.json")
     semantic = vbench_scores({d: 0.9 for d in DIMENSIONS})["semantic_score"]
     assert aggregate_value(aggregate_metrics(rows), "vbench/semantic_score", "m") == pytest.approx(semantic)
+
+
+def color_excluded_rows(videos=("a.mp4", "b.mp4")) -> list[dict]:
+    return [{"video": video, "evaluator": "vbench", "metric": "color", "value": None, "excluded": LEFT_OUT["color"]}
+            for video in videos]
+
+
+def test_a_dimension_with_every_video_excluded_withholds_its_scores_instead_of_calling_them_missing():
+    """color with no object detected in any video has no value, by VBench's rule: Semantic and Total are withheld
+    with that reason (evaluating again would give none), not listed as missing a dimension to evaluate."""
+    rows = [{"video": "a.mp4", "evaluator": "vbench", "metric": d, "value": 0.9, "weight": 1}
+            for d in DIMENSIONS if d != "color"] + color_excluded_rows()
+    vbench = aggregate_metrics(rows)["vbench"]
+    assert vbench["unscored"] == {"color": f"all 2 video(s) excluded: {LEFT_OUT['color']}"}
+    assert vbench["missing"] == {} and "color" not in vbench["dimensions"]
+    assert "quality_score" in vbench and "semantic_score" not in vbench and "total_score" not in vbench
+    for score in ("semantic_score", "total_score"):
+        assert vbench["withheld"][score] == f"no value for color (all 2 video(s) excluded: {LEFT_OUT['color']})"
+    # One video with a value: color has its value from that video, every score is computed
+    scored = aggregate_metrics([*rows, {"video": "c.mp4", "evaluator": "vbench", "metric": "color", "value": 0.5,
+                                        "weight": 1}])["vbench"]
+    assert scored["unscored"] == {} and scored["withheld"] == {} and scored["dimensions"]["color"] == 0.5
+    assert {"quality_score", "semantic_score", "total_score"} <= set(scored)
+    # Without color's rows at all it is missing, as before: it was never evaluated
+    never = aggregate_metrics(rows[:-2])["vbench"]
+    assert never["missing"]["semantic_score"] == ["color"] and never["withheld"] == {}
+
+
+def test_both_reasons_are_given_when_a_score_has_an_invalid_and_an_unscored_dimension():
+    raw = {**valid_raw(), "scene": float("nan")}
+    del raw["color"]
+    scores = vbench_scores(raw, {"color": "all 1 video(s) excluded: none detected"})
+    assert scores["withheld"]["semantic_score"] == ("raw value(s) not a number in [0, 1]: scene=nan (NaN); no value "
+                                                    "for color (all 1 video(s) excluded: none detected)")
+    assert "quality_score" in scores and scores["missing"] == {}
+    # A dimension that has a value is never unscored, and an unknown name is a programming error
+    assert vbench_scores(valid_raw(), {"color": "x"})["withheld"] == {}
+    with pytest.raises(ValueError, match="unknown VBench dimension"):
+        vbench_scores({}, {"colour": "x"})
