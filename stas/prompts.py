@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def load_prompt_set(cfg) -> list[Prompt]:
     elif cfg.source == "file":
         prompts = prompt_file(cfg.path)
     else:
-        prompts = [Prompt(text) for text in vbench_prompts(cfg.path, set(cfg.vbench_dimensions or []))]
+        prompts = [Prompt(text) for text in vbench_prompts(cfg.path, set(cfg.vbench_dimensions or []),
+                                                           cfg.get("per_dimension"))]
         if cfg.vbench_dimensions and not prompts:
             raise ConfigError(f"prompts.vbench_dimensions={sorted(cfg.vbench_dimensions)} matches no VBench prompt")
     unique: dict[tuple, Prompt] = {}
@@ -158,26 +160,30 @@ def prompt_lines(path) -> list[str]:
     return lines
 
 
-def vbench_prompts(path, dimensions: set[str]) -> list[str]:
+def vbench_prompts(path, dimensions: set[str], per_dimension: int | None = None) -> list[str]:
     """The prompts of a VBench info file (default: VBench_full_info.json of the vbench package): a JSON list of
-    objects with `prompt_en` and, to filter by `dimensions`, `dimension` (a list of names)."""
+    objects with `prompt_en` and, to filter by `dimensions` or pick `per_dimension` prompts of each dimension (in
+    the file's order, each prompt taken while one of its dimensions has fewer), `dimension` (a list of names)."""
     where = f"prompts.path={str(path)!r}" if path else "VBench_full_info.json"
     source = Path(str(path)) if path else vbench_info_path()
     entries = read_json(source, where, "a VBench info JSON: a list of objects with 'prompt_en'")
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: must be a JSON list of objects with 'prompt_en', not a {type(entries).__name__}")
-    prompts = []
+    prompts, taken = [], Counter()
     for number, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt_en"), str):
             raise ConfigError(f"{where}: entry {number} must be an object with a string 'prompt_en', got "
                               f"{_shorten(entry)}")
-        if dimensions:
+        if dimensions or per_dimension:
             listed = entry.get("dimension")
             if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
-                raise ConfigError(f"{where}: entry {number} needs 'dimension', a list of VBench dimension names, to "
-                                  f"filter by prompts.vbench_dimensions; got {_shorten(listed)}")
-            if not dimensions & set(listed):
+                field = "prompts.vbench_dimensions" if dimensions else "prompts.per_dimension"
+                raise ConfigError(f"{where}: entry {number} needs 'dimension', a list of VBench dimension names, for "
+                                  f"{field}; got {_shorten(listed)}")
+            wanted = dimensions & set(listed) if dimensions else set(listed)
+            if not wanted or (per_dimension and all(taken[name] >= per_dimension for name in wanted)):
                 continue
+            taken.update(wanted)
         prompts.append(entry["prompt_en"])
     return prompts
 

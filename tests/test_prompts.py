@@ -79,6 +79,47 @@ def test_a_custom_vbench_file_filters_by_dimension(tmp_path):
         vbench_prompts(tmp_path / "nope.json")
 
 
+def test_per_dimension_takes_the_first_prompts_of_each_dimension_in_the_files_order(tmp_path):
+    path = tmp_path / "info.json"
+    entries = [{"prompt_en": "a cat", "dimension": ["subject_consistency", "dynamic_degree"]},
+               {"prompt_en": "a cat again", "dimension": ["subject_consistency"]},
+               {"prompt_en": "a dog", "dimension": ["dynamic_degree", "color"]},
+               {"prompt_en": "a red car", "dimension": ["color"]},
+               {"prompt_en": "a blue car", "dimension": ["color"]}]
+    path.write_text(json.dumps(entries))
+    assert vbench_prompts(path, "prompts.per_dimension=1") == ["a cat", "a dog"]
+    assert vbench_prompts(path, "prompts.per_dimension=2") == ["a cat", "a cat again", "a dog", "a red car"]
+    assert vbench_prompts(path, "prompts.per_dimension=1", "prompts.vbench_dimensions=[color]") == ["a dog"]
+    assert vbench_prompts(path, "prompts.per_dimension=5") == [entry["prompt_en"] for entry in entries]
+    path.write_text(json.dumps([{"prompt_en": "a cat"}]))
+    with pytest.raises(ConfigError, match=r"entry 0 needs 'dimension', .* for prompts.per_dimension; got null"):
+        vbench_prompts(path, "prompts.per_dimension=1")
+
+
+def test_per_dimension_one_covers_vbenchs_sixteen_dimensions_with_eleven_prompts():
+    """The smoke test of the whole suite the docs give: one video per prompt, every dimension scored once."""
+    pytest.importorskip("vbench")
+    from stas.evaluation.scores import DIMENSIONS
+    from stas.prompts import vbench_info_path
+
+    prompts = load_prompts(compose(["prompts=vbench", "prompts.per_dimension=1"]).prompts)
+    info = {entry["prompt_en"]: entry["dimension"] for entry in json.loads(vbench_info_path().read_text())}
+    covered = [dimension for prompt in prompts for dimension in info[prompt]]
+    assert len(prompts) == 11 and sorted(covered) == sorted(DIMENSIONS)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prompts.per_dimension=0"], r"prompts.per_dimension=0 must be >= 1"),
+    (["prompts=demo", "prompts.per_dimension=1"], r"prompts.per_dimension=1 selects VBench prompts by dimension: it "
+                                                  r"needs prompts=vbench, not prompts.source=demo"),
+])
+def test_per_dimension_is_checked(overrides, message):
+    from stas.config import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(["prompts=vbench", *overrides]))
+
+
 @pytest.mark.slow
 def test_bad_prompt_files_fail_in_the_cli_before_anything_is_written(cli, tmp_path):
     path = tmp_path / "prompts.txt"

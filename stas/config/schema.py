@@ -173,6 +173,9 @@ class PromptsConfig:
     samples_per_prompt: int = 1  # videos per prompt; sample i uses seed + i
     limit: Optional[int] = None  # only the first `limit` prompts
     vbench_dimensions: Optional[List[str]] = None  # source=vbench: only the prompts of these VBench dimensions
+    # source=vbench: at least N prompts of each dimension (of vbench_dimensions, else all), the first in the file's
+    # order, instead of all; per_dimension=1 gives VBench's 16 dimensions one video each from 11 prompts
+    per_dimension: Optional[int] = None
 
 
 @dataclass

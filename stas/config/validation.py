@@ -297,9 +297,12 @@ def validate_prompts(prompts) -> None:
     check_allowed("prompts.source", prompts.source, ("demo", "list", "file", "vbench"))
     if prompts.source == "file" and not prompts.path:
         raise ConfigError("prompts=file needs prompts.path=<text file, one prompt a line>")
-    check_at_least("prompts.samples_per_prompt", prompts.samples_per_prompt, 1)
-    if prompts.limit is not None:
-        check_at_least("prompts.limit", prompts.limit, 1)
+    for name in ("samples_per_prompt", "limit", "per_dimension"):  # the schema lets only the last two be null
+        if prompts[name] is not None:
+            check_at_least(f"prompts.{name}", prompts[name], 1)
+    if prompts.per_dimension is not None and prompts.source != "vbench":
+        raise ConfigError(f"prompts.per_dimension={prompts.per_dimension} selects VBench prompts by dimension: it "
+                          f"needs prompts=vbench, not prompts.source={prompts.source}")
 
 
 def validate_logger(logger) -> None:
