@@ -70,10 +70,10 @@ def weights_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("vbench-cache")
 
 
-def interpreters(dimension: str) -> list[str]:
-    """The eval.vbench.* overrides that choose where the dimension runs."""
+def interpreters(dimensions) -> list[str]:
+    """The eval.vbench.* overrides that choose where the dimensions run."""
     overrides = [f"eval.vbench.python={BESIDE_PYTHON}"]
-    if dimension in SEPARATE_DIMENSIONS and Path(SEPARATE_PYTHON).is_file():
+    if set(dimensions) & set(SEPARATE_DIMENSIONS) and Path(SEPARATE_PYTHON).is_file():
         overrides.append(f"eval.vbench.separate_python={SEPARATE_PYTHON}")
     return overrides
 
@@ -90,46 +90,58 @@ def prompt_overrides(dimension: str) -> list[str]:
     return ["prompts.limit=1"]
 
 
-def route(dimension: str, cache: Path, logs: Path):
-    """Where the dimension runs, asked of stas's probe; skips it when that interpreter lacks packages (or has them too
-    new), with the probe's message. Missing weight files are not a reason: the suite builds them."""
-    options = compose([*interpreters(dimension), f"eval.vbench.cache_dir={cache}"]).eval.vbench
-    dimension_route = VBenchRunner(options, "cpu", logs).plan([dimension])[dimension]
+def problem(dimension: str, dimension_route) -> str | None:
+    """Why the interpreter that would run the dimension cannot (packages missing or too new, with the probe's
+    message and how to fix it), or None. Missing weight files are not a reason: the suite builds them."""
     # The first line lists the missing weight files (the suite builds them), then the package problems.
     summary = re.sub(r"^\d+ weight file\(s\) missing .*?eval\.vbench\.cache_dir\)(; )?", "",
                      (dimension_route.problems or "").split("\n")[0])
-    if summary:
-        if dimension in SEPARATE_DIMENSIONS:
-            hint = (f" (the separate environment: set STAS_VBENCH_ENV or make {SEPARATE_PYTHON} with python -m "
-                    f"stas.evaluation.vbench_env {Path(SEPARATE_PYTHON).parent.parent})")
-        else:
-            hint = " (eval.vbench.python: set STAS_VBENCH_PYTHON to a Python with the `vbench` extra's packages"
-            if "detectron2" in summary:  # GRiT's, not on PyPI and not in the extra: built from a source copy
-                hint += (", and detectron2 built into it: git clone https://github.com/facebookresearch/detectron2 "
-                         f"DIR && {dimension_route.python} -m pip install --no-build-isolation DIR")
-            hint += ")"
-        pytest.skip(f"{dimension}: {summary}{hint}")
-    return dimension_route
+    if not summary:
+        return None
+    if dimension in SEPARATE_DIMENSIONS:
+        hint = (f" (the separate environment: set STAS_VBENCH_ENV or make {SEPARATE_PYTHON} with python -m "
+                f"stas.evaluation.vbench_env {Path(SEPARATE_PYTHON).parent.parent})")
+    else:
+        hint = " (eval.vbench.python: set STAS_VBENCH_PYTHON to a Python with the `vbench` extra's packages"
+        if "detectron2" in summary:  # GRiT's, not on PyPI and not in the extra: built from a source copy
+            hint += (", and detectron2 built into it: git clone https://github.com/facebookresearch/detectron2 "
+                     f"DIR && {dimension_route.python} -m pip install --no-build-isolation DIR")
+        hint += ")"
+    return f"{dimension}: {summary}{hint}"
+
+
+def prepare(dimensions: list[str], cache: Path, logs: Path, monkeypatch) -> dict:
+    """Where each dimension runs (stas's probe) with its random weights built in `cache` by that interpreter; skips
+    the test, with the reasons, when an interpreter cannot run one or the suite cannot build what one loads."""
+    monkeypatch.setenv("TORCH_HOME", str(cache / "torch"))  # DINO's hubconf reads its weights there
+    for name, value in hub_environment(cache).items():  # where the builder puts bert-base-uncased
+        monkeypatch.setenv(name, value)
+    options = compose([*interpreters(dimensions), f"eval.vbench.cache_dir={cache}"]).eval.vbench
+    routes = VBenchRunner(options, "cpu", logs).plan(dimensions)
+    reasons = [reason for dimension in dimensions
+               if (reason := problem(dimension, routes[dimension]) or unbuildable(dimension))]
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    for dimension in dimensions:
+        subprocess.run([routes[dimension].python, str(WEIGHT_BUILDER), str(cache), dimension], check=True)
+    return routes
+
+
+def where(dimension_route) -> str:
+    return f"{'separate' if dimension_route.separate else 'beside stas'}: {dimension_route.python}"
 
 
 @pytest.mark.vbench_full
 @pytest.mark.parametrize("dimension", DIMENSIONS)
 def test_a_dimension_gives_every_video_a_finite_value_with_random_weights(dimension, weights_cache, tmp_path,
                                                                           capsys, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(weights_cache / "torch"))  # DINO's hubconf reads its weights there
-    for name, value in hub_environment(weights_cache).items():  # where the builder puts bert-base-uncased
-        monkeypatch.setenv(name, value)
-    dimension_route = route(dimension, weights_cache, tmp_path / "probe")
-    reason = unbuildable(dimension)
-    if reason:
-        pytest.skip(f"{dimension}: {reason}")
-    subprocess.run([dimension_route.python, str(WEIGHT_BUILDER), str(weights_cache), dimension], check=True)
+    dimension_route = prepare([dimension], weights_cache, tmp_path / "probe", monkeypatch)[dimension]
     _, run_dir = make_run(tmp_path, prompt_overrides(dimension))
     videos = sorted(path.name for path in (run_dir / VIDEOS_DIR).glob("*.mp4"))
     start = time.perf_counter()
     evaluate_main([str(run_dir), "eval.evaluators=[vbench]", f"eval.vbench.dimensions=[{dimension}]",
                    f"eval.vbench.mode={mode(dimension)}", f"eval.vbench.cache_dir={weights_cache}",
-                   *interpreters(dimension), "logger=none"])
+                   *interpreters([dimension]), "logger=none"])
     seconds_per_video = (time.perf_counter() - start) / len(videos)
     output = capsys.readouterr().out
     rows = [row for row in read_jsonl(run_dir / METRICS_FILE) if row["evaluator"] == "vbench"]
@@ -145,7 +157,43 @@ def test_a_dimension_gives_every_video_a_finite_value_with_random_weights(dimens
         assert math.isfinite(aggregate["vbench"]["dimensions"][dimension])
     else:
         assert sorted(entry["video"] for entry in aggregate["excluded"]) == videos
-    where = "separate" if dimension_route.separate else "beside stas"
     with capsys.disabled():
-        print(f"\n{dimension}: {seconds_per_video:.1f} s per video ({len(videos)} video(s), {where}: "
-              f"{dimension_route.python})")
+        print(f"\n{dimension}: {seconds_per_video:.1f} s per video ({len(videos)} video(s), {where(dimension_route)})")
+
+
+@pytest.mark.vbench_full
+def test_one_run_scored_on_all_sixteen_dimensions_has_quality_semantic_and_total(weights_cache, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """docs/evaluation.md's check of the whole suite: a run of `prompts=vbench prompts.per_dimension=1` (11 videos,
+    each dimension scores one) and one `stas.evaluate RUN eval=vbench_standard` call give every dimension its row,
+    and metrics.json Quality, Semantic and Total, each computed or withheld with the reason (random weights give
+    values out of range, and GRiT detects no coloured object), none merely missing."""
+    routes = prepare(DIMENSIONS, weights_cache, tmp_path / "probe", monkeypatch)
+    _, run_dir = make_run(tmp_path, ["prompts=vbench", "prompts.per_dimension=1", "prompts.samples_per_prompt=1",
+                                     "prompts.limit=null"])
+    videos = sorted(path.name for path in (run_dir / VIDEOS_DIR).glob("*.mp4"))
+    start = time.perf_counter()
+    evaluate_main([str(run_dir), "eval=vbench_standard", "eval.evaluators=[vbench]",
+                   f"eval.vbench.cache_dir={weights_cache}", *interpreters(DIMENSIONS), "logger=none"])
+    seconds = time.perf_counter() - start
+    output = capsys.readouterr().out
+    rows = [row for row in read_jsonl(run_dir / METRICS_FILE) if row["evaluator"] == "vbench"]
+    assert len(videos) == 11 and sorted(row["metric"] for row in rows) == sorted(DIMENSIONS), output
+    for row in rows:
+        if row["value"] is None:
+            assert row["metric"] in LEFT_OUT and row["excluded"] == LEFT_OUT[row["metric"]], row
+        else:
+            assert isinstance(row["value"], float) and math.isfinite(row["value"]), row
+    vbench = json.loads((run_dir / AGGREGATE_FILE).read_text())["vbench"]
+    assert vbench["missing"] == {}, vbench
+    for score in ("quality_score", "semantic_score", "total_score"):
+        computed, withheld = score in vbench, vbench["withheld"].get(score)
+        assert computed != bool(withheld), (score, vbench)
+        assert not computed or math.isfinite(vbench[score])
+        assert f"vbench {score}" in output
+    with capsys.disabled():
+        print(f"\nall 16 dimensions on {len(videos)} videos in one evaluate call: {seconds:.0f} s "
+              f"({', '.join(f'{d} {where(r)}' for d, r in routes.items() if r.separate) or 'none separate'})")
+        for score in ("quality_score", "semantic_score", "total_score"):
+            print(f"  {score}: " + (f"{vbench[score]:.2f} %" if score in vbench else
+                                    f"withheld, {vbench['withheld'][score]}"))
