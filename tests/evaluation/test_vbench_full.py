@@ -12,7 +12,8 @@ whose packages are missing or too new in the interpreter that would run it is sk
 says how to install them; GRiT's detectron2 is built from source), and so is one that needs what the suite cannot
 build (`unbuildable`: DINO's code). The weights are built once per session in a temporary cache, bert-base-uncased
 (Tag2Text's and GRiT's) in a Hugging Face hub cache inside it that every process of the test is pointed at. Each test
-prints its seconds per video (the evaluate call, model loading included, divided by the videos).
+prints its seconds per video (the evaluate call, model loading included, divided by the videos). The last test scores
+one run on all 16 dimensions at once (the docs' check of a whole setup) and checks Quality, Semantic and Total.
 """
 
 import json
