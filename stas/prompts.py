@@ -111,7 +111,7 @@ def load_prompt_set(cfg) -> list[Prompt]:
         prompts = prompt_file(cfg.path)
     else:
         prompts = [Prompt(text) for text in vbench_prompts(cfg.path, set(cfg.vbench_dimensions or []),
-                                                           cfg.get("per_dimension"))]
+                                                           cfg.per_dimension)]
         if cfg.vbench_dimensions and not prompts:
             raise ConfigError(f"prompts.vbench_dimensions={sorted(cfg.vbench_dimensions)} matches no VBench prompt")
     unique: dict[tuple, Prompt] = {}
