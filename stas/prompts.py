@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import re
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +169,7 @@ def vbench_prompts(path, dimensions: set[str], per_dimension: int | None = None)
     entries = read_json(source, where, "a VBench info JSON: a list of objects with 'prompt_en'")
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: must be a JSON list of objects with 'prompt_en', not a {type(entries).__name__}")
-    prompts, taken = [], Counter()
+    prompts, taken = [], defaultdict(set)  # per dimension, the distinct prompts taken (a prompt may repeat)
     for number, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt_en"), str):
             raise ConfigError(f"{where}: entry {number} must be an object with a string 'prompt_en', got "
@@ -181,9 +181,10 @@ def vbench_prompts(path, dimensions: set[str], per_dimension: int | None = None)
                 raise ConfigError(f"{where}: entry {number} needs 'dimension', a list of VBench dimension names, for "
                                   f"{field}; got {_shorten(listed)}")
             wanted = dimensions & set(listed) if dimensions else set(listed)
-            if not wanted or (per_dimension and all(taken[name] >= per_dimension for name in wanted)):
+            if not wanted or (per_dimension and all(len(taken[name]) >= per_dimension for name in wanted)):
                 continue
-            taken.update(wanted)
+            for name in wanted:
+                taken[name].add(entry["prompt_en"])
         prompts.append(entry["prompt_en"])
     return prompts
 

@@ -87,6 +87,10 @@ def test_per_dimension_takes_the_first_prompts_of_each_dimension_in_the_files_or
                {"prompt_en": "a red car", "dimension": ["color"]},
                {"prompt_en": "a blue car", "dimension": ["color"]}]
     path.write_text(json.dumps(entries))
+    # A prompt listed twice counts once: per_dimension=2 still takes a second prompt of subject_consistency
+    repeated = [entries[0], {"prompt_en": "a cat", "dimension": ["subject_consistency"]}, *entries[1:]]
+    (tmp_path / "repeated.json").write_text(json.dumps(repeated))
+    assert vbench_prompts(tmp_path / "repeated.json", "prompts.per_dimension=2")[:2] == ["a cat", "a cat again"]
     assert vbench_prompts(path, "prompts.per_dimension=1") == ["a cat", "a dog"]
     assert vbench_prompts(path, "prompts.per_dimension=2") == ["a cat", "a cat again", "a dog", "a red car"]
     assert vbench_prompts(path, "prompts.per_dimension=1", "prompts.vbench_dimensions=[color]") == ["a dog"]

@@ -70,8 +70,8 @@ def aggregate_metrics(rows) -> dict:
     vbench: the dimensions' values as VBench aggregates them, and vbench_scores of those (partial sets say what
     is missing; a value outside [0, 1] is "invalid" and the scores built on it "withheld", with the reason), and
     "flagged": the videos whose rows hold such values; "unscored": each dimension every video of which is excluded
-    (no value; the scores built on it are withheld, not "missing": evaluating again gives none). errors: the rows of videos that could not be scored;
-    excluded: the rows of videos the tool scored and gave no value by its own definition (VBench's color when the
+    (no value; the scores built on it are withheld, not "missing": evaluating again gives none). errors: the rows
+    of videos that could not be scored; excluded: the rows of videos the tool scored and gave no value by its own definition (VBench's color when the
     object is never detected), left out of the values as VBench leaves them out.
     """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
