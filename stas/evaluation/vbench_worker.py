@@ -69,7 +69,8 @@ CACHE_FILES = {
 # tokenizer and BertModel weights): offline, each process would spend ~90 s retrying the hub unless HF_HUB_OFFLINE=1.
 HUB_DIMENSIONS = ("object_class", "multiple_objects", "color", "spatial_relationship", "scene")
 # Packages a dimension imports beyond what `import vbench` needs (torch, torchvision, decord, cv2, numpy, PIL).
-# lvis imports pycocotools without declaring it (detectron2 brings it; named for a Python without detectron2).
+# lvis imports pycocotools without declaring it (detectron2 brings it; named for a Python without detectron2);
+# GRiT's text decoder (grit/modeling/text/file_utils.py) imports boto3 at module level.
 PACKAGES = {
     "background_consistency": ["clip"],
     "aesthetic_quality": ["clip"],
@@ -78,10 +79,10 @@ PACKAGES = {
     "imaging_quality": ["pyiqa"],
     "dynamic_degree": ["easydict", "scipy"],
     "motion_smoothness": ["omegaconf"],
-    "object_class": ["detectron2", "fvcore", "lvis", "pycocotools", "transformers"],
-    "multiple_objects": ["detectron2", "fvcore", "lvis", "pycocotools", "transformers"],
-    "color": ["detectron2", "fvcore", "lvis", "pycocotools", "transformers"],
-    "spatial_relationship": ["detectron2", "fvcore", "lvis", "pycocotools", "transformers"],
+    "object_class": ["detectron2", "fvcore", "lvis", "pycocotools", "boto3", "transformers"],
+    "multiple_objects": ["detectron2", "fvcore", "lvis", "pycocotools", "boto3", "transformers"],
+    "color": ["detectron2", "fvcore", "lvis", "pycocotools", "boto3", "transformers"],
+    "spatial_relationship": ["detectron2", "fvcore", "lvis", "pycocotools", "boto3", "transformers"],
     "scene": ["transformers", "timm", "fairscale"],
     "temporal_style": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
     "overall_consistency": ["clip", "timm", "einops", "ftfy", "regex", "pkg_resources"],
