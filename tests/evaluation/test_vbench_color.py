@@ -8,6 +8,7 @@ frames' brightness. Everything else is VBench's real code: VBench.evaluate, init
 compute_color, color, check_generate, load_video."""
 
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ from stas.evaluation import evaluate_run
 from stas.evaluation.records import AGGREGATE_FILE
 from stas.evaluation.runner import run_videos
 from stas.evaluation.vbench import VBenchRunner
-from stas.evaluation.vbench_worker import guard_no_detection
+from stas.evaluation.vbench_worker import PACKAGES, guard_no_detection
 from stas.rundir import read_jsonl
 from stas.video import write_mp4
 
@@ -62,7 +63,8 @@ def color_frames(seed: int, frames: int = 17):
 @pytest.fixture
 def color_run(tmp_path, monkeypatch):
     site = tmp_path / "site"
-    for package in ("detectron2", "fvcore", "lvis"):  # what the probe looks for; the stand-in never imports them
+    # What the probe looks for and this Python lacks (detectron2, lvis, ...): the stand-in never imports them
+    for package in (name for name in PACKAGES["color"] if importlib.util.find_spec(name) is None):
         (site / package).mkdir(parents=True)
         (site / package / "__init__.py").write_text("")
     (site / "sitecustomize.py").write_text(FAKE_GRIT)
