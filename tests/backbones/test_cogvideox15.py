@@ -12,8 +12,6 @@ import torch
 from stas.backbones import backbone_of_pipeline, get_backbone
 from stas.config import ConfigError, load_group_option, validate
 from stas.core.layout import TokenLayout
-from stas.loggers import RunLogger
-from stas.ma.analysis import analyze
 from stas.prompts import Item
 
 from conftest import build_twin, compose, landing_tokens
@@ -106,15 +104,3 @@ def test_the_twin_is_recognised_as_cogvideox15_and_its_pipeline_pads(twin):
         handle.remove()
     assert seen[0][1] == 6  # 5 latent frames, one padding frame in front
     assert TokenLayout.for_video(backbone, 64, 96, 17) == TokenLayout(3, 4, 6)
-
-
-def test_the_twin_analysis_finds_the_planted_channels_and_hierarchy(twin, tmp_path):
-    backbone, pipe = twin
-    cfg = compose([f"model={TWIN}", "logger=none", "progress=false", "prompts.limit=3", "model.steps=4",
-                   "analysis.plots=[]"], config_name="analyze")
-    with RunLogger(cfg, tmp_path, job_type="analyze") as logger:
-        summary = analyze(cfg, tmp_path, backbone, logger, pipe=pipe).summary
-    assert summary["layout"]["frames"] == 3 and summary["branches"] == ["cond", "uncond"]
-    for layer in ("0", "1"):
-        assert summary["results"]["vanilla"]["layers"][layer]["massive"] == [5, 17, 26]
-    assert summary["hierarchy"]["verdict"] == "holds"

@@ -15,9 +15,7 @@ from stas.backbones import BackboneError, backbone_of_pipeline, get_backbone
 from stas.backbones.loading import check_pipeline_matches
 from stas.config import ConfigError, load_group_option, validate
 from stas.core.layout import TokenLayout
-from stas.loggers import RunLogger
 from stas.loop import denoise, make_guider
-from stas.ma.analysis import analyze
 from stas.prompts import Item
 
 from conftest import compose, landing_tokens
@@ -161,15 +159,3 @@ def test_a_timestep_conditioned_vae_decodes_bit_for_bit(tiny_pipelines, cfg_on):
                         generator=torch.Generator().manual_seed(3), **{**kwargs, "decode_noise_scale": 0.0}).frames
     assert np.array_equal(frames, expected)
     assert not np.array_equal(plain, expected)  # the noise scale reached the decoder
-
-
-def test_the_twin_analysis_finds_the_planted_channels_and_hierarchy(tiny_pipelines, tmp_path):
-    _, backbone, pipe = tiny_pipelines[TWIN]
-    cfg = compose([f"model={TWIN}", "logger=none", "progress=false", "prompts.limit=3", "model.steps=4",
-                   "analysis.plots=[]"], config_name="analyze")
-    with RunLogger(cfg, tmp_path, job_type="analyze") as logger:
-        summary = analyze(cfg, tmp_path, backbone, logger, pipe=pipe).summary
-    assert summary["layout"]["frames"] == 3 and summary["branches"] == ["cond", "uncond"]
-    for layer in ("0", "1"):
-        assert summary["results"]["vanilla"]["layers"][layer]["massive"] == [5, 17, 26]
-    assert summary["hierarchy"]["verdict"] == "holds"

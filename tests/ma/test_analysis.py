@@ -99,7 +99,7 @@ def test_finds_the_planted_channels_hierarchy_and_period(wan_run):
     assert vanilla["stability"] == {"prompts": 1.0, "steps": 1.0, "layers": 1.0, "channels_in_every_layer": PLANTED}
 
 
-@pytest.mark.parametrize("name", ["tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_ltx"])
+@pytest.mark.parametrize("name", ["tiny_wan21", "tiny_wan22", "tiny_cogvideox", "tiny_cogvideox15", "tiny_ltx"])
 def test_every_twin_shows_exactly_the_planted_channels_in_every_observation(tiny_pipelines, tmp_path, name):
     """The plant is sized relative to the hidden state, so the default rule finds it in every block, step and
     branch of every family (a plant of fixed size stopped qualifying as the random state grew over the steps), and
